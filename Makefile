@@ -1,0 +1,26 @@
+# The project's two commands. Each builds its own virtual environment (.venv) with the
+# pinned CPU torch from requirements-dev.txt the first time, then reuses it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Data sets: ../shared/data beside the checkout when present (CI and the dev machines),
+# else whatever MINRNN_DATA_DIR says, else ~/.cache/minrnn/data.
+export MINRNN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/python examples/demo_shakespeare.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,17 @@
+"""minrnn: minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?").
+
+    import minrnn
+    h = minrnn.scan(a, b, h0)                  # h_t = a_t h_{t-1} + b_t, (B, T, C)
+    layer = minrnn.MinGRU(64, 128, num_layers=2)
+    y, h_n = layer(x)                          # parallel over time
+    y_t, h = layer.step(x_t, h)                # one step, O(1) memory
+
+Importing minrnn needs torch only.
+"""
+
+from . import functional
+from .layers import MinGRU, MinLSTM
+from .ops import available_backends, log_scan, scan
+
+__version__ = "0.1.0"
+__all__ = ["scan", "log_scan", "available_backends", "functional", "MinGRU", "MinLSTM"]

@@ -1,0 +1,202 @@
+"""minGRU and minLSTM cells: the equations, and every way of evaluating them agreeing."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import minrnn.functional as MF
+from minrnn.ops import BACKENDS
+
+from .conftest import FAST_BACKENDS, assert_close_scaled
+
+CELLS = ["mingru", "minlstm", "minlstm-unnormalized"]
+REL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def _pre(cell, B, T, C, dtype, seed=0, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 if cell == "mingru" else 3
+    return [(scale * torch.randn(B, T, C, generator=gen, dtype=torch.float64)).to(dtype) for _ in range(n)]
+
+
+def _seq(cell, pre, h0, **kw):
+    if cell == "mingru":
+        return MF.mingru(*pre, h0, **kw)
+    return MF.minlstm(*pre, h0, normalize=(cell == "minlstm"), **kw)
+
+
+def _step(cell, pre_t, h):
+    if cell == "mingru":
+        return MF.mingru_step(*pre_t, h)
+    return MF.minlstm_step(*pre_t, h, normalize=(cell == "minlstm"))
+
+
+def _h0(backend, B, C, dtype, seed=1):
+    h0 = torch.randn(B, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if not BACKENDS[backend].signed:
+        h0 = h0.abs() + 0.1  # a log-space scan holds positive states only
+    return h0.to(dtype)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["auto"] + FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T", [1, 2, 31, 300])
+def test_parallel_sequential_step_and_chunked_agree(cell, backend, dtype, T):
+    B, C = 3, 5
+    pre = _pre(cell, B, T, C, dtype, seed=T)
+    h0 = _h0("chunked" if backend == "auto" else backend, B, C, dtype)
+    assert (h0 != 0).all()
+    h_par, last_par = _seq(cell, pre, h0, backend=backend)
+    h_seq, last_seq = _seq(cell, pre, h0, mode="sequential")
+    # step by step
+    h, steps = h0, []
+    for t in range(T):
+        h = _step(cell, [p[:, t] for p in pre], h)
+        steps.append(h)
+    h_step = torch.stack(steps, 1)
+    # two halves, the first's final state as the second's start state
+    k = T // 2
+    if k:
+        h_a, last_a = _seq(cell, [p[:, :k] for p in pre], h0, backend=backend)
+        h_b, last_b = _seq(cell, [p[:, k:] for p in pre], last_a, backend=backend)
+        h_chunk = torch.cat([h_a, h_b], 1)
+        assert_close_scaled(h_chunk, h_seq, REL[dtype], "chunked")
+        assert_close_scaled(last_b, last_seq, REL[dtype], "chunked final")
+    assert_close_scaled(h_par, h_seq, REL[dtype], "parallel")
+    assert_close_scaled(h_step, h_seq, REL[dtype], "step")
+    assert_close_scaled(last_par, h_seq[:, -1], REL[dtype], "final state")
+    assert last_par.shape == (B, C) and h_par.shape == (B, T, C)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_gradients_match_the_loop(cell, backend):
+    B, T, C = 2, 45, 4
+    pre = _pre(cell, B, T, C, torch.float64)
+    h0 = _h0(backend, B, C, torch.float64)
+    w = torch.randn(B, T, C, dtype=torch.float64)
+
+    def grads(**kw):
+        leaves = [p.clone().requires_grad_() for p in pre] + [h0.clone().requires_grad_()]
+        h, last = _seq(cell, leaves[:-1], leaves[-1], **kw)
+        ((h * w).sum() + last.sum()).backward()
+        return [x.grad for x in leaves]
+
+    for g, r in zip(grads(backend=backend), grads(mode="sequential")):
+        assert_close_scaled(g, r, 1e-10)
+
+
+def test_mingru_equation_by_hand():
+    """h_1 = (1 - z) h0 + z g(h~): h0 is used as it is, never passed through g."""
+    hidden = torch.tensor([[[-1.0, 0.0, 2.0]]], dtype=torch.float64)
+    gate = torch.tensor([[[0.3, -2.0, 5.0]]], dtype=torch.float64)
+    h0 = torch.tensor([[-4.0, 0.25, 7.0]], dtype=torch.float64)
+    z = torch.sigmoid(gate[0, 0])
+    g = torch.stack([torch.sigmoid(torch.tensor(-1.0, dtype=torch.float64)), torch.tensor(0.5, dtype=torch.float64), torch.tensor(2.5, dtype=torch.float64)])
+    want = (1 - z) * h0[0] + z * g
+    for backend in ["sequential", "chunked", "auto"]:
+        h, last = MF.mingru(hidden, gate, h0, backend=backend)
+        torch.testing.assert_close(h[0, 0], want, rtol=1e-14, atol=0)
+
+
+def test_minlstm_equation_by_hand():
+    hidden, forget, inp = (torch.tensor([[[v]]], dtype=torch.float64) for v in (1.5, 0.7, -0.4))
+    h0 = torch.tensor([[-2.0]], dtype=torch.float64)
+    f, i = torch.sigmoid(forget), torch.sigmoid(inp)
+    want_norm = f / (f + i) * h0 + i / (f + i) * (hidden + 0.5)
+    want_raw = f * h0 + i * (hidden + 0.5)
+    torch.testing.assert_close(MF.minlstm(hidden, forget, inp, h0)[0], want_norm, rtol=1e-14, atol=0)
+    torch.testing.assert_close(MF.minlstm(hidden, forget, inp, h0, normalize=False)[0], want_raw, rtol=1e-14, atol=0)
+
+
+def test_g_and_log_g():
+    x = torch.linspace(-60, 60, 2001, dtype=torch.float64)
+    g = MF.g(x)
+    assert (g > 0).all()
+    torch.testing.assert_close(g, torch.where(x >= 0, x + 0.5, torch.sigmoid(x)))
+    torch.testing.assert_close(MF.log_g(x), torch.log(g))
+    # continuous at 0: both branches give 0.5
+    assert MF.g(torch.tensor(0.0)).item() == 0.5 == torch.sigmoid(torch.tensor(0.0)).item()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_saturated_gates_and_zero_state_give_no_nan(cell, backend):
+    """Pre-activations of +-50 and exact zeros in h0: finite forward and backward."""
+    B, T, C = 2, 40, 6
+    gen = torch.Generator().manual_seed(0)
+    pre = [(50.0 * torch.sign(torch.randn(B, T, C, generator=gen))).requires_grad_() for _ in range(2 if cell == "mingru" else 3)]
+    h0 = torch.zeros(B, C)
+    h0[1] = 0.5
+    h0.requires_grad_()
+    h, last = _seq(cell, pre, h0, backend=backend)
+    (h.sum() + last.sum()).backward()
+    for t in [h, last] + [p.grad for p in pre] + [h0.grad]:
+        assert torch.isfinite(t).all()
+    ref, _ = _seq(cell, [p.detach().double() for p in pre], h0.detach().double(), mode="sequential")
+    assert_close_scaled(h.double(), ref, 1e-5)
+
+
+@functools.lru_cache(maxsize=1)
+def _long_case():
+    """T = 65,536 with gates near 0 and near 1 (|pre-activation| 15..25), and the float64 loop's answer."""
+    B, T, C = 1, 65536, 3
+    gen = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(B, T, C, generator=gen) < 0.5, -1.0, 1.0)
+    gate = (sign * (15 + 10 * torch.rand(B, T, C, generator=gen))).double()
+    hidden = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    h0 = torch.rand(B, C, generator=gen, dtype=torch.float64)
+    w = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    inputs = (hidden, gate, h0)
+    return inputs, w, _run_long(inputs, w, torch.float64, mode="sequential")
+
+
+def _run_long(inputs, w, dtype, **kw):
+    leaves = [x.detach().to(dtype).clone().requires_grad_() for x in inputs]
+    h, _ = MF.mingru(*leaves, **kw)
+    (h * w.to(dtype)).sum().backward()
+    return [h.detach().double()] + [x.grad.double() for x in leaves]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_long_sequence_near_saturated_gates_matches_reference(backend):
+    inputs, w, ref = _long_case()
+    got = _run_long(inputs, w, torch.float32, backend=backend)
+    for name, g, r in zip(["h", "grad hidden", "grad gate", "grad h0"], got, ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_scaled(g, r, 2e-5, name)
+
+
+def test_log_backend_rejects_negative_state():
+    pre = _pre("mingru", 1, 5, 2, torch.float64)
+    with pytest.raises(ValueError, match="h0.*chunked"):
+        MF.mingru(*pre, -torch.ones(1, 2, dtype=torch.float64), backend="log")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    pre = _pre("mingru", 2, 200, 8, torch.float32)
+    h, last = MF.mingru(*(p.to(dtype) for p in pre))
+    assert h.dtype == dtype and last.dtype == torch.float32
+    ref, ref_last = MF.mingru(*(p.to(dtype).double() for p in pre), mode="sequential")
+    assert_close_scaled(last.double(), ref_last, 1e-6)  # state kept in float32
+    assert_close_scaled(h.double(), ref, 2 ** -7)
+
+
+def test_bad_input():
+    x = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MF.mingru(x, x, mode="fast")
+    with pytest.raises(ValueError, match=r"gate must have the shape of hidden"):
+        MF.mingru(x, x[:, :4])
+    with pytest.raises(ValueError, match=r"h0 must be \(batch, channels\) = \(2, 3\)"):
+        MF.mingru(x, x, torch.zeros(3, 3))
+    with pytest.raises(TypeError, match="input has dtype torch.float64"):
+        MF.minlstm(x, x, x.double())
+    with pytest.raises(TypeError, match="gate_t must be a floating-point tensor"):
+        MF.mingru_step(x[:, 0], x[:, 0].long())
+    with pytest.raises(ValueError, match=r"h must be \(batch, channels\)"):
+        MF.mingru_step(x[:, 0], x[:, 0], torch.zeros(2, 4))

@@ -169,3 +169,13 @@ def test_unsupported_generation_modes_raise():
         model.generate(ids, max_new_tokens=2, cache=DynamicCache())
     with pytest.raises(RuntimeError, match="rolled back|cannot"):
         MinRNNCache(model.config).activate_past_recording()
+
+
+def test_generate_from_inputs_embeds():
+    model = gen_lm()
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        from_ids = model.generate(ids, max_new_tokens=NEW, do_sample=False)
+        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), max_new_tokens=NEW,
+                                     do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 6:])  # with embeddings, only the new tokens come back

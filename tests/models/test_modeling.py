@@ -318,3 +318,25 @@ def test_sequence_classifier_pools_the_last_real_token():
     for i in range(2):
         for got in (left, right_by_mask, right_by_pad):
             torch.testing.assert_close(got[i], alone[i], **TOL)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = random_ids(2, 8)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_lm(dropout=0.0).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(block.gradient_checkpointing for block in model.model.layers)
+        model(ids, labels=ids).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_dropout_is_active_in_training_only():
+    model = tiny_lm(dropout=0.3)
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)

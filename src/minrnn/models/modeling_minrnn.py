@@ -280,12 +280,6 @@ class MinRNNModel(MinRNNPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.embed_tokens = value
-
     @_accept_cache_aliases
     @can_return_tuple
     def forward(
@@ -357,7 +351,7 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
     ``generate()`` runs the prompt through the model in parallel once (the prefill), then
     feeds one token per step from a ``MinRNNCache``: the work and memory of a step do not
     depend on how long the context is. Greedy search, sampling (temperature, top-k, top-p,
-    ...), beam search, repetition penalties, stop tokens and strings, ``prefill_chunk_size``
+    ...), beam search, repetition penalties, stop tokens, ``prefill_chunk_size``
     and batched left-padded prompts work as for any transformers model. Not supported, with
     an error: assisted / speculative decoding (a recurrent state cannot be rolled back) and
     ``cache_implementation`` values other than "dynamic" (the cache has a fixed size already).
@@ -370,12 +364,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         self.model = MinRNNModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         # generate() would otherwise build a key/value DynamicCache from the config.
@@ -438,12 +426,6 @@ class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
         self.model = MinRNNModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
 
     @_accept_cache_aliases
     @can_return_tuple

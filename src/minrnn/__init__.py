@@ -6,7 +6,9 @@
     y, h_n = layer(x)                          # parallel over time
     y_t, h = layer.step(x_t, h)                # one step, O(1) memory
 
-Importing minrnn needs torch only.
+Importing minrnn needs torch only. The transformers models (minrnn.models: MinRNNConfig,
+MinRNNForCausalLM, ...) are also reachable as minrnn.MinRNNForCausalLM etc.; transformers is
+imported on first access only.
 """
 
 from . import functional
@@ -15,3 +17,17 @@ from .ops import available_backends, log_scan, scan
 
 __version__ = "0.1.0"
 __all__ = ["scan", "log_scan", "available_backends", "functional", "MinGRU", "MinLSTM"]
+
+# Resolved on first access, so that `import minrnn` never imports transformers.
+_LAZY_MODEL_NAMES = frozenset({
+    "MinRNNConfig", "MinRNNCache", "MinRNNModel", "MinRNNForCausalLM", "MinRNNForSequenceClassification",
+})
+
+
+def __getattr__(name):
+    if name in _LAZY_MODEL_NAMES or name == "models":
+        import importlib
+
+        models = importlib.import_module(".models", __name__)
+        return models if name == "models" else getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,140 @@
+"""MinRNNCache: the recurrent state of a MinRNN model between forward calls.
+
+Per block it holds what the next token needs and nothing that grows with the context:
+
+    recurrent state   (B, E)        the minRNN's h after the last token seen
+                                    (float32 for half-precision models, as the cells return it)
+    conv state        (B, D, k - 1) the conv's last k - 1 inputs (zeros before the first token);
+                                    absent without a conv, empty for k = 1
+
+It follows transformers' conventions for linear-attention / state-space caches: each layer is
+a `LinearAttentionCacheLayerMixin` (so `Cache.get_conv_state`, `update_conv_state`,
+`get_recurrent_state`, `update_recurrent_state`, `reorder_cache` (beam search) and
+`is_linear` work as for Mamba), and the container is a `Cache`. A recurrent state cannot be
+rolled back, so `crop` and past recording (assisted decoding) raise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+
+class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
+    """One block's state (state index 0 only).
+
+    Args:
+        conv_window: how many past conv inputs the block's conv needs (kernel - 1; 0 when the
+            block has no conv or a kernel of 1).
+    """
+
+    def __init__(self, conv_window: int = 0):
+        super().__init__(number_of_states=1)
+        if not isinstance(conv_window, int) or conv_window < 0:
+            raise ValueError(f"conv_window must be an integer >= 0, got {conv_window!r}")
+        self.conv_kernel_size[0] = conv_window
+        self.seen_tokens = 0
+
+    def __repr__(self):
+        return f"{self.__class__.__name__}(conv_window={self.conv_kernel_size[0]}, seen_tokens={self.seen_tokens})"
+
+    def lazy_initialization(self, conv_states: Tensor | None = None, recurrent_states: Tensor | None = None,
+                            state_idx: int = 0) -> None:
+        for t in (conv_states, recurrent_states):
+            if t is not None and self.device is None:
+                self.device, self.dtype = t.device, t.dtype
+        if conv_states is not None:
+            B, D = conv_states.shape[:2]
+            self.conv_states[state_idx] = conv_states.new_zeros(B, D, self.conv_kernel_size[state_idx])
+            self.is_conv_states_initialized[state_idx] = True
+        if recurrent_states is not None:
+            self.recurrent_states[state_idx] = torch.zeros_like(recurrent_states)
+            self.is_recurrent_states_initialized[state_idx] = True
+
+    def update_conv_state(self, conv_states: Tensor, state_idx: int = 0, **kwargs) -> Tensor:
+        """Take this call's conv inputs (B, D, T); return (B, D, window + T): the stored window of
+        past inputs (zeros before the first token) followed by them. Keep the last window."""
+        if not self.is_conv_states_initialized[state_idx]:
+            self.lazy_initialization(conv_states=conv_states, state_idx=state_idx)
+        past = self.conv_states[state_idx]
+        if past.shape[:2] != conv_states.shape[:2]:
+            raise ValueError(
+                f"the cache holds conv inputs for (batch, channels) = {tuple(past.shape[:2])}, "
+                f"but this call has {tuple(conv_states.shape[:2])}; use a fresh cache for a new batch"
+            )
+        full = torch.cat([past.to(conv_states.dtype), conv_states], dim=-1)
+        window = self.conv_kernel_size[state_idx]
+        # clone: a slice would keep the whole (B, D, window + T) prefill alive
+        self.conv_states[state_idx] = full[..., full.shape[-1] - window:].clone()
+        self.has_previous_state[state_idx] = True
+        return full
+
+    def update_recurrent_state(self, recurrent_states: Tensor, state_idx: int = 0, num_tokens: int = 0,
+                               **kwargs) -> Tensor:
+        """Store the state (B, E) after this call; ``num_tokens`` is how many positions it consumed."""
+        if not self.is_recurrent_states_initialized[state_idx]:
+            self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+        # clone: the last step of a (B, T, E) scan output is a view that would keep all of it alive
+        self.recurrent_states[state_idx] = recurrent_states.clone()
+        self.has_previous_state[state_idx] = True
+        self.seen_tokens += int(num_tokens)
+        return self.recurrent_states[state_idx]
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
+
+    def _map_batch(self, fn) -> None:
+        for i in range(self.number_of_states):
+            if self.is_conv_states_initialized[i]:
+                self.conv_states[i] = fn(self.conv_states[i])
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = fn(self.recurrent_states[i])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+
+class MinRNNCache(Cache):
+    """The recurrent cache of a MinRNN model: one `MinRNNCacheLayer` per block.
+
+    Its size is fixed by the config and the batch (B * (E + D * (k - 1)) numbers per block),
+    whatever the number of tokens seen. ``get_seq_length()`` counts the positions consumed
+    (padding included, as an attention mask counts them).
+
+    Args:
+        config: a `MinRNNConfig`.
+    """
+
+    def __init__(self, config):
+        window = config.conv_kernel - 1 if config.use_conv else 0
+        super().__init__(layers=[MinRNNCacheLayer(window) for _ in range(config.num_hidden_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        # The decode step branches in Python on the shapes; don't let generate() auto-compile it.
+        return False
+
+    def activate_past_recording(self):
+        raise RuntimeError(
+            "MinRNNCache cannot record its past for a rollback: a recurrent state is overwritten at every token, "
+            "so a MinRNN model cannot be used for assisted (speculative) decoding"
+        )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("MinRNNCache cannot be cropped: the recurrent state keeps no per-token history")
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        raise RuntimeError("MinRNNCache has no attention layers, so there are no attention mask sizes")
+
+
+__all__ = ["MinRNNCache", "MinRNNCacheLayer"]

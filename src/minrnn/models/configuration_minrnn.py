@@ -1,0 +1,165 @@
+"""MinRNNConfig: the hyper-parameters of the minGRU / minLSTM language model.
+
+A transformers 5 configuration: a strict dataclass, so every field is type-checked and
+range-checked when the config is built, loaded (from_pretrained) or assigned to, and a
+bad value fails there with a message naming the field, not later inside the model.
+"""
+
+# No `from __future__ import annotations`: the strict dataclass checks the annotations at
+# run time, so they must stay real types.
+
+import math
+
+from huggingface_hub.dataclasses import strict, validated_field
+from transformers import PreTrainedConfig
+
+from ..ops import BACKENDS
+
+CELLS = ("mingru", "minlstm")
+
+
+# --- field validators: each raises with the field's name in the message ---------------
+
+
+def _positive_int(name):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return check
+
+
+def _positive_number(name):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return check
+
+
+def _finite(name):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return check
+
+
+def _in_unit_interval(name):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return check
+
+
+def _non_negative(name):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return check
+
+
+def _cell(value):
+    if value not in CELLS:
+        raise ValueError(f"cell must be one of {CELLS}, got {value!r}")
+
+
+def _conv_kernel(value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"conv_kernel must be an integer >= 1 (the causal conv's width in tokens), got {value!r}")
+
+
+def _activation(value):
+    from transformers.activations import ACT2FN
+
+    if value not in ACT2FN:
+        raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {value!r}")
+
+
+def _scan_backend(value):
+    if value != "auto" and value not in BACKENDS:
+        raise ValueError(f"scan_backend must be 'auto' or one of {sorted(BACKENDS)}, got {value!r}")
+
+
+@strict
+class MinRNNConfig(PreTrainedConfig):
+    r"""Configuration of `MinRNNModel`, `MinRNNForCausalLM` and `MinRNNForSequenceClassification`.
+
+    The block (one per layer), as in the paper's official code:
+
+        x = x + Conv(x)                  optional causal depthwise conv over the last conv_kernel tokens
+        x = x + Out(minRNN(In(Norm(x)))) minGRU or minLSTM of width hidden_size * expansion_factor
+        x = x + MLP(Norm(x))             optional, width hidden_size * mlp_mult
+    then a final Norm (RMSNorm everywhere) and the head.
+
+    Args:
+        vocab_size: number of tokens (default 256: bytes).
+        hidden_size: the model width D (default 384).
+        num_hidden_layers: number of blocks (default 6).
+        cell: "mingru" (default) or "minlstm".
+        expansion_factor: the recurrent width is round(hidden_size * expansion_factor) (default 2.0).
+        minlstm_normalize: minLSTM uses f/(f+i), i/(f+i) (the paper's equations; default True).
+        forget_bias: added to minLSTM's forget-gate bias at init (default 3.0, the official code's).
+        use_conv: put a causal depthwise conv (with a residual) before the recurrence (default True).
+        conv_kernel: the conv's width in tokens, >= 1 (default 4); it sees tokens t-k+1 .. t.
+        use_mlp: add the MLP sub-block (default True).
+        mlp_mult: the MLP's hidden width is round(hidden_size * mlp_mult) (default 4).
+        hidden_act: the MLP's activation, a key of transformers' ACT2FN (default "gelu").
+        use_bias: biases in the output projection and the MLP (default False). The recurrence's
+            input projection always has one: the gates need it.
+        rms_norm_eps: epsilon of every RMSNorm (default 1e-6).
+        dropout: dropout on the embeddings and on every residual branch (default 0.0).
+        initializer_range: std of the normal init (default 0.02); see `MinRNNPreTrainedModel`.
+        scan_backend: the minrnn scan backend for the parallel pass (default "auto").
+        tie_word_embeddings: share the embedding matrix with the LM head (default True).
+        use_cache: return the recurrent cache from forward (default True).
+        pad_token_id, bos_token_id, eos_token_id: special tokens (default None).
+    """
+
+    model_type = "minrnn"
+
+    vocab_size: int = validated_field(_positive_int("vocab_size"), default=256)
+    hidden_size: int = validated_field(_positive_int("hidden_size"), default=384)
+    num_hidden_layers: int = validated_field(_positive_int("num_hidden_layers"), default=6)
+    cell: str = validated_field(_cell, default="mingru")
+    expansion_factor: int | float = validated_field(_positive_number("expansion_factor"), default=2.0)
+    minlstm_normalize: bool = True
+    forget_bias: int | float = validated_field(_finite("forget_bias"), default=3.0)
+    use_conv: bool = True
+    conv_kernel: int = validated_field(_conv_kernel, default=4)
+    use_mlp: bool = True
+    mlp_mult: int | float = validated_field(_positive_number("mlp_mult"), default=4)
+    hidden_act: str = validated_field(_activation, default="gelu")
+    use_bias: bool = False
+    rms_norm_eps: int | float = validated_field(_positive_number("rms_norm_eps"), default=1e-6)
+    dropout: int | float = validated_field(_in_unit_interval("dropout"), default=0.0)
+    initializer_range: int | float = validated_field(_non_negative("initializer_range"), default=0.02)
+    scan_backend: str = validated_field(_scan_backend, default="auto")
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @property
+    def rnn_hidden_size(self) -> int:
+        """The recurrent width: round(hidden_size * expansion_factor)."""
+        return int(round(self.hidden_size * self.expansion_factor))
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """The MLP's hidden width: round(hidden_size * mlp_mult)."""
+        return int(round(self.hidden_size * self.mlp_mult))
+
+    def validate_widths(self):
+        """Part of the strict validation: the derived widths must be at least 1."""
+        if self.rnn_hidden_size < 1:
+            raise ValueError(
+                f"expansion_factor={self.expansion_factor} with hidden_size={self.hidden_size} gives a "
+                f"recurrent width of {self.rnn_hidden_size}; it must be >= 1"
+            )
+        if self.use_mlp and self.mlp_hidden_size < 1:
+            raise ValueError(
+                f"mlp_mult={self.mlp_mult} with hidden_size={self.hidden_size} gives an MLP width of "
+                f"{self.mlp_hidden_size}; it must be >= 1"
+            )
+
+
+__all__ = ["MinRNNConfig", "CELLS"]

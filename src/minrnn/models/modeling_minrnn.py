@@ -1,0 +1,473 @@
+"""The minGRU / minLSTM language model as transformers 5 models.
+
+    MinRNNModel                       embeddings -> blocks -> final RMSNorm
+    MinRNNForCausalLM                 + LM head (tied or not); generate() with a recurrent cache
+    MinRNNForSequenceClassification   + a linear head on the last real token
+
+One block (Feng et al. 2024, the block of the paper's official code):
+
+    x = x + Dropout(CausalDepthwiseConv(x))                 if use_conv
+    x = x + Dropout(Out(minRNN(In(RMSNorm(x)))))             In: D -> 2E (minGRU) or 3E (minLSTM)
+    x = x + Dropout(W2 act(W1 RMSNorm(x)))                  if use_mlp
+
+Every position's output depends on positions <= t only, so the model can run a whole prompt
+in parallel (one scan), continue from a cache in chunks of any length, or decode one token
+at a time with a fixed amount of work per token; all three give the same numbers.
+
+Padding: an attention mask marks real tokens (1) and padding (0). A padded position is the
+identity of the recurrence (a = 1, b = 0, so the state passes through unchanged) and a zero
+input to the conv, so left- or right-padded rows give what their prompts give alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .. import functional as MF
+from ..ops import scan
+from .cache_minrnn import MinRNNCache
+from .configuration_minrnn import MinRNNConfig
+
+# transformers 5 calls the cache `cache`; these older names are accepted with a warning.
+_CACHE_ALIASES = ("past_key_values", "cache_params")
+_ALIAS_VERSION = "5.40.0"
+
+
+def _accept_cache_aliases(fn):
+    for old in _CACHE_ALIASES:
+        fn = deprecate_kwarg(old, _ALIAS_VERSION, new_name="cache")(fn)
+    return fn
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    # the cells compute half precision in float32 and return the state in float32
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class MinRNNRMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32: x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MinRNNGateProj(nn.Linear):
+    """The mixer's input projection D -> n E; its bias holds minLSTM's forget-gate offset at init.
+
+    A class of its own so that ``_init_weights``, which transformers calls on the modules that
+    hold parameters, can tell it apart (minLSTM: ``forget_bias`` on the forget gate's slice).
+    """
+
+    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, forget_bias: float | None):
+        super().__init__(in_features, n_pre * rnn_hidden_size, bias=True)
+        self.rnn_hidden_size = rnn_hidden_size
+        self.forget_bias = forget_bias  # None for minGRU
+
+
+class MinRNNResidualOut(nn.Linear):
+    """A projection that writes into the residual stream (the mixer's and the MLP's last one):
+    initialised with std / sqrt(2 * num_hidden_layers)."""
+
+
+class MinRNNMixer(nn.Module):
+    """In (D -> n E) -> minGRU / minLSTM -> Out (E -> D).
+
+    The input projection's pre-activations are ``[hidden | gate]`` (minGRU) or
+    ``[hidden | forget | input]`` (minLSTM), E wide each, as in ``minrnn.MinGRU``/``MinLSTM``.
+    """
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__()
+        self.cell = config.cell
+        self.normalize = config.minlstm_normalize
+        self.backend = config.scan_backend
+        self.rnn_hidden_size = config.rnn_hidden_size
+        self.n_pre = 2 if config.cell == "mingru" else 3
+        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre,
+                                      config.forget_bias if config.cell == "minlstm" else None)
+        self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
+
+    def _gates(self, pre):
+        if self.cell == "mingru":
+            return MF.mingru_gates(*pre)
+        return MF.minlstm_gates(*pre, normalize=self.normalize)
+
+    def _step(self, pre, h):
+        if self.cell == "mingru":
+            return MF.mingru_step(*pre, h)
+        return MF.minlstm_step(*pre, h, normalize=self.normalize)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real).
+
+        Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
+        """
+        pre = self.in_proj(x).chunk(self.n_pre, dim=-1)
+        T = x.shape[1]
+        if T == 1:
+            # decoding: one step, O(1) work whatever the context length
+            h = self._step(tuple(p[:, 0] for p in pre), h0)
+            if mask is not None:
+                prev = torch.zeros_like(h) if h0 is None else h0.to(h.dtype)
+                h = torch.where(mask[:, :1], h, prev)
+            h_last, y = h, h.unsqueeze(1).to(pre[0].dtype)
+        elif mask is None:
+            if self.cell == "mingru":
+                y, h_last = MF.mingru(*pre, h0, backend=self.backend)
+            else:
+                y, h_last = MF.minlstm(*pre, h0, normalize=self.normalize, backend=self.backend)
+        else:
+            # padded positions become the identity of the recurrence: a = 1, b = 0
+            cdt = _state_dtype(pre[0].dtype)
+            a, b = self._gates(tuple(p.to(cdt) for p in pre))
+            m = mask.unsqueeze(-1)
+            a = torch.where(m, a, torch.ones((), dtype=cdt, device=a.device))
+            b = torch.where(m, b, torch.zeros((), dtype=cdt, device=b.device))
+            h = scan(a, b, None if h0 is None else h0.to(cdt), backend=self.backend)
+            h_last, y = h[:, -1], h.to(pre[0].dtype)
+        return self.out_proj(y), h_last
+
+
+class MinRNNMLP(nn.Module):
+    """W2 act(W1 x): D -> round(D * mlp_mult) -> D."""
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.use_bias)
+        self.down_proj = MinRNNResidualOut(config.mlp_hidden_size, config.hidden_size, bias=config.use_bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class MinRNNBlock(GradientCheckpointingLayer):
+    """[x + Conv(x)] -> x + Mixer(Norm(x)) -> [x + MLP(Norm(x))]; see the module docstring."""
+
+    def __init__(self, config: MinRNNConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.conv_kernel = config.conv_kernel
+        D = config.hidden_size
+        # depthwise, unpadded: forward() puts the k - 1 past inputs (or zeros) in front itself
+        self.conv = nn.Conv1d(D, D, config.conv_kernel, groups=D, bias=True) if config.use_conv else None
+        self.rnn_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
+        self.mixer = MinRNNMixer(config)
+        if config.use_mlp:
+            self.mlp_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
+            self.mlp = MinRNNMLP(config)
+        else:
+            self.mlp_norm = self.mlp = None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None) -> Tensor:
+        """hidden_states (B, T, D), mask (B, T) bool or None; reads and updates ``cache``."""
+        h0 = None if cache is None else cache.get_recurrent_state(self.layer_idx)
+        if h0 is not None and h0.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"the cache holds a state for batch {h0.shape[0]}, but the input has batch "
+                             f"{hidden_states.shape[0]}; use a fresh cache for a new batch")
+        if self.conv is not None:
+            x = hidden_states if mask is None else hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
+            x = x.transpose(1, 2)                                  # (B, D, T)
+            if cache is not None:
+                x = cache.update_conv_state(x, self.layer_idx)      # (B, D, k - 1 + T), past first
+            else:
+                x = F.pad(x, (self.conv_kernel - 1, 0))             # zeros before the first token
+            hidden_states = hidden_states + self.dropout(self.conv(x).transpose(1, 2))
+        y, h_last = self.mixer(self.rnn_norm(hidden_states), h0, mask)
+        if cache is not None:
+            cache.update_recurrent_state(h_last, self.layer_idx, num_tokens=hidden_states.shape[1])
+        hidden_states = hidden_states + self.dropout(y)
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        return hidden_states
+
+
+class MinRNNPreTrainedModel(PreTrainedModel):
+    """Weights init (``_init_weights``), applied by ``post_init`` to whatever was not loaded:
+
+    - embeddings and every Linear / conv weight: N(0, initializer_range); biases 0;
+    - the two projections that write into the residual stream (the mixer's ``out_proj`` and the
+      MLP's ``down_proj``): N(0, initializer_range / sqrt(2 * num_hidden_layers)), GPT-2's
+      scaling, so the residual stream's variance does not grow with depth at init;
+    - minLSTM: ``forget_bias`` added to the forget-gate bias, so the cell starts by remembering;
+    - RMSNorm weights 1.
+    """
+
+    config_class = MinRNNConfig
+    config: MinRNNConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MinRNNBlock"]
+    # a recurrent state cannot be rolled back: generate() refuses assisted decoding for it
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # normal(std) weights, zero biases, unit norms
+        std = self.config.initializer_range
+        if isinstance(module, MinRNNResidualOut):
+            init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, MinRNNGateProj) and module.forget_bias is not None:
+            # one copy of the whole bias: a slice would lose the "already loaded" flag
+            E = module.rnn_hidden_size
+            bias = torch.zeros_like(module.bias)
+            bias[E:2 * E] = module.forget_bias
+            init.copy_(module.bias, bias)
+
+
+def _check_cache(cache, config: MinRNNConfig) -> None:
+    if cache is None:
+        return
+    if not isinstance(cache, MinRNNCache):
+        raise TypeError(f"cache must be a MinRNNCache (or None), got {type(cache).__name__}; "
+                        "a MinRNN model keeps a recurrent state, not keys and values")
+    if len(cache.layers) != config.num_hidden_layers:
+        raise ValueError(f"cache has {len(cache.layers)} layers but the model has {config.num_hidden_layers}")
+
+
+def _positions_mask(attention_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+    """The (B, T) bool mask of this call's positions: the last T columns of ``attention_mask``
+    (which may also cover positions already in the cache, as generate() passes it)."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        raise ValueError("attention_mask must be a 2D (batch, length) tensor of 1 (token) and 0 (padding), got "
+                         f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__}")
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
+        raise ValueError(f"attention_mask must be (batch, length >= {length}) with batch {batch}, "
+                         f"got {tuple(attention_mask.shape)}")
+    return attention_mask[:, attention_mask.shape[1] - length:] != 0
+
+
+class MinRNNModel(MinRNNPreTrainedModel):
+    """Embeddings -> ``num_hidden_layers`` blocks -> final RMSNorm. See ``forward``."""
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(MinRNNBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MinRNNRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @_accept_cache_aliases
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: MinRNNCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the blocks over new positions, continuing from ``cache`` when one is given.
+
+        Args:
+            input_ids: (B, T) token ids, or
+            inputs_embeds: (B, T, D) instead of them.
+            attention_mask: (B, L) with L >= T, 1 for tokens and 0 for padding; its last T
+                columns are this call's positions (earlier ones may describe the cache's past).
+            cache: a MinRNNCache to continue from; it is updated in place.
+            use_cache: create a cache when none is given and return it (default:
+                ``config.use_cache`` in eval mode, False in training mode).
+            output_hidden_states: also return the embeddings and every block's output.
+        Returns:
+            BaseModelOutputWithPast: last_hidden_state (B, T, D) after the final norm, cache,
+            hidden_states (embeddings, block 1, ..., block L) when asked.
+        """
+        if kwargs.get("output_attentions"):
+            raise ValueError("MinRNN has no attention, so there are no attentions to output")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}")
+            inputs_embeds = self.embed_tokens(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, time, {self.config.hidden_size}), "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        B, T = inputs_embeds.shape[:2]
+        if T == 0:
+            raise ValueError("the input has zero positions")
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if self.gradient_checkpointing and self.training:
+            use_cache, cache = False, None
+        _check_cache(cache, self.config)
+        if use_cache and cache is None:
+            cache = MinRNNCache(self.config)
+        mask = _positions_mask(attention_mask, B, T)
+
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for block in self.layers:
+            hidden_states = block(hidden_states, mask=mask, cache=cache)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            cache=cache,
+            hidden_states=all_hidden,
+        )
+
+
+class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
+    """MinRNNModel + a linear LM head (tied to the embeddings when ``tie_word_embeddings``).
+
+    ``generate()`` runs the prompt through the model in parallel once (the prefill), then
+    feeds one token per step from a ``MinRNNCache``: the work and memory of a step do not
+    depend on how long the context is. Greedy search, sampling (temperature, top-k, top-p,
+    ...), beam search, repetition penalties, stop tokens, ``prefill_chunk_size``
+    and batched left-padded prompts work as for any transformers model. Not supported, with
+    an error: assisted / speculative decoding (a recurrent state cannot be rolled back) and
+    ``cache_implementation`` values other than "dynamic" (the cache has a fixed size already).
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.model = MinRNNModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        # generate() would otherwise build a key/value DynamicCache from the config.
+        impl = generation_config.cache_implementation
+        if impl not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={impl!r} is not supported by MinRNN: its cache is a fixed-size recurrent "
+                "state (MinRNNCache), already as small as a static cache; leave cache_implementation unset"
+            )
+        cache = model_kwargs.get("cache")
+        if cache is not None:
+            _check_cache(cache, self.config)
+            cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = MinRNNCache(self.config)
+
+    @_accept_cache_aliases
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: MinRNNCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, vocab) for every position (or the last ``logits_to_keep``).
+
+        Arguments as ``MinRNNModel.forward``, plus ``labels`` (B, T): the token ids themselves
+        (shifted inside; -100 is ignored) for the next-token cross-entropy ``loss``.
+        """
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=kwargs.pop("output_attentions", None))
+        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+
+class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
+    """MinRNNModel + a linear head ``score`` (D -> num_labels) on the last real token.
+
+    The last real token of a row is the rightmost position whose ``attention_mask`` is 1
+    (left or right padding), else the rightmost token that is not ``pad_token_id``, else the
+    last position. Since the model is causal, that position has read the whole sequence.
+    """
+
+    def __init__(self, config: MinRNNConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = MinRNNModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    @_accept_cache_aliases
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: MinRNNCache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutputWithPast:
+        """Logits (B, num_labels). ``labels``: (B,) class ids (cross-entropy), (B, num_labels)
+        floats (multi-label BCE) or (B,) floats with num_labels = 1 (regression, MSE)."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=kwargs.pop("output_attentions", None))
+        hidden = out.last_hidden_state
+        B, T = hidden.shape[:2]
+        positions = torch.arange(T, device=hidden.device)
+        if attention_mask is not None:
+            real = _positions_mask(attention_mask, B, T)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids != self.config.pad_token_id
+        else:
+            real = None
+        last = (torch.full((B,), T - 1, device=hidden.device) if real is None
+                else torch.where(real, positions, -1).amax(-1).clamp_min(0))
+        pooled_logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=pooled_logits, labels=labels, pooled_logits=pooled_logits,
+                                      config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=pooled_logits, cache=out.cache,
+                                                hidden_states=out.hidden_states)
+
+
+__all__ = [
+    "MinRNNPreTrainedModel",
+    "MinRNNModel",
+    "MinRNNForCausalLM",
+    "MinRNNForSequenceClassification",
+]

@@ -1,0 +1,127 @@
+"""The config rejects bad values by name; weights round-trip through safetensors; the Auto
+classes resolve to minrnn's; importing minrnn does not import transformers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from huggingface_hub.errors import StrictDataclassError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+import minrnn  # noqa: E402
+from minrnn.models import (  # noqa: E402
+    MinRNNConfig,
+    MinRNNForCausalLM,
+    MinRNNForSequenceClassification,
+    MinRNNModel,
+)
+
+from .conftest import random_ids, tiny_config, tiny_lm  # noqa: E402
+
+BAD_VALUES = [
+    ("hidden_size", -1), ("hidden_size", 0), ("hidden_size", "16"), ("hidden_size", True),
+    ("vocab_size", -5), ("num_hidden_layers", 0), ("expansion_factor", -2.0), ("expansion_factor", 0),
+    ("mlp_mult", 0), ("cell", "gru"), ("cell", "minGRU"), ("conv_kernel", 0), ("conv_kernel", -3),
+    ("dropout", 1.0), ("dropout", -0.1), ("rms_norm_eps", 0.0), ("forget_bias", float("nan")),
+    ("initializer_range", -0.02), ("hidden_act", "nope"), ("scan_backend", "magic"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_VALUES, ids=[f"{f}={v!r}" for f, v in BAD_VALUES])
+def test_bad_config_values_fail_at_config_time_naming_the_field(field, value):
+    with pytest.raises(StrictDataclassError, match=f"'{field}'") as info:
+        MinRNNConfig(**{field: value})
+    assert field in str(info.value.__cause__)  # the underlying message names it too
+    cfg = MinRNNConfig()
+    with pytest.raises(StrictDataclassError, match=f"'{field}'"):
+        setattr(cfg, field, value)  # assigning later is checked as well
+
+
+def test_derived_width_of_zero_fails():
+    with pytest.raises(StrictDataclassError, match="expansion_factor"):
+        MinRNNConfig(hidden_size=2, expansion_factor=0.1)
+
+
+def test_bad_value_in_a_saved_config_fails_on_load(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["conv_kernel"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(StrictDataclassError, match="conv_kernel"):
+        AutoConfig.from_pretrained(tmp_path)
+
+
+def test_good_values_are_accepted():
+    cfg = MinRNNConfig(cell="minlstm", conv_kernel=1, dropout=0, expansion_factor=1, mlp_mult=1.5, forget_bias=-1)
+    assert cfg.rnn_hidden_size == cfg.hidden_size and cfg.mlp_hidden_size == round(1.5 * cfg.hidden_size)
+
+
+def _fields(config):
+    """The config's values, less the bookkeeping that saving and loading fill in."""
+    return {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "dtype", "architectures")}
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(cell="minlstm", tie_word_embeddings=False, use_bias=True)],
+                         ids=["tied", "minlstm-untied"])
+def test_save_and_load_give_identical_logits(tmp_path, overrides):
+    model = tiny_lm(**overrides)
+    ids = random_ids(2, 9)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert ("lm_head.weight" in keys) == (not model.config.tie_word_embeddings)
+    with torch.no_grad():
+        want = model(ids).logits
+        for cls in (MinRNNForCausalLM, AutoModelForCausalLM):
+            loaded = cls.from_pretrained(tmp_path).eval()
+            assert type(loaded) is MinRNNForCausalLM
+            assert _fields(loaded.config) == _fields(model.config)
+            assert torch.equal(loaded(ids).logits, want)
+        # the base model loads out of the LM checkpoint
+        base = AutoModel.from_pretrained(tmp_path).eval()
+        assert type(base) is MinRNNModel
+        assert torch.equal(base(ids).last_hidden_state, model.model(ids).last_hidden_state)
+
+
+def test_sequence_classifier_round_trip(tmp_path):
+    torch.manual_seed(0)
+    clf = MinRNNForSequenceClassification(tiny_config(num_labels=3)).eval()
+    clf.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MinRNNForSequenceClassification
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, clf(ids).logits)
+
+
+def test_auto_classes_resolve_to_minrnn():
+    cfg = tiny_config()
+    assert type(AutoConfig.for_model("minrnn")) is MinRNNConfig
+    assert type(AutoModelForCausalLM.from_config(cfg)) is MinRNNForCausalLM
+    assert type(AutoModel.from_config(cfg)) is MinRNNModel
+    assert type(AutoModelForSequenceClassification.from_config(cfg)) is MinRNNForSequenceClassification
+    # and through minrnn's top level, resolved lazily
+    assert minrnn.MinRNNForCausalLM is MinRNNForCausalLM and minrnn.MinRNNConfig is MinRNNConfig
+    with pytest.raises(AttributeError):
+        minrnn.NoSuchThing
+
+
+def test_import_minrnn_does_not_import_transformers():
+    # (that minrnn.MinRNNConfig then imports it is checked in-process, above)
+    code = ("import sys, minrnn, minrnn.functional, minrnn.layers; "
+            "heavy = [m for m in ('transformers', 'safetensors', 'huggingface_hub') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr

@@ -35,13 +35,17 @@ try:  # numba is an optional dependency (pip install minrnn[fast])
     import numpy as np
     from llvmlite import ir
     from numba import njit, prange, types
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 
     HAVE_NUMBA = True
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     HAVE_NUMBA = False
 
 CHANNEL_BLOCK = 64  # channels per parallel work item: long enough to vectorise
+# Below this many elements a kernel runs on the calling thread only: waking the thread
+# pool costs more than the work, and on a busy machine numba's and torch's OpenMP pools
+# spinning against each other made small calls many times slower.
+SERIAL_BELOW = 1 << 16
 
 
 def available() -> bool:
@@ -81,183 +85,193 @@ if HAVE_NUMBA:
     def exp64(x):
         return np.exp(x)
 
+    # dtype-generic helpers, resolved at compile time for each signature (module-level
+    # functions rather than closures, so that numba's on-disk cache is hit)
+    def _exp(x):
+        raise NotImplementedError  # compiled only
+
+    @overload(_exp, inline="always")
+    def _exp_impl(x):
+        return (lambda x: exp32(x)) if x == types.float32 else (lambda x: exp64(x))
+
+    def _const(like, value):
+        raise NotImplementedError  # compiled only
+
+    @overload(_const, inline="always")
+    def _const_impl(like, value):
+        return (lambda like, value: np.float32(value)) if like == types.float32 else (lambda like, value: np.float64(value))
+
+    @njit(inline="always", **_jit)
+    def sigmoid_pair(k):
+        """(sigmoid(k), sigmoid(-k)), each accurate to its own relative precision."""
+        one = _const(k, 1.0)
+        e = _exp(-abs(k))
+        s = one / (one + e)
+        if k >= 0:
+            return s, e * s
+        return e * s, s
+
+    @njit(inline="always", **_jit)
+    def g_and_slope(x):
+        """g(x) and g'(x): x + 1/2 and 1 for x >= 0; sigmoid(x) and sigmoid(x)(1 - sigmoid(x)) below."""
+        one = _const(x, 1.0)
+        e = _exp(min(x, _const(x, 0.0)))
+        s = e / (one + e)
+        if x >= 0:
+            return x + _const(x, 0.5), one
+        return s, s * (one - s)
+
     @njit(inline="always", **_jit)
     def _row(flat, strides, i, t, c0, n):
         """Channels c0 .. c0+n of element (i, t) of a flat (B, T, C) array, as a 1-D view."""
         p = i * strides[0] + t * strides[1] + c0
         return flat[p:p + n]
 
-    def _make_kernels(exp, zero, one, half):
-        """All kernels for one float type (exp and the constants typed to match)."""
+    # Every (B, T, C) array arrives as a flat 1-D view of its storage plus its batch and
+    # time strides (the channel stride is 1), so element (i, t, c) is at i*s0 + t*s1 + c.
+    # That keeps column slices of a wider tensor (the chunks of one Linear's output)
+    # copy-free. Inner loops run over 1-D row slices (rows[c], not flat[p + c]) and touch
+    # few arrays each: LLVM vectorises them only then (it gives up when a loop needs too
+    # many run-time aliasing checks), which is why the backward runs in two passes per step.
 
-        @njit(inline="always", **_jit)
-        def sigmoid_pair(k):
-            """(sigmoid(k), sigmoid(-k)), each accurate to its own relative precision."""
-            e = exp(-abs(k))
-            s = one / (one + e)
-            if k >= 0:
-                return s, e * s
-            return e * s, s
+    @njit(**_pjit)
+    def scan_fwd(a, as_, b, bs, h0, out, os_, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            h = h0[i, c0:c0 + n].copy()
+            for t in range(T):
+                ar, br, orow = _row(a, as_, i, t, c0, n), _row(b, bs, i, t, c0, n), _row(out, os_, i, t, c0, n)
+                for c in range(n):
+                    v = ar[c] * h[c] + br[c]
+                    h[c] = v
+                    orow[c] = v
 
-        @njit(inline="always", **_jit)
-        def g_and_slope(x):
-            """g(x) and g'(x): x + 1/2 and 1 for x >= 0; sigmoid(x) and sigmoid(x)(1 - sigmoid(x)) below."""
-            e = exp(min(x, zero))
-            s = e / (one + e)
-            if x >= 0:
-                return x + half, one
-            return s, s * (one - s)
+    @njit(**_pjit)
+    def scan_bwd(a, as_, h, hs, h0, dh, dhs, da, db, os_, dh0, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            carry = np.zeros(n, dtype=a.dtype)  # a_{t+1} G_{t+1}
+            for t in range(T - 1, -1, -1):
+                ar, dhr = _row(a, as_, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
+                dar, dbr = _row(da, os_, i, t, c0, n), _row(db, os_, i, t, c0, n)
+                prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                for c in range(n):
+                    G = dhr[c] + carry[c]
+                    dbr[c] = G
+                    carry[c] = ar[c] * G
+                for c in range(n):
+                    dar[c] = dbr[c] * prev[c]
+            dh0[i, c0:c0 + n] = carry
 
-        # Every (B, T, C) array arrives as a flat 1-D view of its storage plus its batch and
-        # time strides (the channel stride is 1), so element (i, t, c) is at i*s0 + t*s1 + c.
-        # That keeps column slices of a wider tensor (the chunks of one Linear's output)
-        # copy-free. Inner loops run over 1-D row slices (rows[c], not flat[p + c]) and touch
-        # few arrays each: LLVM vectorises them only then (it gives up when a loop needs too
-        # many run-time aliasing checks), which is why the backward runs in two passes per step.
+    @njit(**_pjit)
+    def mingru_fwd(x, xs, k, ks, h0, out, os_, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            h = h0[i, c0:c0 + n].copy()
+            for t in range(T):
+                xr, kr, orow = _row(x, xs, i, t, c0, n), _row(k, ks, i, t, c0, n), _row(out, os_, i, t, c0, n)
+                for c in range(n):
+                    z, a = sigmoid_pair(kr[c])
+                    gx, _ = g_and_slope(xr[c])
+                    v = a * h[c] + z * gx
+                    h[c] = v
+                    orow[c] = v
 
-        @njit(**_pjit)
-        def scan_fwd(a, as_, b, bs, h0, out, os_, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                h = h0[i, c0:c0 + n].copy()
-                for t in range(T):
-                    ar, br, orow = _row(a, as_, i, t, c0, n), _row(b, bs, i, t, c0, n), _row(out, os_, i, t, c0, n)
-                    for c in range(n):
-                        v = ar[c] * h[c] + br[c]
-                        h[c] = v
-                        orow[c] = v
+    @njit(**_pjit)
+    def mingru_bwd(x, xs, k, ks, h, hs, h0, dh, dhs, dx, dk, os_, dh0, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            carry = np.zeros(n, dtype=x.dtype)  # a_{t+1} G_{t+1}
+            A = np.empty(n, dtype=x.dtype)
+            for t in range(T - 1, -1, -1):
+                kr, xr = _row(k, ks, i, t, c0, n), _row(x, xs, i, t, c0, n)
+                dxr, dkr = _row(dx, os_, i, t, c0, n), _row(dk, os_, i, t, c0, n)
+                prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                for c in range(n):  # gates recomputed; d/d(pre) per unit of G
+                    z, a = sigmoid_pair(kr[c])
+                    gx, slope = g_and_slope(xr[c])
+                    dkr[c] = z * a * (gx - prev[c])  # da/dk = -z a, db/dk = g z a
+                    dxr[c] = z * slope
+                    A[c] = a
+                dhr = _row(dh, dhs, i, t, c0, n)
+                for c in range(n):  # the reverse recurrence
+                    G = dhr[c] + carry[c]
+                    dkr[c] *= G
+                    dxr[c] *= G
+                    carry[c] = A[c] * G
+            dh0[i, c0:c0 + n] = carry
 
-        @njit(**_pjit)
-        def scan_bwd(a, as_, h, hs, h0, dh, dhs, da, db, os_, dh0, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                carry = np.zeros(n, dtype=a.dtype)  # a_{t+1} G_{t+1}
-                for t in range(T - 1, -1, -1):
-                    ar, dhr = _row(a, as_, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
-                    dar, dbr = _row(da, os_, i, t, c0, n), _row(db, os_, i, t, c0, n)
-                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                    for c in range(n):
-                        G = dhr[c] + carry[c]
-                        dbr[c] = G
-                        carry[c] = ar[c] * G
-                    for c in range(n):
-                        dar[c] = dbr[c] * prev[c]
-                dh0[i, c0:c0 + n] = carry
+    @njit(inline="always", **_jit)
+    def lstm_gates(f, ig, normalize):
+        """(a, i', sigmoid(-f), sigmoid(-i)) with a = f/(f+i), i' = i/(f+i) if normalize."""
+        sf, nf = sigmoid_pair(f)
+        si, ni = sigmoid_pair(ig)
+        if normalize:
+            s = sf + si
+            return sf / s, si / s, nf, ni
+        return sf, si, nf, ni
 
-        @njit(**_pjit)
-        def mingru_fwd(x, xs, k, ks, h0, out, os_, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                h = h0[i, c0:c0 + n].copy()
-                for t in range(T):
-                    xr, kr, orow = _row(x, xs, i, t, c0, n), _row(k, ks, i, t, c0, n), _row(out, os_, i, t, c0, n)
-                    for c in range(n):
-                        z, a = sigmoid_pair(kr[c])
-                        gx, _ = g_and_slope(xr[c])
-                        v = a * h[c] + z * gx
-                        h[c] = v
-                        orow[c] = v
+    @njit(**_pjit)
+    def minlstm_fwd(x, xs, f, fs, ig, is_, h0, normalize, out, os_, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            h = h0[i, c0:c0 + n].copy()
+            for t in range(T):
+                xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
+                orow = _row(out, os_, i, t, c0, n)
+                for c in range(n):
+                    a, ip, _, _ = lstm_gates(fr[c], ir_[c], normalize)
+                    gx, _ = g_and_slope(xr[c])
+                    v = a * h[c] + ip * gx
+                    h[c] = v
+                    orow[c] = v
 
-        @njit(**_pjit)
-        def mingru_bwd(x, xs, k, ks, h, hs, h0, dh, dhs, dx, dk, os_, dh0, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                carry = np.zeros(n, dtype=x.dtype)  # a_{t+1} G_{t+1}
-                A = np.empty(n, dtype=x.dtype)
-                for t in range(T - 1, -1, -1):
-                    kr, xr = _row(k, ks, i, t, c0, n), _row(x, xs, i, t, c0, n)
-                    dxr, dkr = _row(dx, os_, i, t, c0, n), _row(dk, os_, i, t, c0, n)
-                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                    for c in range(n):  # gates recomputed; d/d(pre) per unit of G
-                        z, a = sigmoid_pair(kr[c])
-                        gx, slope = g_and_slope(xr[c])
-                        dkr[c] = z * a * (gx - prev[c])  # da/dk = -z a, db/dk = g z a
-                        dxr[c] = z * slope
-                        A[c] = a
-                    dhr = _row(dh, dhs, i, t, c0, n)
-                    for c in range(n):  # the reverse recurrence
-                        G = dhr[c] + carry[c]
-                        dkr[c] *= G
-                        dxr[c] *= G
-                        carry[c] = A[c] * G
-                dh0[i, c0:c0 + n] = carry
+    @njit(**_pjit)
+    def minlstm_bwd(x, xs, f, fs, ig, is_, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, B, T, C):
+        nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        for job in prange(B * nblk):
+            i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+            n = min(CHANNEL_BLOCK, C - c0)
+            carry = np.zeros(n, dtype=x.dtype)
+            A = np.empty(n, dtype=x.dtype)
+            for t in range(T - 1, -1, -1):
+                xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
+                dxr, dfr, dir_ = _row(dx, os_, i, t, c0, n), _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
+                prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                for c in range(n):
+                    a, ip, nf, ni = lstm_gates(fr[c], ir_[c], normalize)
+                    gx, slope = g_and_slope(xr[c])
+                    if normalize:
+                        # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
+                        w = (prev[c] - gx) * a * ip
+                        dfr[c] = w * nf
+                        dir_[c] = -w * ni
+                    else:
+                        dfr[c] = prev[c] * a * nf
+                        dir_[c] = gx * ip * ni
+                    dxr[c] = ip * slope
+                    A[c] = a
+                dhr = _row(dh, dhs, i, t, c0, n)
+                for c in range(n):
+                    G = dhr[c] + carry[c]
+                    dfr[c] *= G
+                    dir_[c] *= G
+                    dxr[c] *= G
+                    carry[c] = A[c] * G
+            dh0[i, c0:c0 + n] = carry
 
-        @njit(inline="always", **_jit)
-        def lstm_gates(f, ig, normalize):
-            """(a, i', sigmoid(-f), sigmoid(-i)) with a = f/(f+i), i' = i/(f+i) if normalize."""
-            sf, nf = sigmoid_pair(f)
-            si, ni = sigmoid_pair(ig)
-            if normalize:
-                s = sf + si
-                return sf / s, si / s, nf, ni
-            return sf, si, nf, ni
-
-        @njit(**_pjit)
-        def minlstm_fwd(x, xs, f, fs, ig, is_, h0, normalize, out, os_, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                h = h0[i, c0:c0 + n].copy()
-                for t in range(T):
-                    xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
-                    orow = _row(out, os_, i, t, c0, n)
-                    for c in range(n):
-                        a, ip, _, _ = lstm_gates(fr[c], ir_[c], normalize)
-                        gx, _ = g_and_slope(xr[c])
-                        v = a * h[c] + ip * gx
-                        h[c] = v
-                        orow[c] = v
-
-        @njit(**_pjit)
-        def minlstm_bwd(x, xs, f, fs, ig, is_, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, B, T, C):
-            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-            for job in prange(B * nblk):
-                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
-                n = min(CHANNEL_BLOCK, C - c0)
-                carry = np.zeros(n, dtype=x.dtype)
-                A = np.empty(n, dtype=x.dtype)
-                for t in range(T - 1, -1, -1):
-                    xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
-                    dxr, dfr, dir_ = _row(dx, os_, i, t, c0, n), _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
-                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                    for c in range(n):
-                        a, ip, nf, ni = lstm_gates(fr[c], ir_[c], normalize)
-                        gx, slope = g_and_slope(xr[c])
-                        if normalize:
-                            # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
-                            w = (prev[c] - gx) * a * ip
-                            dfr[c] = w * nf
-                            dir_[c] = -w * ni
-                        else:
-                            dfr[c] = prev[c] * a * nf
-                            dir_[c] = gx * ip * ni
-                        dxr[c] = ip * slope
-                        A[c] = a
-                    dhr = _row(dh, dhs, i, t, c0, n)
-                    for c in range(n):
-                        G = dhr[c] + carry[c]
-                        dfr[c] *= G
-                        dir_[c] *= G
-                        dxr[c] *= G
-                        carry[c] = A[c] * G
-                dh0[i, c0:c0 + n] = carry
-
-        return dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
+    _KERNELS = dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
                     minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd)
-
-    _KERNELS = {
-        torch.float32: _make_kernels(exp32, np.float32(0.0), np.float32(1.0), np.float32(0.5)),
-        torch.float64: _make_kernels(exp64, 0.0, 1.0, 0.5),
-    }
 
 
 # --- torch glue -------------------------------------------------------------------------
@@ -306,10 +320,22 @@ def _flat(x: Tensor):
     return flat.numpy(), np.array([x.stride(0), x.stride(1)], dtype=np.int64)
 
 
+def _launch(kernel, numel: int, *args) -> None:
+    threads = numba.get_num_threads()
+    if numel >= SERIAL_BELOW or threads == 1:
+        kernel(*args)
+        return
+    numba.set_num_threads(1)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _kernels(dtype: torch.dtype) -> dict:
-    if dtype not in _KERNELS:
+    if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend 'cpu' computes float32 and float64, got {dtype}")
-    return _KERNELS[dtype]
+    return _KERNELS
 
 
 def _start(h0: Tensor | None, like: Tensor) -> Tensor:
@@ -328,7 +354,7 @@ class _Scan(torch.autograd.Function):
     def forward(ctx, a, b, h0):
         start = _start(h0, a)
         (h,), (h_np,), os_ = _outputs(a, 1)
-        _kernels(a.dtype)["scan_fwd"](*_flat(a), *_flat(b), start.numpy(), h_np, os_, *a.shape)
+        _launch(_kernels(a.dtype)["scan_fwd"], a.numel(), *_flat(a), *_flat(b), start.numpy(), h_np, os_, *a.shape)
         ctx.save_for_backward(a, h, start)
         ctx.has_h0 = h0 is not None
         return h
@@ -338,7 +364,7 @@ class _Scan(torch.autograd.Function):
         a, h, start = ctx.saved_tensors
         (da, db), (da_np, db_np), os_ = _outputs(h, 2)
         dh0 = torch.empty_like(start)
-        _kernels(a.dtype)["scan_bwd"](*_flat(a), *_flat(h), start.numpy(), *_flat(dh), da_np, db_np, os_,
+        _launch(_kernels(a.dtype)["scan_bwd"], a.numel(), *_flat(a), *_flat(h), start.numpy(), *_flat(dh), da_np, db_np, os_,
                                       dh0.numpy(), *a.shape)
         return da, db, (dh0 if ctx.has_h0 else None)
 
@@ -389,7 +415,7 @@ class _Cell(torch.autograd.Function):
         args = [a for col in cols for a in (col, ps)] + [start.numpy()]
         if kind == "minlstm":
             args.append(normalize)
-        _kernels(pre.dtype)[kind + "_fwd"](*args, h.view(-1).numpy(), out_strides, B, T, C)
+        _launch(_kernels(pre.dtype)[kind + "_fwd"], h.numel(), *args, h.view(-1).numpy(), out_strides, B, T, C)
         ctx.save_for_backward(pre, h, start)
         ctx.kind, ctx.normalize, ctx.n, ctx.has_h0 = kind, normalize, n, h0 is not None
         return h
@@ -405,7 +431,7 @@ class _Cell(torch.autograd.Function):
         args = [a for col in cols for a in (col, ps)] + [*_flat(h), start.numpy(), *_flat(dh)]
         if ctx.kind == "minlstm":
             args.append(ctx.normalize)
-        _kernels(h.dtype)[ctx.kind + "_bwd"](*args, *dcols, dps, dh0.numpy(), B, T, C)
+        _launch(_kernels(h.dtype)[ctx.kind + "_bwd"], h.numel(), *args, *dcols, dps, dh0.numpy(), B, T, C)
         return dpre, (dh0 if ctx.has_h0 else None), None, None
 
 

@@ -42,6 +42,20 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    return device
+
+
 @subcommand("bench", "time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
                      "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
 def bench(p: argparse.ArgumentParser) -> Runner:
@@ -57,27 +71,25 @@ def bench(p: argparse.ArgumentParser) -> Runner:
                    help="batch sizes; the first is the main configuration (default 16 64)")
     p.add_argument("--contexts", nargs="+", type=_positive_int, metavar="N",
                    help="decoding context lengths (default 128 256 ... 8192)")
-    p.add_argument("--repeats", type=_positive_int, help="timed repeats per candidate and size (median; default 7)")
-    p.add_argument("--max-step-s", type=_positive_float,
+    p.add_argument("--repeats", type=_positive_int, metavar="N", help="timed repeats per candidate and size (median; default 7)")
+    p.add_argument("--max-step-s", type=_positive_float, metavar="S",
                    help="skip a candidate whose single step takes longer (default 20)")
-    p.add_argument("--budget-s", type=_positive_float,
-                   help="seconds of timed repeats per candidate and size; fewer repeats beyond (default 15)")
-    p.add_argument("--threads", type=_positive_int, help="torch.set_num_threads (default: every core)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--budget-s", type=_positive_float, metavar="S",
+                   help="seconds of timed repeats per candidate and size; fewer repeats beyond (default 10)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: every core)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default benchmarks/results, or benchmarks/results/quick with --quick)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
 
     def run(args: argparse.Namespace) -> int:
         import dataclasses
 
-        import torch
-
         from . import bench as B
 
         s = B.Settings.make(
             quick=args.quick, lengths=args.lengths, widths=args.widths, batches=args.batches,
-            decode_contexts=args.contexts, threads=args.threads, device=torch.device(args.device),
+            decode_contexts=args.contexts, threads=args.threads, device=args.device,
             out=args.out or Path("benchmarks/results/quick" if args.quick else "benchmarks/results"),
             plots=not args.no_plot,
         )

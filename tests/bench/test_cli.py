@@ -100,7 +100,8 @@ def test_import_minrnn_does_not_import_bench_or_matplotlib():
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    for argv in (["bench", "--suite", "nope"], ["bench", "--repeats", "0"], ["bench", "--threads", "-1"], []):
+    for argv in (["bench", "--suite", "nope"], ["bench", "--repeats", "0"], ["bench", "--threads", "-1"],
+                 ["bench", "--device", "tpu"], []):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2

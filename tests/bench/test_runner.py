@@ -32,6 +32,16 @@ def test_run_cases_skips_by_prediction_and_repeats_the_rest():
     assert set(calls) == {"ok"}
 
 
+def test_run_cases_records_a_failing_candidate_and_goes_on():
+    def broken():
+        raise RuntimeError("no kernel for this size\nsecond line")
+
+    calls = []
+    res = run_cases([Case("broken", broken), _case("ok", calls)], CPU, Budget(repeats=2, min_repeat_s=0))
+    assert res["broken"].skipped and res["broken"].note == "failed (RuntimeError: no kernel for this size)"
+    assert len(res["ok"].times_ms) == 2
+
+
 def test_run_cases_interleaves_repeats():
     calls = []
     cases = [_case(n, calls) for n in ("a", "b")]

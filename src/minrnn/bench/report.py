@@ -278,35 +278,37 @@ def plot_layers(result: dict, meta: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_scan(result: dict, meta: dict, path: Path) -> None:
+def _series_plot(path: Path, series: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str,
+                 title: str, hlines: Iterable[tuple[float, dict]] = ()) -> None:
+    """One log-log panel: a line per series of (x, y) points, optional horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    for be in dict.fromkeys(r["backend"] for r in result["rows"]):
-        pts = [(r["elements"], r["gbps"]) for r in result["rows"] if r["backend"] == be and r["gbps"] is not None]
+    for label, pts in series.items():
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=be)
-    ax.axhline(result["copy"]["gbps"], color="black", ls="--", label="copy bandwidth")
-    ax.axhline(result["copy"]["gbps"] / 2, color="gray", ls=":", label="50% of copy")
-    _log_axes(ax, (r["elements"] for r in result["rows"]))
-    ax.set(xlabel="elements per tensor B*T*C",
-           ylabel="effective GB/s (8 B*T*C elements moved)",
-           title=f"Scan forward + backward, {meta['dtype']}, {threads(meta['threads'])}")
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for y, style in hlines:
+        ax.axhline(y, **style)
+    _log_axes(ax, (x for pts in series.values() for x, _ in pts))
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def plot_scan(result: dict, meta: dict, path: Path) -> None:
+    rows = result["rows"]
+    series = {be: [(r["elements"], r["gbps"]) for r in rows if r["backend"] == be and r["gbps"] is not None]
+              for be in dict.fromkeys(r["backend"] for r in rows)}
+    copy = result["copy"]["gbps"]
+    _series_plot(path, series, "elements per tensor B*T*C", "effective GB/s (8 B*T*C elements moved)",
+                 f"Scan forward + backward, {meta['dtype']}, {threads(meta['threads'])}",
+                 [(copy, dict(color="black", ls="--", label="copy bandwidth")),
+                  (copy / 2, dict(color="gray", ls=":", label="50% of copy"))])
+
+
 def plot_decode(result: dict, meta: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for m in result["models"]:
-        pts = [(r["context"], r["ms_per_token"]) for r in result["rows"] if r["model"] == m]
-        ax.plot(*zip(*pts), marker="o", label=m)
-    _log_axes(ax, (r["context"] for r in result["rows"]))
-    ax.set(xlabel="context length (tokens already decoded)", ylabel="ms per token",
-           title=f"Decoding one token, batch {result['batch']}, {threads(meta['threads'])}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {m: [(r["context"], r["ms_per_token"]) for r in result["rows"] if r["model"] == m]
+              for m in result["models"]}
+    _series_plot(path, series, "context length (tokens already decoded)", "ms per token",
+                 f"Decoding one token, batch {result['batch']}, {threads(meta['threads'])}")

@@ -13,7 +13,9 @@ Budget: a candidate is skipped when its step, predicted from the previous (small
 size by linear scaling, or measured in warm-up, would take longer than
 ``max_step_s``, or its peak memory, predicted the same way, would exceed
 ``max_bytes``. A candidate whose repeats would take longer than ``budget_s`` in all
-gets fewer repeats (at least one). Both are recorded in its ``note``.
+gets fewer repeats (at least one). A candidate whose warm-up raises (a backend that
+cannot run this size, an out-of-memory error) is recorded as failed, with the error,
+and the run goes on. All of this is recorded in its ``note``.
 """
 
 from __future__ import annotations
@@ -123,11 +125,16 @@ def run_cases(cases: list[Case], device: torch.device, budget: Budget,
         # warm-up: a first step pays for allocation and lazy compilation (a JIT kernel
         # compiles on its first call, at the first size); a second, if cheap or if this
         # is the first size, lets the allocator settle and gives the estimate
-        case.reset()
-        est = time_once(case.step, device)
-        if est < 1.0 or prev is None:
+        try:
             case.reset()
             est = time_once(case.step, device)
+            if est < 1.0 or prev is None:
+                case.reset()
+                est = time_once(case.step, device)
+        except Exception as e:  # noqa: BLE001 -- one candidate failing must not lose the others' run
+            res.note = f"failed ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            progress(f"{case.name}: {res.note}")
+            continue
         if est > budget.max_step_s:
             res.note = f"skipped (one step took {est:.1f} s > {budget.max_step_s:g} s)"
             continue

@@ -1,5 +1,6 @@
 """What a `minrnn bench` run measures: sizes, repeats, budgets. ``Settings.make()`` is the
-run of record (about 10-15 minutes on 2 cores); ``Settings.make(quick=True)`` is a few
+run of record (sized for about 10-15 minutes on 2 quiet cores: an estimate from single
+steps, the full run was not timed while the machine was shared); ``Settings.make(quick=True)`` is a few
 seconds of tiny sizes, for tests and for checking that everything runs."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Settings:
     out: Path = Path("benchmarks/results")
     plots: bool = True
     seed: int = 0
-    budget: Budget = field(default_factory=lambda: Budget(repeats=7, max_step_s=20.0, budget_s=15.0,
+    budget: Budget = field(default_factory=lambda: Budget(repeats=7, max_step_s=20.0, budget_s=10.0,
                                                           max_bytes=_half_of_ram()))
     # layers: the first batch and width are the main configuration, run at every length;
     # each other width (at the first batch) and batch (at the first width) at extra_lengths

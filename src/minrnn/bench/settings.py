@@ -1,7 +1,9 @@
-"""What a `minrnn bench` run measures: sizes, repeats, budgets. ``Settings.make()`` is the
-run of record (sized for about 10-15 minutes on 2 quiet cores: an estimate from single
-steps, the full run was not timed while the machine was shared); ``Settings.make(quick=True)`` is a few
-seconds of tiny sizes, for tests and for checking that everything runs."""
+"""What a `minrnn bench` run measures: sizes, repeats, budgets.
+
+``Settings.make()`` is the run of record, sized for about 10-15 minutes on 2 quiet cores
+(an estimate from single steps: the full run was not timed while the machine was
+shared); ``Settings.make(quick=True)`` is a few seconds of tiny sizes, for tests and for
+checking that everything runs."""
 
 from __future__ import annotations
 

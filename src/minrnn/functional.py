@@ -99,7 +99,40 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _run(gates, log_gates, pre: tuple[Tensor, ...], names, h0, mode, backend):
+class _RecomputeGates(torch.autograd.Function):
+    """Any scan backend as a cell whose backward recomputes the gates instead of storing them.
+
+    Saved for backward: the pre-activations, h0 and h, as a fused kernel would. The
+    backward is itself a scan, run in reverse with the same backend:
+    G_t = dL/dh_t + a_{t+1} G_{t+1}, then dL/da_t = G_t h_{t-1}, dL/db_t = G_t, dL/dh0 = a_1 G_1,
+    and autograd carries (dL/da, dL/db) back through the recomputed gates.
+    """
+
+    @staticmethod
+    def forward(ctx, gates, scan_fn, h0, *pre):
+        a, b = gates(*pre)
+        h = scan_fn(a, b, h0)
+        ctx.gates, ctx.scan_fn = gates, scan_fn
+        ctx.save_for_backward(h, h0, *pre)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        h, h0, *pre = ctx.saved_tensors
+        with torch.enable_grad():
+            pre_ = [p.detach().requires_grad_(need) for p, need in zip(pre, ctx.needs_input_grad[3:])]
+            a, b = ctx.gates(*pre_)
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).detach()
+        G = ctx.scan_fn(a_next.flip(1), dh.flip(1), None).flip(1)
+        start = torch.zeros_like(h[:, :1]) if h0 is None else h0.unsqueeze(1)
+        h_prev = torch.cat([start, h[:, :-1]], dim=1)
+        dh0 = a[:, 0].detach() * G[:, 0] if h0 is not None and ctx.needs_input_grad[2] else None
+        wanted = [p for p in pre_ if p.requires_grad]
+        grads = iter(torch.autograd.grad((a, b), wanted, (G * h_prev, G)) if wanted else ())
+        return (None, None, dh0, *[next(grads) if p.requires_grad else None for p in pre_])
+
+
+def _run(gates, log_gates, pre: tuple[Tensor, ...], names, h0, mode, backend, fused=None):
     check_sequences(names, pre, h0, h0_dtypes=(_compute_dtype(pre[0].dtype),) if isinstance(pre[0], torch.Tensor) else ())
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -125,8 +158,12 @@ def _run(gates, log_gates, pre: tuple[Tensor, ...], names, h0, mode, backend):
                     "use backend='chunked' (or 'auto')"
                 )
             h = scan_from_logs(*log_gates(*pre), h0)
+        elif be.name == "sequential":
+            h = be.fn(*gates(*pre), h0)  # plain autograd through the loop: the reference
+        elif fused is not None and getattr(be, fused[0]) is not None:
+            h = getattr(be, fused[0])(*pre, h0, *fused[1:])
         else:
-            h = be.fn(*gates(*pre), h0)
+            h = _RecomputeGates.apply(gates, be.fn, h0, *pre)
     return h.to(in_dtype), h[:, -1]
 
 
@@ -143,7 +180,8 @@ def mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, mode: str 
     Returns:
         (h, h_last): h (B, T, C) every state, h_last (B, C) the final one.
     """
-    return _run(mingru_gates, mingru_log_gates, (hidden, gate), ("hidden", "gate"), h0, mode, backend)
+    return _run(mingru_gates, mingru_log_gates, (hidden, gate), ("hidden", "gate"), h0, mode, backend,
+                fused=("mingru",))
 
 
 def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, *,
@@ -162,7 +200,7 @@ def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = N
     return _run(
         lambda h, f, i: minlstm_gates(h, f, i, normalize),
         lambda h, f, i: minlstm_log_gates(h, f, i, normalize),
-        (hidden, forget, input), ("hidden", "forget", "input"), h0, mode, backend,
+        (hidden, forget, input), ("hidden", "forget", "input"), h0, mode, backend, fused=("minlstm", normalize),
     )
 
 

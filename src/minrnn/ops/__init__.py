@@ -37,6 +37,10 @@ class Backend:
     #: whether its dependencies are importable here
     available: Callable[[], bool] = lambda: True
     doc: str = ""
+    #: fused cells (gates computed inside the kernel), used by minrnn.functional when present:
+    #: mingru(hidden, gate, h0) -> h and minlstm(hidden, forget, input, h0, normalize) -> h
+    mingru: Optional[Callable] = None
+    minlstm: Optional[Callable] = None
 
     def supports(self, device: torch.device) -> bool:
         return (self.devices is None or device.type in self.devices) and self.available()
@@ -156,9 +160,13 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
 from .reference import sequential_scan  # noqa: E402
 from .chunked import chunked_scan  # noqa: E402
 from .log import log_scan, log_space_scan  # noqa: E402
+from . import cpu  # noqa: E402
 
 register(Backend("sequential", sequential_scan, doc="the plain loop; the reference"))
 register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
 register(Backend("log", log_space_scan, signed=False, doc="the paper's log-space scan, stabilised"))
+register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
+                 mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm,
+                 doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
 
 __all__ = ["scan", "log_scan", "available_backends", "resolve_backend", "register", "Backend", "BACKENDS"]

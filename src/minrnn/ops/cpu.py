@@ -1,0 +1,384 @@
+"""Compiled CPU kernels (numba): the scan, and minGRU / minLSTM fused with their gates.
+
+Why fused: a minGRU layer is one matmul plus elementwise work. Done as separate torch
+ops, the gates cost a dozen passes over memory and autograd stores every intermediate.
+Here one forward kernel reads the pre-activations and writes h; one backward kernel
+reads the pre-activations, h and dL/dh and writes dL/d(pre-activations), recomputing
+the gates on the fly. Saved for backward: the pre-activations and h, nothing else.
+
+Layout: (B, T, C) with C contiguous. Parallel over batch x channel blocks (prange),
+sequential in time, and the inner loop over a block of channels is what LLVM
+vectorises. The backward is the reverse recurrence
+
+    G_t = dL/dh_t + a_{t+1} G_{t+1},   dL/db_t = G_t,   dL/da_t = G_t h_{t-1},   dL/dh0 = a_1 G_1
+
+float32 uses a polynomial exp (Cephes' expf: Cody-Waite range reduction, degree-5
+polynomial, about 1 ulp) built from arithmetic and a bit cast, so LLVM vectorises it;
+libm's exp is a scalar call that would block vectorisation. float64 uses libm's exp.
+
+Gates are formed from e = exp(-|k|): sigmoid(|k|) = 1/(1+e), sigmoid(-|k|) = e/(1+e),
+so both z and 1 - z are accurate even when one of them is ~1e-30, and their product
+(the gate's derivative) is too.
+
+Numba is optional: without it this backend is not registered as available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # numba is an optional dependency (pip install minrnn[fast])
+    import numba
+    import numpy as np
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is absent
+    HAVE_NUMBA = False
+
+CHANNEL_BLOCK = 64  # channels per parallel work item: long enough to vectorise
+
+
+def available() -> bool:
+    return HAVE_NUMBA
+
+
+if HAVE_NUMBA:
+    _CACHE = os.environ.get("MINRNN_NUMBA_CACHE", "1") != "0"
+    _jit = dict(nogil=True, fastmath=False, cache=_CACHE, error_model="numpy")
+    _pjit = dict(_jit, parallel=True)
+
+    @intrinsic
+    def _bits_to_float32(typingctx, bits):
+        """Reinterpret an int32's bits as a float32 (a free bit cast that LLVM vectorises)."""
+        sig = types.float32(types.int32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
+
+    _F = np.float32
+    _LOG2E, _LN2_HI, _LN2_LO = _F(1.44269504088896341), _F(0.693359375), _F(-2.12194440e-4)
+    _P0, _P1, _P2 = _F(1.9875691500e-4), _F(1.3981999507e-3), _F(8.3334519073e-3)
+    _P3, _P4, _P5 = _F(4.1665795894e-2), _F(1.6666665459e-1), _F(5.0000001201e-1)
+    _LO, _HI, _HALF, _ONE = _F(-87.0), _F(88.0), _F(0.5), _F(1.0)
+
+    @njit(inline="always", **_jit)
+    def exp32(x):
+        x = min(max(x, _LO), _HI)
+        n = np.floor(x * _LOG2E + _HALF)
+        r = x - n * _LN2_HI - n * _LN2_LO
+        p = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * r * r + r + _ONE
+        return p * _bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+
+    @njit(inline="always", **_jit)
+    def exp64(x):
+        return np.exp(x)
+
+    @njit(inline="always", **_jit)
+    def _row(flat, strides, i, t, c0, n):
+        """Channels c0 .. c0+n of element (i, t) of a flat (B, T, C) array, as a 1-D view."""
+        p = i * strides[0] + t * strides[1] + c0
+        return flat[p:p + n]
+
+    def _make_kernels(exp, zero, one, half):
+        """All kernels for one float type (exp and the constants typed to match)."""
+
+        @njit(inline="always", **_jit)
+        def sigmoid_pair(k):
+            """(sigmoid(k), sigmoid(-k)), each accurate to its own relative precision."""
+            e = exp(-abs(k))
+            s = one / (one + e)
+            if k >= 0:
+                return s, e * s
+            return e * s, s
+
+        @njit(inline="always", **_jit)
+        def g_and_slope(x):
+            """g(x) and g'(x): x + 1/2 and 1 for x >= 0; sigmoid(x) and sigmoid(x)(1 - sigmoid(x)) below."""
+            e = exp(min(x, zero))
+            s = e / (one + e)
+            if x >= 0:
+                return x + half, one
+            return s, s * (one - s)
+
+        # Every (B, T, C) array arrives as a flat 1-D view of its storage plus its batch and
+        # time strides (the channel stride is 1), so element (i, t, c) is at i*s0 + t*s1 + c.
+        # That keeps column slices of a wider tensor (the chunks of one Linear's output)
+        # copy-free. Inner loops run over 1-D row slices (rows[c], not flat[p + c]) and touch
+        # few arrays each: LLVM vectorises them only then (it gives up when a loop needs too
+        # many run-time aliasing checks), which is why the backward runs in two passes per step.
+
+        @njit(**_pjit)
+        def scan_fwd(a, as_, b, bs, h0, out, os_, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                h = h0[i, c0:c0 + n].copy()
+                for t in range(T):
+                    ar, br, orow = _row(a, as_, i, t, c0, n), _row(b, bs, i, t, c0, n), _row(out, os_, i, t, c0, n)
+                    for c in range(n):
+                        v = ar[c] * h[c] + br[c]
+                        h[c] = v
+                        orow[c] = v
+
+        @njit(**_pjit)
+        def scan_bwd(a, as_, h, hs, h0, dh, dhs, da, db, os_, dh0, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                carry = np.zeros(n, dtype=a.dtype)  # a_{t+1} G_{t+1}
+                for t in range(T - 1, -1, -1):
+                    ar, dhr = _row(a, as_, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
+                    dar, dbr = _row(da, os_, i, t, c0, n), _row(db, os_, i, t, c0, n)
+                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                    for c in range(n):
+                        G = dhr[c] + carry[c]
+                        dbr[c] = G
+                        carry[c] = ar[c] * G
+                    for c in range(n):
+                        dar[c] = dbr[c] * prev[c]
+                dh0[i, c0:c0 + n] = carry
+
+        @njit(**_pjit)
+        def mingru_fwd(x, xs, k, ks, h0, out, os_, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                h = h0[i, c0:c0 + n].copy()
+                for t in range(T):
+                    xr, kr, orow = _row(x, xs, i, t, c0, n), _row(k, ks, i, t, c0, n), _row(out, os_, i, t, c0, n)
+                    for c in range(n):
+                        z, a = sigmoid_pair(kr[c])
+                        gx, _ = g_and_slope(xr[c])
+                        v = a * h[c] + z * gx
+                        h[c] = v
+                        orow[c] = v
+
+        @njit(**_pjit)
+        def mingru_bwd(x, xs, k, ks, h, hs, h0, dh, dhs, dx, dk, os_, dh0, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                carry = np.zeros(n, dtype=x.dtype)
+                G = np.empty(n, dtype=x.dtype)
+                for t in range(T - 1, -1, -1):
+                    kr, dhr = _row(k, ks, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
+                    for c in range(n):  # the reverse recurrence
+                        _, a = sigmoid_pair(kr[c])
+                        g_ = dhr[c] + carry[c]
+                        G[c] = g_
+                        carry[c] = a * g_
+                    xr, dxr, dkr = _row(x, xs, i, t, c0, n), _row(dx, os_, i, t, c0, n), _row(dk, os_, i, t, c0, n)
+                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                    for c in range(n):  # gradients of the pre-activations, gates recomputed
+                        z, a = sigmoid_pair(kr[c])
+                        gx, slope = g_and_slope(xr[c])
+                        # da/dk = -z a and db/dk = g z a
+                        dkr[c] = G[c] * z * a * (gx - prev[c])
+                        dxr[c] = G[c] * z * slope
+                dh0[i, c0:c0 + n] = carry
+
+        @njit(inline="always", **_jit)
+        def lstm_gates(f, ig, normalize):
+            """(a, i', sigmoid(-f), sigmoid(-i)) with a = f/(f+i), i' = i/(f+i) if normalize."""
+            sf, nf = sigmoid_pair(f)
+            si, ni = sigmoid_pair(ig)
+            if normalize:
+                s = sf + si
+                return sf / s, si / s, nf, ni
+            return sf, si, nf, ni
+
+        @njit(**_pjit)
+        def minlstm_fwd(x, xs, f, fs, ig, is_, h0, normalize, out, os_, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                h = h0[i, c0:c0 + n].copy()
+                for t in range(T):
+                    xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
+                    orow = _row(out, os_, i, t, c0, n)
+                    for c in range(n):
+                        a, ip, _, _ = lstm_gates(fr[c], ir_[c], normalize)
+                        gx, _ = g_and_slope(xr[c])
+                        v = a * h[c] + ip * gx
+                        h[c] = v
+                        orow[c] = v
+
+        @njit(**_pjit)
+        def minlstm_bwd(x, xs, f, fs, ig, is_, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, B, T, C):
+            nblk = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+            for job in prange(B * nblk):
+                i, c0 = job // nblk, (job % nblk) * CHANNEL_BLOCK
+                n = min(CHANNEL_BLOCK, C - c0)
+                carry = np.zeros(n, dtype=x.dtype)
+                G = np.empty(n, dtype=x.dtype)
+                for t in range(T - 1, -1, -1):
+                    fr, ir_, dhr = _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
+                    for c in range(n):  # the reverse recurrence
+                        a, _, _, _ = lstm_gates(fr[c], ir_[c], normalize)
+                        g_ = dhr[c] + carry[c]
+                        G[c] = g_
+                        carry[c] = a * g_
+                    xr, dxr = _row(x, xs, i, t, c0, n), _row(dx, os_, i, t, c0, n)
+                    dfr, dir_ = _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
+                    prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                    for c in range(n):
+                        a, ip, nf, ni = lstm_gates(fr[c], ir_[c], normalize)
+                        gx, slope = g_and_slope(xr[c])
+                        if normalize:
+                            # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
+                            w = G[c] * (prev[c] - gx) * a * ip
+                            dfr[c] = w * nf
+                            dir_[c] = -w * ni
+                        else:
+                            dfr[c] = G[c] * prev[c] * a * nf
+                            dir_[c] = G[c] * gx * ip * ni
+                        dxr[c] = G[c] * ip * slope
+                dh0[i, c0:c0 + n] = carry
+
+        return dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
+                    minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd)
+
+    _KERNELS = {
+        torch.float32: _make_kernels(exp32, np.float32(0.0), np.float32(1.0), np.float32(0.5)),
+        torch.float64: _make_kernels(exp64, 0.0, 1.0, 0.5),
+    }
+
+
+# --- torch glue -------------------------------------------------------------------------
+
+
+def _flat(x: Tensor):
+    """(flat 1-D numpy view of x's storage span, (batch stride, time stride)) for a (B, T, C)
+    CPU tensor whose channel stride is 1 (copied once if it is not)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    B, T, C = x.shape
+    span = (B - 1) * x.stride(0) + (T - 1) * x.stride(1) + C
+    flat = torch.as_strided(x.detach(), (span,), (1,), x.storage_offset())
+    return flat.numpy(), np.array([x.stride(0), x.stride(1)], dtype=np.int64)
+
+
+def _kernels(dtype: torch.dtype) -> dict:
+    if dtype not in _KERNELS:
+        raise TypeError(f"backend 'cpu' computes float32 and float64, got {dtype}")
+    return _KERNELS[dtype]
+
+
+def _start(h0: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_zeros(like.shape[0], like.shape[2]) if h0 is None else h0.detach().contiguous()
+
+
+def _outputs(like: Tensor, n: int):
+    """n new contiguous (B, T, C) tensors, their flat numpy views and their strides."""
+    ts = [torch.empty(like.shape, dtype=like.dtype) for _ in range(n)]
+    strides = np.array([like.shape[1] * like.shape[2], like.shape[2]], dtype=np.int64)
+    return ts, [t.view(-1).numpy() for t in ts], strides
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0):
+        start = _start(h0, a)
+        (h,), (h_np,), os_ = _outputs(a, 1)
+        _kernels(a.dtype)["scan_fwd"](*_flat(a), *_flat(b), start.numpy(), h_np, os_, *a.shape)
+        ctx.save_for_backward(a, h, start)
+        ctx.has_h0 = h0 is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, h, start = ctx.saved_tensors
+        (da, db), (da_np, db_np), os_ = _outputs(h, 2)
+        dh0 = torch.empty_like(start)
+        _kernels(a.dtype)["scan_bwd"](*_flat(a), *_flat(h), start.numpy(), *_flat(dh), da_np, db_np, os_,
+                                      dh0.numpy(), *a.shape)
+        return da, db, (dh0 if ctx.has_h0 else None)
+
+
+def cpu_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
+    """The scan backend: a, b (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
+    return _Scan.apply(a, b, h0)
+
+
+def _pack(parts: tuple[Tensor, ...]) -> Tensor:
+    """The (B, T, n*C) tensor holding ``parts`` side by side along channels.
+
+    The cells' inputs are usually the n column chunks of one Linear's output; then that
+    output itself is returned (no copy), so the backward can write dL/d(pre-activations)
+    as one contiguous tensor and autograd does not concatenate n gradients. Otherwise
+    the parts are concatenated once.
+    """
+    base = parts[0]._base  # nn.Linear's output is itself a view of a 2-D matmul result
+    B, T, C = parts[0].shape
+    n = len(parts)
+    if (base is not None and base.is_contiguous() and base.numel() == B * T * n * C
+            and all(p._base is base and p.stride() == (T * n * C, n * C, 1)
+                    and p.storage_offset() == base.storage_offset() + j * C for j, p in enumerate(parts))):
+        return base.view(B, T, n * C)
+    return torch.cat(parts, dim=-1)
+
+
+def _columns(pre: Tensor, n: int):
+    """Flat numpy views of the n channel blocks of packed (B, T, n*C) ``pre``, and its strides."""
+    flat, strides = _flat(pre)
+    C = pre.shape[-1] // n
+    return [flat[j * C:] for j in range(n)], strides
+
+
+class _Cell(torch.autograd.Function):
+    """A fused cell over packed pre-activations (B, T, n*C): ``kind`` is "mingru" (n = 2:
+    hidden, gate) or "minlstm" (n = 3: hidden, forget, input)."""
+
+    @staticmethod
+    def forward(ctx, pre, h0, kind, normalize):
+        n = 2 if kind == "mingru" else 3
+        B, T, nC = pre.shape
+        C = nC // n
+        start = _start(h0, pre[..., :C])
+        h = torch.empty(B, T, C, dtype=pre.dtype)
+        cols, ps = _columns(pre, n)
+        out_strides = np.array([T * C, C], dtype=np.int64)
+        args = [a for col in cols for a in (col, ps)] + [start.numpy()]
+        if kind == "minlstm":
+            args.append(normalize)
+        _kernels(pre.dtype)[kind + "_fwd"](*args, h.view(-1).numpy(), out_strides, B, T, C)
+        ctx.save_for_backward(pre, h, start)
+        ctx.kind, ctx.normalize, ctx.n, ctx.has_h0 = kind, normalize, n, h0 is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        pre, h, start = ctx.saved_tensors
+        B, T, C = h.shape
+        dpre = torch.empty(pre.shape, dtype=pre.dtype)
+        dcols, dps = _columns(dpre, ctx.n)
+        cols, ps = _columns(pre, ctx.n)
+        dh0 = torch.empty_like(start)
+        args = [a for col in cols for a in (col, ps)] + [*_flat(h), start.numpy(), *_flat(dh)]
+        if ctx.kind == "minlstm":
+            args.append(ctx.normalize)
+        _kernels(h.dtype)[ctx.kind + "_bwd"](*args, *dcols, dps, dh0.numpy(), B, T, C)
+        return dpre, (dh0 if ctx.has_h0 else None), None, None
+
+
+def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None) -> Tensor:
+    """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
+    return _Cell.apply(_pack((hidden, gate)), h0, "mingru", False)
+
+
+def cpu_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None, normalize: bool) -> Tensor:
+    """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
+    return _Cell.apply(_pack((hidden, forget, input)), h0, "minlstm", bool(normalize))

@@ -63,7 +63,7 @@ class Settings:
             return replace(cls(), **overrides)
         s = cls(
             quick=True,
-            budget=Budget(repeats=3, max_step_s=5.0, budget_s=5.0, max_bytes=_half_of_ram()),
+            budget=Budget(repeats=2, max_step_s=5.0, budget_s=2.0, max_bytes=_half_of_ram(), min_repeat_s=0.0),
             lengths=[16, 64], batches=[2, 3], widths=[16, 24], extra_lengths=[16],
             scan_batch=2, scan_channels=8, copy_bytes=4 * 2**20, copy_repeats=3,
             decode_contexts=[8, 16], decode_window=4, decode_layers=2, decode_width=32, decode_heads=2,

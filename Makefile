@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # else whatever MINRNN_DATA_DIR says, else ~/.cache/minrnn/data.
 export MINRNN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: test demo venv clean
+.PHONY: test demo bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ test: venv
 
 demo: venv
 	$(BIN)/python examples/demo_shakespeare.py
+
+# the benchmarks of record (minutes; run on a quiet machine): tables, benchmarks/results/*.json, *.png
+bench: venv
+	$(BIN)/python -m minrnn bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,80 @@
+"""What a `minrnn bench` run measures: sizes, repeats, budgets.
+
+``Settings.make()`` is the run of record, sized for about 10-15 minutes on 2 quiet cores
+(an estimate from single steps: the full run was not timed while the machine was
+shared); ``Settings.make(quick=True)`` is a few seconds of tiny sizes, for tests and for
+checking that everything runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .measure import default_threads
+from .runner import Budget
+
+
+def _half_of_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    threads: int = field(default_factory=default_threads)
+    out: Path = Path("benchmarks/results")
+    plots: bool = True
+    seed: int = 0
+    budget: Budget = field(default_factory=lambda: Budget(repeats=7, max_step_s=20.0, budget_s=10.0,
+                                                          max_bytes=_half_of_ram()))
+    # layers: the first batch and width are the main configuration, run at every length;
+    # each other width (at the first batch) and batch (at the first width) at extra_lengths
+    lengths: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 4096, 16384])
+    batches: list[int] = field(default_factory=lambda: [16, 64])
+    widths: list[int] = field(default_factory=lambda: [128, 256])
+    extra_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    # scan alone: (scan_batch, T, scan_channels) for T in lengths
+    scan_batch: int = 16
+    scan_channels: int = 128
+    copy_bytes: int = 256 * 2**20
+    copy_repeats: int = 11
+    # decoding
+    decode_contexts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4096, 8192])
+    decode_window: int = 64
+    decode_layers: int = 4
+    decode_width: int = 256
+    decode_heads: int = 4
+    decode_batch: int = 1
+
+    @classmethod
+    def make(cls, quick: bool = False, **overrides) -> "Settings":
+        """The run of record, or with ``quick`` the tiny one; ``overrides`` replace fields
+        (None values are ignored, so a CLI can pass its unset options straight through)."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if not quick:
+            return replace(cls(), **overrides)
+        s = cls(
+            quick=True,
+            budget=Budget(repeats=2, max_step_s=5.0, budget_s=2.0, max_bytes=_half_of_ram(), min_repeat_s=0.0),
+            lengths=[16, 64], batches=[2, 3], widths=[16, 24], extra_lengths=[16],
+            scan_batch=2, scan_channels=8, copy_bytes=4 * 2**20, copy_repeats=3,
+            decode_contexts=[8, 16], decode_window=4, decode_layers=2, decode_width=32, decode_heads=2,
+        )
+        return replace(s, **overrides)
+
+    def layer_configs(self) -> list[tuple[int, int, list[int]]]:
+        """[(batch, width, lengths)]: the main configuration first."""
+        b0, w0 = self.batches[0], self.widths[0]
+        extra = [T for T in self.extra_lengths if T in self.lengths] or self.lengths[-1:]
+        configs = [(b0, w0, list(self.lengths))]
+        configs += [(b0, w, extra) for w in self.widths[1:]]
+        configs += [(b, w0, extra) for b in self.batches[1:]]
+        return configs

@@ -1,0 +1,117 @@
+"""`minrnn bench --quick` end to end, in a subprocess, as a user runs it.
+
+Timings are never asserted: only that every candidate and length has a row with the
+fields the README promises, that the files are written and the tables printed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minrnn
+from minrnn.cli import _SUBCOMMANDS, build_parser, main
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # one thread: on a shared machine, extra OpenMP threads only spin
+    proc = subprocess.run([sys.executable, "-m", "minrnn", "bench", "--quick", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
+
+
+def _load(out, suite):
+    return json.loads((out / f"{suite}.json").read_text())
+
+
+def test_quick_writes_json_png_and_prints_tables(quick_run):
+    out, stdout = quick_run
+    for suite in ("layers", "scan", "decode"):
+        doc = _load(out, suite)
+        assert doc["meta"]["command"].startswith("minrnn bench --quick")
+        assert doc["meta"]["threads"] == 1 and doc["meta"]["quick"] is True
+        assert (out / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for heading in ("### Layers, B=", "### Scan alone", "### Decoding", "### Targets", "| candidate "):
+        assert heading in stdout
+
+
+def test_layer_rows_cover_every_candidate_and_length(quick_run):
+    out, _ = quick_run
+    doc = _load(out, "layers")
+    rows, configs = doc["result"]["rows"], doc["result"]["configs"]
+    names = {c["name"] for c in doc["result"]["candidates"]}
+    for be in minrnn.available_backends():
+        assert {f"minGRU[{be}]", f"minLSTM[{be}]"} <= names
+    assert {"paper-minGRU", "nn.GRU", "nn.LSTM", "Linear(D,2D)", "Linear(D,3D)"} <= names
+    assert len(configs) == 3  # the main configuration, one more width, one more batch
+    expected = {(c["batch"], c["width"], T, n) for c in configs for T in c["lengths"] for n in names}
+    assert {(r["batch"], r["width"], r["T"], r["candidate"]) for r in rows} == expected
+    for r in rows:
+        for key in ("ms", "times_ms", "ratio_floor", "ratio_rnn", "peak_bytes", "saved_bytes", "max_abs_err", "note"):
+            assert key in r
+        assert r["ms"] is not None and r["ms"] > 0, r  # tiny sizes: nothing is skipped
+        assert r["peak_bytes"] > 0 and r["saved_bytes"] > 0
+        if r["role"] == "floor":
+            assert r["ratio_floor"] == 1.0
+        if r["role"] in ("minrnn", "paper"):
+            assert r["max_abs_err"] < 1e-5  # float32 vs the float64 loop, at T <= 64
+        else:
+            assert r["max_abs_err"] is None
+    assert sum(r["default"] for r in rows if r["T"] == 16 and r["batch"] == configs[0]["batch"]
+               and r["width"] == configs[0]["width"]) == 2  # one auto backend per family
+
+
+def test_scan_and_decode_rows(quick_run):
+    out, _ = quick_run
+    scan = _load(out, "scan")["result"]
+    assert scan["copy"]["bytes_moved"] == 2 * scan["copy"]["buffer_bytes"]
+    for r in scan["rows"]:
+        assert r["bytes"] == 8 * r["elements"] * 4
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] / 1e3) / 1e9)
+        assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / scan["copy"]["gbps"])
+        assert r["max_abs_err"] < 1e-5 and r["grad_rel_err"] < 1e-5
+    decode = _load(out, "decode")["result"]
+    assert {(r["model"], r["context"]) for r in decode["rows"]} == {(m, c) for m in ("minGRU", "Transformer")
+                                                                    for c in (8, 16)}
+    kv = {r["context"]: r["state_bytes"] for r in decode["rows"] if r["model"] == "Transformer"}
+    assert kv[16] == 2 * kv[8]  # the KV cache grows with the context; the minGRU state does not
+    assert len({r["state_bytes"] for r in decode["rows"] if r["model"] == "minGRU"}) == 1
+
+
+def test_import_minrnn_does_not_import_bench_or_matplotlib():
+    code = ("import sys, minrnn, minrnn.cli; "
+            "bad = [m for m in ('minrnn.bench', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), timeout=120)
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    for argv in (["bench", "--suite", "nope"], ["bench", "--repeats", "0"], ["bench", "--threads", "-1"],
+                 ["bench", "--device", "tpu"], []):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+    assert "--repeats" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    parser = build_parser()
+    for name in _SUBCOMMANDS:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([name, "--help"])
+        assert e.value.code == 0
+        assert f"usage: minrnn {name}" in capsys.readouterr().out

@@ -280,39 +280,6 @@ if HAVE_NUMBA:
 
 # --- torch glue -------------------------------------------------------------------------
 
-_HUGE_PAGE = 2 << 20
-_madvise = None
-
-
-def _empty(shape, dtype: torch.dtype) -> Tensor:
-    """torch.empty, with transparent huge pages asked for on large buffers (Linux).
-
-    A kernel output of tens of MB lands in fresh mmap'd memory, and faulting it in 4 KiB
-    pages cost more than the kernel itself in our measurements (a 64 MiB buffer: ~30 ms of
-    page faults against ~12 ms with 2 MiB pages). Where THP is set to "madvise", as on many
-    distributions, this asks for huge pages on the buffer's 2 MiB-aligned interior. It is
-    only a hint: any failure leaves an ordinary tensor.
-    """
-    global _madvise
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if nbytes >= 16 * _HUGE_PAGE:
-        if _madvise is None:
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL("libc.so.6", use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                _madvise = libc.madvise
-            except (OSError, AttributeError):
-                _madvise = False
-        if _madvise:
-            start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-            end = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-            _madvise(start, end - start, 14)  # MADV_HUGEPAGE
-    return t
-
-
 def _flat(x: Tensor):
     """(flat 1-D numpy view of x's storage span, (batch stride, time stride)) for a (B, T, C)
     CPU tensor whose channel stride is 1 (copied once if it is not)."""
@@ -357,7 +324,7 @@ def _start(h0: Tensor | None, like: Tensor) -> Tensor:
 
 def _outputs(like: Tensor, n: int):
     """n new contiguous (B, T, C) tensors, their flat numpy views and their strides."""
-    ts = [_empty(like.shape, like.dtype) for _ in range(n)]
+    ts = [torch.empty(like.shape, dtype=like.dtype) for _ in range(n)]
     strides = np.array([like.shape[1] * like.shape[2], like.shape[2]], dtype=np.int64)
     return ts, [t.view(-1).numpy() for t in ts], strides
 
@@ -422,7 +389,7 @@ class _Cell(torch.autograd.Function):
         B, T, nC = pre.shape
         C = nC // n
         start = _start(h0, pre[..., :C])
-        h = _empty((B, T, C), pre.dtype)
+        h = torch.empty(B, T, C, dtype=pre.dtype)
         cols, ps = _columns(pre, n)
         out_strides = np.array([T * C, C], dtype=np.int64)
         args = [a for col in cols for a in (col, ps)] + [start.numpy()]
@@ -437,7 +404,7 @@ class _Cell(torch.autograd.Function):
     def backward(ctx, dh):
         pre, h, start = ctx.saved_tensors
         B, T, C = h.shape
-        dpre = _empty(pre.shape, pre.dtype)
+        dpre = torch.empty(pre.shape, dtype=pre.dtype)
         dcols, dps = _columns(dpre, ctx.n)
         cols, ps = _columns(pre, ctx.n)
         dh0 = torch.empty_like(start)

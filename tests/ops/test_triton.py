@@ -40,7 +40,8 @@ SPECS = (
        _spec("default-tiles-T40-h0", 40, torch.float32, True, block_t=None, block_c=None)]
     + [_spec(f"{str(dt)[6:]}-T129-{'h0' if h else 'noh0'}", 129, dt, h, C=5, block_t=16, block_c=4)
        for dt in (torch.float16, torch.bfloat16) for h in (True, False)]
-    + [_spec("signed-decays", 40, torch.float64, signed_a=True),
+    + [_spec("signed-decays", 40, torch.float64, decays="signed"),
+       _spec("saturated-gates", 300, torch.float32, block_t=32, block_c=4, decays="saturated"),
        _spec("non-contiguous-inputs-and-expanded-grad", 37, torch.float64, non_contiguous=True, sum_loss=True)]
 )
 GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
@@ -50,8 +51,11 @@ GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
 def _case(spec, device="cpu"):
     """Inputs for a spec, rounded to its dtype, and the upstream weight (None: h.sum())."""
     a, b, h0 = make_scan_inputs(spec["B"], spec["T"], spec["C"], seed=spec["T"], with_h0=spec["with_h0"])
-    if spec.get("signed_a"):
-        a = 2.4 * a - 1.2  # decays of either sign, some above 1 in size
+    if spec.get("decays") == "signed":  # of either sign, some above 1 in size
+        a = 2.4 * a - 1.2
+    elif spec.get("decays") == "saturated":  # 1e-9 and 1 - 1e-7 at random, as in test_scan.py
+        near_one = torch.rand(a.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) < 0.5
+        a = torch.where(near_one, 1 - 1e-7, 1e-9).to(torch.float64)
     gen = torch.Generator().manual_seed(1)
     w = None if spec.get("sum_loss") else torch.randn(a.shape, generator=gen, dtype=torch.float64)
     cast = lambda x: None if x is None else x.to(device=device, dtype=spec["dtype"])  # noqa: E731
@@ -155,6 +159,36 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
         pytest.skip("this process runs Triton's interpreter")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         triton.triton_scan(*make_scan_inputs(1, 4, 2, dtype=torch.float32))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", ["scan_fwd", "scan_bwd"])
+def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
+    """The interpreter runs the kernels' Python; the compiler checks what it does not (types
+    of loop-carried values, the pipelined loads) down to an sm_90 binary, and the shared
+    memory that the default tiles need against the H100's 227 KB."""
+    from minrnn.ops import _triton_kernels, triton as backend
+
+    if _triton_kernels.INTERPRETED:
+        pytest.skip("this process runs Triton's interpreter")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_t, block_c, num_warps = backend._config(torch.empty(16, 1, 1024, dtype=dtype), None, None, None)
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64"}[dtype]
+    kern = getattr(_triton_kernels, kernel)
+    for has_h0, one in ((True, ()), (False, ("T",))):  # T == 1 is specialised to a constant
+        meta = dict(HAS_H0=has_h0, ACC=backend._acc(dtype), BLOCK_T=block_t, BLOCK_C=block_c, **{n: 1 for n in one})
+        sig = {n: ptr if n.endswith("_ptr") else "constexpr" if n in meta else "i32" for n in kern.arg_names}
+        compiled = triton.compile(ASTSource(kern, sig, meta), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps))
+        assert compiled.asm["cubin"], "no binary"
+        assert compiled.metadata.shared <= 227 * 1024, f"{compiled.metadata.shared} bytes of shared memory"
+        if dtype == torch.float32 and not one:  # the next tiles' loads are in flight meanwhile
+            assert "cp.async" in compiled.asm["ptx"]
 
 
 def test_bad_tile_sizes_are_refused():

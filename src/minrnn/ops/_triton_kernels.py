@@ -27,15 +27,26 @@ def _combine(a_first, b_first, a_then, b_then):
 
 
 @triton.jit
-def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
-             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _program_block(T, C, n_cblocks, BLOCK_C: tl.constexpr):
+    """This program's batch row, channels (and their mask) and the offset of its sequence."""
     # one flat grid axis (axis 1 would cap the batch at 65,535 on CUDA)
     pid = tl.program_id(0)
     pid_b = (pid // n_cblocks).to(tl.int64)
     cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    return pid_b, cols, cols < C, pid_b * T * C  # int64: B * T * C may pass 2^31
+
+
+@triton.jit
+def _last_row(x, rows, BLOCK_T: tl.constexpr):
+    # a tile's last row as a vector (a select and a sum: the tile has no indexing)
+    return tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
+             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
     rows = tl.arange(0, BLOCK_T)
-    seq = pid_b * T * C  # int64: B * T * C may pass 2^31
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
     else:
@@ -52,7 +63,7 @@ def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         hs = a_cum * h[None, :] + b_cum
         tl.store(h_ptr + off, hs.to(h_ptr.dtype.element_ty), mask=mask)
-        h = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, hs, 0.0), axis=0)
+        h = _last_row(hs, rows, BLOCK_T)
 
 
 @triton.jit
@@ -61,12 +72,8 @@ def scan_bwd(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C, n_tblo
     # G_t = dh_t + a_{t+1} G_{t+1} (G_T = dh_T), run backwards in time: the same scan
     # with decay a_{t+1}, on tiles whose row 0 is the latest step. db = G,
     # da_t = G_t h_{t-1} (h0, or 0, before the first step), dh0 = a_1 G_1.
-    pid = tl.program_id(0)
-    pid_b = (pid // n_cblocks).to(tl.int64)
-    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
     rows = tl.arange(0, BLOCK_T)
-    seq = pid_b * T * C
     if HAS_H0:
         h0 = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
     g = tl.zeros([BLOCK_C], dtype=ACC)  # G_{t+1} entering the tile from later steps
@@ -91,7 +98,7 @@ def scan_bwd(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C, n_tblo
         tl.store(db_ptr + off, gs.to(db_ptr.dtype.element_ty), mask=inside)
         tl.store(da_ptr + off, (gs * h_prev).to(da_ptr.dtype.element_ty), mask=inside)
         # the last row is G at the tile's earliest step (padding rows pass it through)
-        g = tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, gs, 0.0), axis=0)
+        g = _last_row(gs, rows, BLOCK_T)
     if HAS_H0:
         a1 = tl.load(a_ptr + seq + cols, mask=cmask, other=0.0).to(ACC)
         tl.store(dh0_ptr + pid_b * C + cols, (a1 * g).to(dh0_ptr.dtype.element_ty), mask=cmask)

@@ -7,13 +7,14 @@
 Parallel over batch x channel blocks, sequential over time inside each program, a
 tile of steps at a time (see ``_triton_kernels``). float16/bfloat16 inputs are
 accumulated in float32 and h is stored in the input dtype; float32 and float64 are
-computed in their own precision. Backward keeps a and h (and h0), not b.
+computed in their own precision. Backward keeps a and h (as stored, in the input dtype)
+and h0, not b.
 
 The kernels run compiled on CUDA tensors. With TRITON_INTERPRET=1 set before triton is
-first imported, they run instead under Triton's interpreter on CPU tensors (numpy, slow):
-that is how the tests hold them to the reference without a GPU (in a subprocess, as the
-setting holds for the whole process). ``minrnn.scan(..., backend="triton")`` accepts
-CUDA tensors only.
+first imported, they run under Triton's interpreter instead (numpy, slow), which also
+takes CPU tensors: that is how the tests hold them to the reference without a GPU (in a
+subprocess, as the setting holds for the whole process). ``minrnn.scan(...,
+backend="triton")`` accepts CUDA tensors only; call ``triton_scan`` for CPU tensors.
 
 triton is imported on first use, never by ``import minrnn``.
 """
@@ -34,7 +35,7 @@ DEFAULT_BLOCK_T = 32
 def _triton_importable() -> bool:
     try:
         importlib.import_module("triton")
-    except ImportError:
+    except Exception:  # absent, or broken (a driver mismatch): unavailable, not a crash at import
         return False
     return True
 
@@ -84,11 +85,10 @@ def _config(a: Tensor, block_t: int | None, block_c: int | None, num_warps: int 
 
 def _launch(kernel: str, device: torch.device, B: int, C: int, block_c: int, num_warps: int, *args, **meta):
     k = _kernels()
-    if (device.type == "cuda") == k.INTERPRETED:
+    if device.type != "cuda" and not k.INTERPRETED:
         raise RuntimeError(
             f"the triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
-            f"(TRITON_INTERPRET=1 set before triton is imported); got {device.type} tensors with the "
-            f"interpreter {'on' if k.INTERPRETED else 'off'}"
+            f"(TRITON_INTERPRET=1 set before triton is first imported); got {device.type} tensors"
         )
     n_cblocks = -(-C // block_c)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -109,6 +109,7 @@ class _TritonScan(torch.autograd.Function):
         B, T, C = a.shape
         h = torch.empty_like(a)
         if h.numel():
+            # without h0 the kernel reads no h0 pointer: any tensor fills the slot
             _launch("scan_fwd", a.device, B, C, block_c, num_warps,
                     a, b, a if h0 is None else h0, h, T, C,
                     HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)

@@ -79,6 +79,9 @@ def test_overrides_fix_shapes():
     assert (cfg.num_hidden_layers, cfg.expansion_factor, cfg.use_conv, cfg.use_mlp) == (3, 6, False, False)
     assert abs(m.baseline.relative_error) <= 0.10
     assert build_model("gpt2", VOCAB, None, width=32, max_length=300).model.config.n_positions == 300
+    # the configs' own names for width and depth mean the same as width / num_layers
+    m = build_model("gpt2", VOCAB, None, n_embd=32, n_layer=2)
+    assert (m.model.config.n_embd, m.model.config.n_layer, m.baseline.num_layers) == (32, 2, 2)
 
 
 def test_clear_errors():

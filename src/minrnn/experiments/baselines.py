@@ -214,9 +214,10 @@ _FAMILIES: dict[str, _Family] = {
 }
 BASELINES = tuple(_FAMILIES)
 
-# the name each family's config gives to the width and the MLP width (an override of either fixes it)
+# the names the configs give to the width, the MLP width and the depth (an override of any fixes it)
 _WIDTH_KEYS = {"hidden_size", "n_embd"}
 _MLP_KEYS = {"intermediate_size", "n_inner"}
+_LAYER_KEYS = {"num_hidden_layers", "n_layer"}
 
 
 def _count(family: _Family, vocab, width, mlp_width, layers, opts) -> int:
@@ -275,6 +276,9 @@ def build_model(name: str, vocab_size: int, target_params: int | None, **overrid
     width = overrides.get("width")
     for key in _WIDTH_KEYS & extra.keys():
         width = extra.pop(key)  # the config's own name for the width, accepted as "width"
+    layers = overrides.get("num_layers", family.default_layers)
+    for key in _LAYER_KEYS & extra.keys():
+        layers = extra.pop(key)  # the config's own name for the depth, accepted as "num_layers"
     mlp_width = None
     for key in _MLP_KEYS & extra.keys():
         if family.default_mlp is None:
@@ -286,7 +290,7 @@ def build_model(name: str, vocab_size: int, target_params: int | None, **overrid
         "tie_embeddings": bool(overrides.get("tie_embeddings", True)),
         "extra": extra,
     }
-    layers = int(overrides.get("num_layers", family.default_layers))
+    layers = int(layers)
     tolerance = float(overrides.get("tolerance", TOLERANCE))
     if name == "mamba" and opts["dropout"] > 0:
         warnings.warn("transformers' Mamba has no dropout: dropout is ignored for mamba", stacklevel=2)

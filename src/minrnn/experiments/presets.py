@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -100,8 +102,6 @@ class Preset:
         ref_overrides = {**self.common, **ref, **sweep}
         if model == ref_name:
             return None, ref_overrides  # the reference itself: its widths as given
-        import torch
-
         with torch.device("meta"):  # only its size is needed
             target = build_model(ref_name, vocab_size, None, **ref_overrides).baseline.params
         return target, overrides
@@ -132,14 +132,16 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     unknown = [m for m in models if m not in BASELINES]
     if unknown or not models:
         _fail(where, f"models must name some of {', '.join(BASELINES)}; unknown: {unknown}")
+    reference = table.get("reference")
     if ("reference" in table) == ("target_params" in table):
         _fail(where, "give exactly one of reference (a model to match) and target_params (a number)")
-    reference = table.get("reference")
     if reference is not None and reference.get("name") not in BASELINES:
         _fail(where + ".reference", f"name must be one of {', '.join(BASELINES)}, got {reference.get('name')!r}")
     for model in table.get("per_model", {}):
         if model not in models:
             _fail(where + ".per_model", f"{model!r} is not among the preset's models {list(models)}")
+        if reference is not None and model == reference.get("name"):
+            _fail(where + ".per_model", f"{model!r} is the reference: set its options in the reference table")
     for key in table.get("common", {}):
         if key not in GENERIC_KEYS:
             _fail(where + ".common", f"{key!r} is not an override every model takes ({', '.join(GENERIC_KEYS)})")

@@ -201,3 +201,28 @@ def test_lr_schedule_warmup_then_cosine():
     assert all(a >= b for a, b in zip(f[9:], f[10:]))
     assert f[99] == pytest.approx(0.1, abs=1e-3)
     assert torch.tensor(f).min() >= 0.1 - 1e-12
+
+
+def test_weight_decay_on_matrices_only_and_bf16_autocast():
+    from minrnn.training.loop import autocast_context, build_model, param_groups
+
+    cfg = TrainConfig.from_file(TINY, {"dtype": "bfloat16"})
+    model = build_model(cfg, 50)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    x = torch.randint(0, 50, (2, 8))
+    with autocast_context(cfg, torch.device("cpu")):
+        assert model(input_ids=x, use_cache=False).logits.dtype == torch.bfloat16
+    cfg.dtype = "float32"
+    with autocast_context(cfg, torch.device("cpu")):
+        assert model(input_ids=x, use_cache=False).logits.dtype == torch.float32
+
+
+def test_progress_bar_when_forced(small_text, tmp_path):
+    r = minrnn("train", TINY, "--data", small_text, "--out_dir", tmp_path, "--steps", 4, "--eval_every", 2,
+               "--checkpoint_every", 4, "--progress", "always")
+    assert r.returncode == 0, r.stderr
+    assert "4/4" in r.stderr and "loss=" in r.stderr and "tok_s=" in r.stderr
+    assert "step 2/4: train loss" in r.stdout + r.stderr and "step 4/4" in r.stdout + r.stderr

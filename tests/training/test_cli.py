@@ -226,3 +226,11 @@ def test_progress_bar_when_forced(small_text, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "4/4" in r.stderr and "loss=" in r.stderr and "tok_s=" in r.stderr
     assert "step 2/4: train loss" in r.stdout + r.stderr and "step 4/4" in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("preset", sorted((TINY.parent).glob("*.toml")), ids=lambda p: p.stem)
+def test_presets_load_and_build(preset):
+    from minrnn.training.loop import build_model
+
+    cfg = TrainConfig.from_file(preset)
+    assert build_model(cfg, 65).config.hidden_size == cfg.model.get("hidden_size", 384)

@@ -114,3 +114,20 @@ def test_byte_tokenizer_run(small_text, tmp_path):
     assert "bits_per_byte" in json.loads(e.stdout)
     g = minrnn("generate", "--run", tmp_path, "--prompt", "Æsop €", "--tokens", 4, "--greedy")
     assert g.returncode == 0 and g.stdout.startswith("Æsop €")
+
+
+def test_named_wikitext_folder(tmp_path):
+    from minrnn.data import locate_corpus
+
+    # the shared data directory holds wikitext-2's valid and test files but no train file
+    with pytest.raises(FileNotFoundError, match=r"wikitext-2 not found; looked in: .*has no train file"):
+        load_splits("wikitext-2")
+    d = tmp_path / "wikitext-2"
+    d.mkdir()
+    (d / "wiki.train.tokens").write_text("some training text")
+    (d / "wiki.valid.tokens").write_bytes(locate_corpus("wikitext-2", "valid").read_bytes())
+    s = load_splits("wikitext-2", str(tmp_path))
+    assert s["train"] == "some training text" and len(s["valid"]) > 1000 and "test" not in s
+    (d / "wiki.valid.tokens").write_text("another valid file")
+    with pytest.raises(DataError, match="not the wikitext-2 valid file"):
+        load_splits("wikitext-2", str(tmp_path))

@@ -1,8 +1,10 @@
 """Text splits for language-model training, and the windows a run reads from them.
 
 `load_splits` turns the config's ``data`` into {"train": str, "valid": str[, "test": str]}:
-  - a named corpus (tinyshakespeare), found by `locate_corpus` (downloaded first, with its
-    checksum checked, when it is missing and a network is there);
+  - a named corpus: tinyshakespeare, found by `locate_corpus` (downloaded first, with its
+    checksum checked, when it is missing and a network is there); wikitext-2 / wikitext-103,
+    a folder of that name in the data directories holding train/valid/test files (not
+    downloaded: WikiText has no stable URL; files whose SHA-256 is recorded are checked);
   - a text file: the first 90% of its characters train, the rest validate (nanoGPT's split);
   - a folder holding train/valid[/test] files (``train.txt``, ``valid.txt`` or ``val.txt``, ...).
 
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from .corpora import locate_corpus
+from .corpora import CORPORA, search_dirs, sha256_of
 
 # The named corpora: which of their files are train/valid/test.
-NAMED = {
+NAMED: dict = {
     "tinyshakespeare": {"input": None},  # one file, split 90/10 like nanoGPT
 }
 _SPLIT_NAMES = {
@@ -31,6 +33,7 @@ _SPLIT_NAMES = {
     "test": ("test.txt", "test", "wiki.test.tokens", "test.tokens"),
 }
 TRAIN_FRACTION = 0.9
+FOLDER_CORPORA = ("wikitext-2", "wikitext-103")
 
 
 class DataError(ValueError):
@@ -58,21 +61,51 @@ def load_splits(data: str, data_dir: str | None = None) -> dict[str, str]:
         if "input" in files:
             return split_90_10(_read(ensure_corpus(data, "input", data_dir)))
         return {split: _read(ensure_corpus(data, name, data_dir)) for split, name in files.items()}
+    if data in FOLDER_CORPORA:
+        return _named_folder(data, data_dir)
     path = Path(data).expanduser()
     if path.is_file():
         return split_90_10(_read(path))
     if path.is_dir():
-        out = {}
-        for split, names in _SPLIT_NAMES.items():
-            found = next((path / n for n in names if (path / n).is_file()), None)
-            if found is not None:
-                out[split] = _read(found)
-        for split in ("train", "valid"):
-            if split not in out:
-                raise DataError(f"{path} has no {split} file; looked for {', '.join(_SPLIT_NAMES[split])}")
-        return out
-    raise DataError(f"data {data!r} is neither a named corpus ({', '.join(NAMED)}) nor an existing file or folder "
-                    f"(looked for {path.resolve()})")
+        return {split: _read(f) for split, f in _folder_files(path).items()}
+    raise DataError(f"data {data!r} is neither a named corpus ({', '.join((*NAMED, *FOLDER_CORPORA))}) nor an "
+                    f"existing file or folder (looked for {path.resolve()})")
+
+
+def _folder_files(path: Path) -> dict[str, Path]:
+    out = {}
+    for split, names in _SPLIT_NAMES.items():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is not None:
+            out[split] = found
+    for split in ("train", "valid"):
+        if split not in out:
+            raise DataError(f"{path} has no {split} file; looked for {', '.join(_SPLIT_NAMES[split])}")
+    return out
+
+
+def _named_folder(corpus: str, data_dir: str | None) -> dict[str, str]:
+    tried = []
+    for d in search_dirs(data_dir):
+        folder = d / corpus
+        tried.append(str(folder))
+        if not folder.is_dir():
+            continue
+        try:
+            files = _folder_files(folder)
+        except DataError as e:
+            tried[-1] += f" ({e})"
+            continue
+        for split, f in files.items():
+            spec = CORPORA.get(corpus, {}).get(split)
+            if spec is not None and sha256_of(f) != spec.sha256:
+                raise DataError(f"{f} is not the {corpus} {split} file this project knows "
+                                f"(sha256 differs from {spec.sha256})")
+        return {split: _read(f) for split, f in files.items()}
+    raise FileNotFoundError(
+        f"{corpus} not found; looked in: {'; '.join(tried)}. It is not downloaded automatically: put "
+        f"train.txt, valid.txt and test.txt (or wiki.*.tokens) in a folder {corpus}/ under MINRNN_DATA_DIR "
+        "(or --data_dir), or pass --data FOLDER")
 
 
 def encode_splits(tokenizer, splits: dict[str, str]) -> dict[str, torch.Tensor]:

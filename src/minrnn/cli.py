@@ -111,15 +111,15 @@ def _user_errors():
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
 
-    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError)
+    # FloatingPointError: a diverged run (non-finite loss), reported with the step
+    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError)
 
 
 def _run_reporting_user_errors(fn, args) -> int:
     try:
         return fn(args) or 0
     except _user_errors() as e:
-        msg = e.args[0] if isinstance(e, (KeyError,)) and e.args else str(e)
-        print(f"minrnn {args.subcommand}: error: {msg}", file=sys.stderr)
+        print(f"minrnn {args.subcommand}: error: {e}", file=sys.stderr)
         return 2
 
 
@@ -177,11 +177,13 @@ def generate(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--device", type=_device, default="cpu")
 
     def run(args: argparse.Namespace) -> int:
+        from .data.tokenizers import VocabularyError
         from .training.loop import load_run
         from .training.sampling import sample
 
         _, tokenizer, model, _ = load_run(args.run, args.checkpoint, args.device)
-        tokenizer.encode(args.prompt)  # a prompt the vocabulary lacks fails before anything is printed
+        if not tokenizer.encode(args.prompt):  # a prompt the vocabulary lacks fails before anything is printed
+            raise VocabularyError("the prompt encodes to no tokens; give at least one character")
         sys.stdout.write(args.prompt)
         sample(model, tokenizer, args.prompt, args.tokens, temperature=None if args.greedy else args.temperature,
                top_k=args.top_k, seed=args.seed)

@@ -234,3 +234,74 @@ def test_presets_load_and_build(preset):
 
     cfg = TrainConfig.from_file(preset)
     assert build_model(cfg, 65).config.hidden_size == cfg.model.get("hidden_size", 384)
+
+
+def test_yaml_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("steps: 7\nlr: 0.001\nmodel:\n  hidden_size: 24\n")
+    cfg = TrainConfig.from_file(tmp_path / "c.yaml", {"steps": "9"})
+    assert cfg.steps == 9 and cfg.lr == 0.001 and cfg.model == {"hidden_size": 24}
+    (tmp_path / "bad.yaml").write_text("stepz: 7\n")
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        TrainConfig.from_file(tmp_path / "bad.yaml")
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from minrnn.training.metrics import MetricsLog, read_metrics
+
+    scalars = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter, which needs tensorboard
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    log = MetricsLog(tmp_path)
+    assert log.tb.logdir == str(tmp_path / "tb")
+    log.write({"step": 3, "train_loss": 2.5, "lr": 0.1, "note": "x"})
+    log.close()
+    assert scalars == [("train_loss", 2.5, 3), ("lr", 0.1, 3), "closed"]
+    assert read_metrics(tmp_path) == [{"step": 3, "train_loss": 2.5, "lr": 0.1, "note": "x"}]
+
+
+def test_empty_prompt_and_diverging_run(trained_run, small_text, tmp_path):
+    assert_user_error(minrnn("generate", "--run", trained_run[0], "--prompt", ""), "no tokens")
+    r = minrnn("train", TINY, "--data", small_text, "--out_dir", tmp_path, "--steps", 5, "--lr", "1e30",
+               "--warmup_steps", 0, "--grad_clip", 0, "--min_lr", "1e30")
+    assert_user_error(r, "the training loss became")
+
+
+def test_gradient_accumulation_equals_one_big_batch(small_text, tmp_path, monkeypatch):
+    """batch_size 8 x grad_accum 2 trains as batch_size 16 on the same 16 windows."""
+    from minrnn.data import text
+    from minrnn.training import Trainer, loop
+    from minrnn.training.metrics import read_metrics
+
+    def fixed(n_tokens, seq_len, global_batch, seed, step, micro):
+        all16 = torch.randint(0, n_tokens - seq_len, (16,), generator=torch.Generator().manual_seed(step))
+        return all16[micro * global_batch:(micro + 1) * global_batch]
+
+    monkeypatch.setattr(loop, "train_offsets", fixed)
+    runs = {}
+    for name, batch, accum in (("big", 16, 1), ("accum", 8, 2)):
+        cfg = TrainConfig.from_file(TINY, {"data": str(small_text), "out_dir": str(tmp_path / name), "steps": 6,
+                                           "batch_size": batch, "grad_accum": accum, "checkpoint_every": 6,
+                                           "eval_every": 6})
+        Trainer(cfg, log=lambda s: None).train()
+        runs[name] = [(r["train_loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)]
+    # the gradient norm (before clipping) catches a wrong scale that AdamW would hide
+    for (loss_big, norm_big), (loss_acc, norm_acc) in zip(runs["big"], runs["accum"]):
+        assert loss_acc == pytest.approx(loss_big, abs=1e-5)
+        assert norm_acc == pytest.approx(norm_big, rel=1e-5)
+    assert text.train_offsets is not fixed

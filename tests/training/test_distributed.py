@@ -40,6 +40,7 @@ def test_two_processes_equal_one(small_text, tmp_path):
     assert [x["step"] for x in two] == list(range(1, 13)), "rank 0 alone writes the log, once per step"
     for a, b in zip(one, two):
         assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5, (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
         if "val_loss" in a:
             assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5, (a, b)
     w1 = load_file(str(ckpt.list_checkpoints(tmp_path / "one")[-1][1] / ckpt.MODEL_FILE))

@@ -23,10 +23,8 @@ import torch
 
 from .corpora import CORPORA, search_dirs, sha256_of
 
-# The named corpora: which of their files are train/valid/test.
-NAMED: dict = {
-    "tinyshakespeare": {"input": None},  # one file, split 90/10 like nanoGPT
-}
+# The named corpora that are one file (downloadable), and those that are a folder of splits.
+NAMED = ("tinyshakespeare",)  # one file, split 90/10 like nanoGPT
 _SPLIT_NAMES = {
     "train": ("train.txt", "train", "wiki.train.tokens", "train.tokens"),
     "valid": ("valid.txt", "val.txt", "validation.txt", "valid", "wiki.valid.tokens", "valid.tokens"),
@@ -57,10 +55,10 @@ def load_splits(data: str, data_dir: str | None = None) -> dict[str, str]:
     if data in NAMED:
         from .download import ensure_corpus
 
-        files = NAMED[data]
-        if "input" in files:
+        try:
             return split_90_10(_read(ensure_corpus(data, "input", data_dir)))
-        return {split: _read(ensure_corpus(data, name, data_dir)) for split, name in files.items()}
+        except ValueError as e:  # a file or a download whose checksum is wrong
+            raise DataError(str(e)) from None
     if data in FOLDER_CORPORA:
         return _named_folder(data, data_dir)
     path = Path(data).expanduser()

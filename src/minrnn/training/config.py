@@ -1,4 +1,4 @@
-"""The training configuration: a dataclass, read from TOML, overridden by ``--key value``.
+"""The training configuration: a dataclass, read from TOML (or YAML), overridden by ``--key value``.
 
 Every field has a type and a default; a config file sets some of them, the command line
 overrides any of them (``--lr 3e-4``, ``--model.hidden_size 128``), and the resolved config is
@@ -157,10 +157,13 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
-        try:
-            values = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        if path.suffix in (".yaml", ".yml"):
+            values = _load_yaml(path)
+        else:
+            try:
+                values = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
         return cls.from_dict(merge(values, overrides or {}), source=str(path))
 
 
@@ -210,6 +213,21 @@ def parse_overrides(tokens: list[str], flags: tuple[str, ...] = ()) -> tuple[dic
 
 
 # --- helpers -----------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the config "
+                          "in TOML") from None
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
 
 
 def _unknown(key: str, valid: list[str]) -> str:

@@ -252,8 +252,9 @@ class Trainer:
                         loss = token_loss_sum(self.ddp, x, y) / y.numel()
                     (loss / c.grad_accum).backward()
                 loss_sum += loss.detach().double()
-            if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            # the norm before clipping, logged: it shows a run heading for divergence
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                       c.grad_clip if c.grad_clip > 0 else math.inf).item()
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
@@ -265,7 +266,8 @@ class Trainer:
             now = time.perf_counter()
             tok_s = tokens_per_step / max(now - t_last, 1e-9)
             t_last = now
-            record = {"step": self.step, "train_loss": train_loss, "lr": lr, "tokens_per_s": round(tok_s, 1)}
+            record = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": round(tok_s, 1)}
             if self.step % c.eval_every == 0 or self.step == c.steps:
                 val_loss = evaluate(self.ddp, self.tokens["valid"], c, self.device, self.dist)
                 record["val_loss"] = val_loss
@@ -285,6 +287,8 @@ class Trainer:
                 self.save(record.get("val_loss"))
         if bar is not None:
             bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss}
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Metrics of a run: one JSON object per line in ``metrics.jsonl``, and a PNG of the losses.
+"""Metrics of a run: one JSON object per line in ``metrics.jsonl``, a PNG of the losses, and
+TensorBoard event files in ``tb/`` when tensorboard is installed.
 
 Records carry a ``step``; a resumed run first drops the records after its checkpoint's step
 (`truncate_after`) so the file reads as one uninterrupted run.
@@ -36,14 +37,34 @@ def truncate_after(run_dir: Path, step: int) -> None:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path):
+    """Appends records to metrics.jsonl (fsynced: a killed run loses at most the line being
+    written) and mirrors their numbers to TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = Path(run_dir) / FILE
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                pass
+            else:
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def plot_losses(run_dir: Path, out: Path | None = None) -> Path | None:

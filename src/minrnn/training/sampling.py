@@ -47,9 +47,11 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
     """Continue ``prompt`` by ``max_new_tokens`` tokens, writing them to ``out`` (stdout) as they
     come; returns the new text. ``temperature=None`` decodes greedily. Raises VocabularyError
     for a prompt the tokenizer cannot encode (naming the characters)."""
+    from ..data.tokenizers import VocabularyError
+
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens; give at least one character")
+        raise VocabularyError("the prompt encodes to no tokens; give at least one character")
     device = next(model.parameters()).device
     stream = TextStream(tokenizer, out)
     was_training = model.training

@@ -135,7 +135,15 @@ def _find_config(text: str) -> Path:
 @subcommand("train", "train a minGRU/minLSTM language model from a TOML config (configs/*.toml), "
                      "resumable with --resume; works under torchrun")
 def train(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("config", metavar="CONFIG", help="a TOML file, or the name of a preset in configs/")
+    import dataclasses
+
+    from .training.config import MODEL_KEYS, TrainConfig
+
+    keys = [f"{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("config keys (default):\n" + "\n".join(f"  {k}" for k in keys)
+                + "\nmodel keys ([model] table, --model.KEY): " + ", ".join(MODEL_KEYS))
+    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, or the name of a preset in configs/")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
                    help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
                         "--resume continues the run in out_dir from its newest good checkpoint")

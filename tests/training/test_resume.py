@@ -56,6 +56,7 @@ def test_sigkill_then_resume_equals_uninterrupted(small_text, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     steps_done = max(r["step"] for r in read_metrics(run))
+    print(f"killed after step {steps_done}; left: {sorted(p.name for p in (run / 'checkpoints').iterdir())}")
     assert steps_done < STEPS, "killed too late to test anything"
 
     # what the kill left: every step_* directory is complete and verifies
@@ -130,3 +131,27 @@ def test_keeps_last_n_and_best(small_text, tmp_path):
     assert kept[-1][0] == 20 and len(kept) <= 2
     assert best_name == losses[min(losses)].name
     assert best_name in {p.name for _, p in kept}
+
+
+def test_crash_while_pruning_leaves_no_half_deleted_checkpoint(small_text, tmp_path, monkeypatch):
+    import shutil
+
+    _short_run(small_text, tmp_path)
+    before = ckpt.list_checkpoints(tmp_path)
+
+    def dying_rmtree(path, ignore_errors=False):
+        from pathlib import Path
+
+        next(Path(path).iterdir()).unlink()  # one file deleted, then the process dies
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(shutil, "rmtree", dying_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.prune(tmp_path, keep_last=1)
+    monkeypatch.undo()
+    left = ckpt.list_checkpoints(tmp_path)
+    assert len(left) == len(before) - 1
+    for _, path in left:
+        ckpt.verify(path)
+    ckpt.prune(tmp_path, keep_last=1)  # the next prune clears the leftovers
+    assert not list((tmp_path / "checkpoints").glob(".trash-*"))

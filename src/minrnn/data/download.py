@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
+from .._files import write_atomic
 from .corpora import CORPORA, locate_corpus, search_dirs
 
 URLS = {
@@ -48,14 +48,5 @@ def ensure_corpus(corpus: str, split: str, data_dir: str | os.PathLike | None = 
             raise ValueError(f"download of {url} gave {len(body)} bytes with sha256 {digest}; expected "
                              f"{spec.size} bytes with sha256 {spec.sha256}. Nothing was written.")
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{spec.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(target, body)
         return target

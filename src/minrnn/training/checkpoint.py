@@ -14,7 +14,6 @@ warning, when the newest one is damaged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,6 +24,13 @@ from pathlib import Path
 
 import torch
 
+from .._files import fsync_dir as _fsync_dir
+from .._files import write_atomic
+from ..data.corpora import sha256_of as _sha256
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest", "verify", "prune",
+           "list_checkpoints", "write_atomic"]
+
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
@@ -33,37 +39,6 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint (the message says which were tried and why each failed)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a reader sees the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -104,7 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: 
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         if final.exists():  # a checkpoint of this step from a run that was cut off after it: replace
-            shutil.rmtree(final)
+            _remove(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,9 +154,18 @@ def load_latest(run_dir: Path, which: str = "latest") -> tuple[Path, dict, dict,
     raise CheckpointError("no usable checkpoint; " + "; ".join(errors))
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory: renamed out of the ``step_*`` namespace first (atomic), so
+    a crash half-way through the deletion leaves no half-empty ``step_*`` directory behind."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.rename(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(run_dir: Path, keep_last: int) -> None:
     """Delete all but the ``keep_last`` newest checkpoints and the best one (lowest val_loss);
-    update the ``best`` pointer. Leftover temporary directories of a crashed save go too."""
+    update the ``best`` pointer. Leftovers of a crashed save or deletion go too."""
     root = checkpoint_root(run_dir)
     ckpts = list_checkpoints(run_dir)
     best, best_loss = None, float("inf")
@@ -195,8 +179,9 @@ def prune(run_dir: Path, keep_last: int) -> None:
     keep = {p for _, p in ckpts[-keep_last:]} | ({best} if best else set())
     for _, p in ckpts:
         if p not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step_*"):
-        shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
+    for pattern in (".tmp-step_*", ".trash-step_*", ".latest.*", ".best.*"):
+        for p in root.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     if best is not None:
         write_atomic(root / "best", best.name.encode())

@@ -123,6 +123,11 @@ def _run_reporting_user_errors(fn, args) -> int:
         return 2
 
 
+def _start_text(tokenizer) -> str:
+    """A newline, or (a character vocabulary without one) its first character."""
+    return "\n" if getattr(tokenizer, "index", {"\n": 0}).get("\n") is not None else tokenizer.decode([0])
+
+
 def _find_config(text: str) -> Path:
     """CONFIG as given, else a preset name from the repository's configs/ folder."""
     path = Path(text)
@@ -161,8 +166,7 @@ def train(p: argparse.ArgumentParser) -> Runner:
                 from .training.sampling import sample
 
                 print("--- sample ---", flush=True)
-                prompt = "\n" if "\n" in getattr(trainer.tokenizer, "index", {"\n": 0}) else ""
-                sample(trainer.model, trainer.tokenizer, prompt or " ", config.sample_tokens,
+                sample(trainer.model, trainer.tokenizer, _start_text(trainer.tokenizer), config.sample_tokens,
                        temperature=0.8, top_k=None, seed=config.seed)
                 print(flush=True)
         finally:

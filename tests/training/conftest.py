@@ -47,3 +47,14 @@ def minrnn(*args) -> subprocess.CompletedProcess:
             code = e.code
     stderr = err.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
     return subprocess.CompletedProcess(args, code, out.getvalue(), stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_text, tmp_path_factory):
+    """A short char-level run: 100 steps of 16 x 64 characters from 54k characters of Shakespeare."""
+    out = tmp_path_factory.mktemp("run") / "shakespeare"
+    r = minrnn("train", TINY, "--data", small_text, "--out_dir", out, "--steps", 100, "--batch_size", 16,
+               "--seq_len", 64, "--eval_every", 50, "--checkpoint_every", 25, "--sample_tokens", 40,
+               "--plot", "true")
+    assert r.returncode == 0, r.stderr
+    return out, r

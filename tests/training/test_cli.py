@@ -21,17 +21,6 @@ def assert_user_error(result, *fragments):
         assert f in lines[0], (f, lines[0])
 
 
-@pytest.fixture(scope="module")
-def trained_run(small_text, tmp_path_factory):
-    """A short char-level run: 100 steps of 16 x 64 characters from 54k characters of Shakespeare."""
-    out = tmp_path_factory.mktemp("run") / "shakespeare"
-    r = minrnn("train", TINY, "--data", small_text, "--out_dir", out, "--steps", 100, "--batch_size", 16,
-               "--seq_len", 64, "--eval_every", 50, "--checkpoint_every", 25, "--sample_tokens", 40,
-               "--plot", "true")
-    assert r.returncode == 0, r.stderr
-    return out, r
-
-
 def test_short_run_lowers_validation_loss(trained_run):
     out, r = trained_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

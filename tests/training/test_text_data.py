@@ -131,3 +131,27 @@ def test_named_wikitext_folder(tmp_path):
     (d / "wiki.valid.tokens").write_text("another valid file")
     with pytest.raises(DataError, match="not the wikitext-2 valid file"):
         load_splits("wikitext-2", str(tmp_path))
+
+
+def test_generation_streams_token_by_token(trained_run):
+    import io
+
+    from minrnn.training import load_run
+    from minrnn.training.sampling import sample
+
+    class Recorder(io.StringIO):
+        writes = 0
+
+        def write(self, s):
+            Recorder.writes += 1
+            return super().write(s)
+
+    _, tok, model, _ = load_run(trained_run[0])
+    out = Recorder()
+    text = sample(model, tok, "KING", 12, temperature=None, out=out)
+    assert out.getvalue() == text and len(text) == 12
+    assert Recorder.writes == 12, "one write per new character, as it is produced"
+    # the stream equals decoding all at once, greedy = argmax of the full forward pass
+    ids = torch.tensor([tok.encode("KING" + text)])
+    logits = model(input_ids=ids, use_cache=False).logits[0, 3:-1]
+    assert tok.decode(logits.argmax(-1).tolist()) == text

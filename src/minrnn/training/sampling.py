@@ -32,8 +32,9 @@ class TextStream:
 
     def end(self) -> None:
         text = self.tokenizer.decode(self.ids)
-        self.out.write(text[self.printed:])
-        self.out.flush()
+        if len(text) > self.printed:  # what a partial UTF-8 sequence held back
+            self.out.write(text[self.printed:])
+            self.out.flush()
         self.printed = len(text)
 
     @property

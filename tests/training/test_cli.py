@@ -294,3 +294,19 @@ def test_gradient_accumulation_equals_one_big_batch(small_text, tmp_path, monkey
         assert loss_acc == pytest.approx(loss_big, abs=1e-5)
         assert norm_acc == pytest.approx(norm_big, rel=1e-5)
     assert text.train_offsets is not fixed
+
+
+def test_resume_with_other_data_or_a_missing_device(trained_run, small_text, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained_run[0], out)
+    other = tmp_path / "other.txt"
+    other.write_text(small_text.read_text()[:40_000])
+    assert_user_error(minrnn("train", TINY, "--data", other, "--out_dir", out, "--steps", 120, "--resume"),
+                      "was trained on other data")
+    if not torch.cuda.is_available():
+        assert_user_error(minrnn("train", TINY, "--data", small_text, "--out_dir", tmp_path / "gpu",
+                                 "--device", "cuda"), "CUDA is not available")
+    assert_user_error(minrnn("train", TINY, "--data", small_text, "--out_dir", tmp_path / "x", "--device", "tpu"),
+                      "device")

@@ -108,7 +108,14 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None):
         self.config = config
-        self.device = torch.device(config.device)
+        try:
+            self.device = torch.device(config.device)
+        except RuntimeError as e:
+            raise ConfigError(f"device {config.device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {config.device!r}: CUDA is not available on this machine")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be cpu or cuda, got {config.device!r}")
         self.dist = Dist.from_env(self.device)
         self.device = self.dist.device(self.device)
         self._log = log or (lambda s: print(s, flush=True))
@@ -177,6 +184,10 @@ class Trainer:
 
     def _restore(self) -> None:
         path, model_state, state, manifest = ckpt.load_latest(self.run_dir)
+        data = {"data": self.config.data, "train_tokens": self.tokens["train"].numel()}
+        if state.get("data_signature", data) != data:
+            raise ckpt.CheckpointError(f"{path} was trained on other data ({state['data_signature']}); "
+                                       f"this config reads {data}")
         saved = state.get("model_signature", {})
         mine = self._model_signature()
         if saved != mine:
@@ -209,7 +220,8 @@ class Trainer:
         if self.dist.is_main:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                     "model_signature": self._model_signature()}
+                     "model_signature": self._model_signature(),
+                     "data_signature": {"data": self.config.data, "train_tokens": self.tokens["train"].numel()}}
             ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, val_loss)
             ckpt.prune(self.run_dir, self.config.keep_last)
         self.dist.barrier()

@@ -142,7 +142,8 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
         backend: "auto" (the fastest available for the device), or a name from
             ``available_backends()``: "sequential" (the reference loop), "chunked"
             (pure-torch parallel, any sign), "log" (the paper's log-space scan;
-            a > 0, b > 0, h0 >= 0).
+            a > 0, b > 0, h0 >= 0), "cpu" (compiled CPU kernels, needs numba),
+            "triton" (GPU kernels, needs triton and CUDA).
     Returns:
         h: (B, T, C), h[:, t] the state after step t; h[:, -1] is the final state.
 

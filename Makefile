@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # else whatever MINRNN_DATA_DIR says, else ~/.cache/minrnn/data.
 export MINRNN_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 
-.PHONY: test demo bench venv clean
+.PHONY: train test demo bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# the main job: the README's training run on tiny shakespeare (writes runs/shakespeare_char/)
+train: venv
+	$(BIN)/python -m minrnn train configs/shakespeare_char.toml
 
 demo: venv
 	$(BIN)/python examples/demo_shakespeare.py

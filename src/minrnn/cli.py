@@ -101,6 +101,155 @@ def bench(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+# --- training, generation, evaluation -------------------------------------------------------
+# A user error (bad config key, missing file, damaged checkpoint, bad prompt) prints one line
+# to stderr and exits with status 2; a traceback is kept for bugs.
+
+def _user_errors():
+    from .data.text import DataError
+    from .data.tokenizers import VocabularyError
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError
+
+    # FloatingPointError: a diverged run (non-finite loss), reported with the step
+    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError)
+
+
+def _run_reporting_user_errors(fn, args) -> int:
+    try:
+        return fn(args) or 0
+    except _user_errors() as e:
+        print(f"minrnn {args.subcommand}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _start_text(tokenizer) -> str:
+    """A newline, or (a character vocabulary without one) its first character."""
+    return "\n" if getattr(tokenizer, "index", {"\n": 0}).get("\n") is not None else tokenizer.decode([0])
+
+
+def _find_config(text: str) -> Path:
+    """CONFIG as given, else a preset name from the repository's configs/ folder."""
+    path = Path(text)
+    if path.is_file() or path.suffix:
+        return path
+    preset = Path(__file__).resolve().parents[2] / "configs" / f"{text}.toml"
+    return preset if preset.is_file() else path
+
+
+@subcommand("train", "train a minGRU/minLSTM language model from a TOML config (configs/*.toml), "
+                     "resumable with --resume; works under torchrun")
+def train(p: argparse.ArgumentParser) -> Runner:
+    import dataclasses
+
+    from .training.config import MODEL_KEYS, TrainConfig
+
+    keys = [f"{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("config keys (default):\n" + "\n".join(f"  {k}" for k in keys)
+                + "\nmodel keys ([model] table, --model.KEY): " + ", ".join(MODEL_KEYS))
+    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, or the name of a preset in configs/")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
+                   help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
+                        "--resume continues the run in out_dir from its newest good checkpoint")
+
+    def run(args: argparse.Namespace) -> int:
+        from .training.config import TrainConfig, parse_overrides
+        from .training.loop import Trainer
+
+        overrides, flags = parse_overrides(args.overrides, flags=("resume",))
+        config = TrainConfig.from_file(_find_config(args.config), overrides)
+        trainer = Trainer(config, resume="resume" in flags)
+        try:
+            trainer.train()
+            if trainer.dist.is_main and config.sample_tokens:
+                from .training.sampling import sample
+
+                print("--- sample ---", flush=True)
+                sample(trainer.model, trainer.tokenizer, _start_text(trainer.tokenizer), config.sample_tokens,
+                       temperature=0.8, top_k=None, seed=config.seed)
+                print(flush=True)
+        finally:
+            trainer.close()
+        return 0
+
+    return lambda args: _run_reporting_user_errors(run, args)
+
+
+@subcommand("generate", "stream text from a trained run (minrnn train's output folder)")
+def generate(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run folder (out_dir of minrnn train)")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--tokens", type=_positive_int, default=200, help="new tokens to generate (default 200)")
+    p.add_argument("--temperature", type=_positive_float, default=0.8, help="sampling temperature (default 0.8)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--device", type=_device, default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        from .data.tokenizers import VocabularyError
+        from .training.loop import load_run
+        from .training.sampling import sample
+
+        _, tokenizer, model, _ = load_run(args.run, args.checkpoint, args.device)
+        if not tokenizer.encode(args.prompt):  # a prompt the vocabulary lacks fails before anything is printed
+            raise VocabularyError("the prompt encodes to no tokens; give at least one character")
+        sys.stdout.write(args.prompt)
+        sample(model, tokenizer, args.prompt, args.tokens, temperature=None if args.greedy else args.temperature,
+               top_k=args.top_k, seed=args.seed)
+        print(flush=True)
+        return 0
+
+    return lambda args: _run_reporting_user_errors(run, args)
+
+
+@subcommand("eval", "loss, perplexity and bits per character/byte of a trained run on a data split")
+def evaluate(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run folder (out_dir of minrnn train)")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: valid")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--data", default=None, help="score this data instead of the run's (same forms as train's --data)")
+    p.add_argument("--device", type=_device, default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+        import math
+
+        from .data.text import DataError, check_long_enough, load_splits
+        from .training.loop import evaluate as evaluate_split
+        from .training.loop import load_run
+
+        config, tokenizer, model, path = load_run(args.run, args.checkpoint, args.device)
+        splits = load_splits(args.data or config.data, config.data_dir or None)
+        if args.split not in splits:
+            raise DataError(f"data {args.data or config.data} has no {args.split} split; it has {', '.join(splits)}")
+        text = splits[args.split]
+        try:
+            tokens = torch_tensor(tokenizer.encode(text))
+        except ValueError as e:
+            raise DataError(f"the {args.split} split: {e}") from None
+        check_long_enough(tokens, config.seq_len, args.split)
+        loss = evaluate_split(model, tokens, config, args.device)
+        # bits per character/byte: nats per token times tokens per unit, over the whole split
+        n_units = len(text) if tokenizer.unit == "char" else len(text.encode("utf-8"))
+        unit = "character" if tokenizer.unit == "char" else "byte"
+        bits = loss / math.log(2) * tokens.numel() / n_units
+        result = {"checkpoint": str(path), "split": args.split, "loss": loss, "perplexity": math.exp(loss),
+                  f"bits_per_{unit}": bits}
+        print(json.dumps(result))
+        return 0
+
+    return lambda args: _run_reporting_user_errors(run, args)
+
+
+def torch_tensor(ids):
+    import torch
+
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minrnn", description="minGRU and minLSTM (Feng et al. 2024) for PyTorch")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)

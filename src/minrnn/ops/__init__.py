@@ -142,7 +142,8 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
         backend: "auto" (the fastest available for the device), or a name from
             ``available_backends()``: "sequential" (the reference loop), "chunked"
             (pure-torch parallel, any sign), "log" (the paper's log-space scan;
-            a > 0, b > 0, h0 >= 0).
+            a > 0, b > 0, h0 >= 0), "cpu" (compiled CPU kernels, needs numba),
+            "triton" (GPU kernels, needs triton and CUDA).
     Returns:
         h: (B, T, C), h[:, t] the state after step t; h[:, -1] is the final state.
 
@@ -161,6 +162,7 @@ from .reference import sequential_scan  # noqa: E402
 from .chunked import chunked_scan  # noqa: E402
 from .log import log_scan, log_space_scan  # noqa: E402
 from . import cpu  # noqa: E402
+from .triton import available as triton_available, triton_scan  # noqa: E402  (imports no triton)
 
 register(Backend("sequential", sequential_scan, doc="the plain loop; the reference"))
 register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
@@ -168,5 +170,7 @@ register(Backend("log", log_space_scan, signed=False, doc="the paper's log-space
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
                  mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm,
                  doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
+register(Backend("triton", triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
+                 available=triton_available, doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
 __all__ = ["scan", "log_scan", "available_backends", "resolve_backend", "register", "Backend", "BACKENDS"]

@@ -1,0 +1,145 @@
+"""Text splits for language-model training, and the windows a run reads from them.
+
+`load_splits` turns the config's ``data`` into {"train": str, "valid": str[, "test": str]}:
+  - a named corpus: tinyshakespeare, found by `locate_corpus` (downloaded first, with its
+    checksum checked, when it is missing and a network is there); wikitext-2 / wikitext-103,
+    a folder of that name in the data directories holding train/valid/test files (not
+    downloaded: WikiText has no stable URL; files whose SHA-256 is recorded are checked);
+  - a text file: the first 90% of its characters train, the rest validate (nanoGPT's split);
+  - a folder holding train/valid[/test] files (``train.txt``, ``valid.txt`` or ``val.txt``, ...).
+
+Where a run reads is a pure function of (seed, step, micro-step): `train_windows` draws the
+offsets of a step's global batch from a generator seeded with those numbers, and each process
+takes its own rows. A resumed run therefore reads exactly what an uninterrupted one would,
+without any data-loader state in the checkpoint, and N processes together read what one
+process reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .corpora import CORPORA, search_dirs, sha256_of
+
+# The named corpora that are one file (downloadable), and those that are a folder of splits.
+NAMED = ("tinyshakespeare",)  # one file, split 90/10 like nanoGPT
+_SPLIT_NAMES = {
+    "train": ("train.txt", "train", "wiki.train.tokens", "train.tokens"),
+    "valid": ("valid.txt", "val.txt", "validation.txt", "valid", "wiki.valid.tokens", "valid.tokens"),
+    "test": ("test.txt", "test", "wiki.test.tokens", "test.tokens"),
+}
+TRAIN_FRACTION = 0.9
+FOLDER_CORPORA = ("wikitext-2", "wikitext-103")
+
+
+class DataError(ValueError):
+    """Data that cannot be used as asked (the message says what and where)."""
+
+
+def split_90_10(text: str) -> dict[str, str]:
+    n = int(len(text) * TRAIN_FRACTION)
+    return {"train": text[:n], "valid": text[n:]}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text ({e})") from None
+
+
+def load_splits(data: str, data_dir: str | None = None) -> dict[str, str]:
+    """The text of each split of ``data`` (see the module docstring)."""
+    if data in NAMED:
+        from .download import ensure_corpus
+
+        try:
+            return split_90_10(_read(ensure_corpus(data, "input", data_dir)))
+        except ValueError as e:  # a file or a download whose checksum is wrong
+            raise DataError(str(e)) from None
+    if data in FOLDER_CORPORA:
+        return _named_folder(data, data_dir)
+    path = Path(data).expanduser()
+    if path.is_file():
+        return split_90_10(_read(path))
+    if path.is_dir():
+        return {split: _read(f) for split, f in _folder_files(path).items()}
+    raise DataError(f"data {data!r} is neither a named corpus ({', '.join((*NAMED, *FOLDER_CORPORA))}) nor an "
+                    f"existing file or folder (looked for {path.resolve()})")
+
+
+def _folder_files(path: Path) -> dict[str, Path]:
+    out = {}
+    for split, names in _SPLIT_NAMES.items():
+        found = next((path / n for n in names if (path / n).is_file()), None)
+        if found is not None:
+            out[split] = found
+    for split in ("train", "valid"):
+        if split not in out:
+            raise DataError(f"{path} has no {split} file; looked for {', '.join(_SPLIT_NAMES[split])}")
+    return out
+
+
+def _named_folder(corpus: str, data_dir: str | None) -> dict[str, str]:
+    tried = []
+    for d in search_dirs(data_dir):
+        folder = d / corpus
+        tried.append(str(folder))
+        if not folder.is_dir():
+            continue
+        try:
+            files = _folder_files(folder)
+        except DataError as e:
+            tried[-1] += f" ({e})"
+            continue
+        for split, f in files.items():
+            spec = CORPORA.get(corpus, {}).get(split)
+            if spec is not None and sha256_of(f) != spec.sha256:
+                raise DataError(f"{f} is not the {corpus} {split} file this project knows "
+                                f"(sha256 differs from {spec.sha256})")
+        return {split: _read(f) for split, f in files.items()}
+    raise FileNotFoundError(
+        f"{corpus} not found; looked in: {'; '.join(tried)}. It is not downloaded automatically: put "
+        f"train.txt, valid.txt and test.txt (or wiki.*.tokens) in a folder {corpus}/ under MINRNN_DATA_DIR "
+        "(or --data_dir), or pass --data FOLDER")
+
+
+def encode_splits(tokenizer, splits: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Each split as a 1-D int64 tensor of token ids."""
+    return {k: torch.tensor(tokenizer.encode(v), dtype=torch.long) for k, v in splits.items()}
+
+
+def check_long_enough(tokens: torch.Tensor, seq_len: int, split: str) -> None:
+    if tokens.numel() < seq_len + 1:
+        raise DataError(f"the {split} split has {tokens.numel()} tokens; one window of seq_len + 1 = "
+                        f"{seq_len + 1} tokens does not fit (use a longer file or a smaller --seq_len)")
+
+
+def _generator(*numbers: int) -> torch.Generator:
+    # an odd-multiplier mix of the numbers: distinct (seed, step, micro) get distinct streams
+    s = 0
+    for n in numbers:
+        s = (s * 6364136223846793005 + n + 1442695040888963407) % (1 << 63)
+    return torch.Generator().manual_seed(s)
+
+
+def train_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, step: int, micro: int) -> torch.Tensor:
+    """Start offsets (global_batch,) of the windows of one micro-step, the same in every process."""
+    return torch.randint(0, n_tokens - seq_len, (global_batch,), generator=_generator(seed, step, micro))
+
+
+def windows(tokens: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (len(offsets), seq_len)."""
+    idx = offsets[:, None] + torch.arange(seq_len + 1)
+    w = tokens[idx]
+    return w[:, :-1], w[:, 1:]
+
+
+def eval_offsets(n_tokens: int, seq_len: int, count: int) -> torch.Tensor:
+    """``count`` window offsets spread evenly over a split (no randomness: every evaluation,
+    and `minrnn eval`, scores the same windows). Fewer when the split is short."""
+    last = n_tokens - seq_len - 1
+    count = max(1, min(count, last // seq_len + 1))
+    return torch.linspace(0, last, count).round().long().unique()

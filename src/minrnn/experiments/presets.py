@@ -1,0 +1,205 @@
+"""The presets of the side-by-side experiments, read from the TOML files in ``configs/``.
+
+    preset = load_preset("selective_copying", "cpu")
+    target, overrides = preset.model_settings("llama", vocab_size=16)
+    model = build_model("llama", 16, target, **overrides)
+
+One file per experiment (selective_copying, chomsky, shakespeare_char, wikitext2), one table
+per preset ("paper" and "cpu"; wikitext2 has "full" and "cpu", since the paper has no WikiText
+experiment). Each says where its numbers come from (``source``). A preset's tables:
+
+    models          the models compared (names of minrnn.experiments.baselines.BASELINES)
+    reference       a model whose parameter count every model is built to (name + overrides);
+    target_params   or the budget as a number
+    common          build_model overrides for every model (dropout, max_length, ...)
+    per_model.NAME  overrides for one model (depth, heads, block options)
+    data            the task (task / tasks and their lengths) or the corpus and tokenizer
+    train           optimiser, schedule and evaluation (names as in minrnn's training config)
+    sweep           optional: lists of values of one override to repeat the comparison over
+
+Presets are data: nothing here trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ..data.corpora import CORPORA
+from ..data.tasks import CHOMSKY_TASKS, TASKS
+from .baselines import BASELINES, GENERIC_KEYS, build_model
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+EXPERIMENTS = ("selective_copying", "chomsky", "shakespeare_char", "wikitext2")
+TOKENIZERS = ("char", "byte", "bpe")
+SPLITS = ("train", "valid", "test")
+
+_TOP_KEYS = {"description": str, "source": str, "models": list, "target_params": int, "reference": dict,
+             "common": dict, "per_model": dict, "data": dict, "train": dict, "sweep": dict}
+_DATA_KEYS = {
+    "task": str, "length": int, "num_tokens": int,                                   # one synthetic task
+    "tasks": list, "train_lengths": list, "eval_lengths": list, "eval_length_step": int,  # Chomsky
+    "corpus": str, "tokenizer": str, "bpe_vocab_size": int, "train_split": str, "eval_split": str,  # text
+}
+_TRAIN_KEYS = {
+    "steps": int, "batch_size": int, "seq_len": int, "grad_accum": int, "lr": float, "min_lr": float,
+    "warmup_steps": int, "weight_decay": float, "beta1": float, "beta2": float, "grad_clip": float,
+    "eval_every": int, "eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int,
+    "decay_recurrence": bool,
+}
+
+
+class PresetError(ValueError):
+    """A preset file that does not follow the schema; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    experiment: str
+    name: str
+    description: str
+    source: str
+    models: tuple[str, ...]
+    data: dict[str, Any]
+    train: dict[str, Any]
+    common: dict[str, Any] = field(default_factory=dict)
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
+    target_params: int | None = None
+    sweep: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The synthetic tasks of the preset (empty for a text corpus)."""
+        if "task" in self.data:
+            return (self.data["task"],)
+        return tuple(self.data.get("tasks", ()))
+
+    def eval_lengths(self) -> list[int]:
+        """Chomsky presets: the evaluation lengths, from eval_lengths[0] to eval_lengths[1]."""
+        lo, hi = self.data["eval_lengths"]
+        return list(range(lo, hi + 1, self.data.get("eval_length_step", 1)))
+
+    def model_settings(self, model: str, vocab_size: int, **sweep) -> tuple[int | None, dict[str, Any]]:
+        """(target_params, overrides) such that ``build_model(model, vocab_size, target_params,
+        **overrides)`` builds ``model`` as this preset says; ``sweep`` values (e.g. num_layers=2)
+        apply to every model, the reference included, so the budget follows them."""
+        if model not in self.models:
+            raise KeyError(f"{self.experiment}/{self.name} compares {list(self.models)}, not {model!r}")
+        overrides = {**self.common, **self.per_model.get(model, {}), **sweep}
+        if self.reference is None:
+            return self.target_params, overrides
+        ref = dict(self.reference)
+        ref_name = ref.pop("name")
+        ref_overrides = {**self.common, **ref, **sweep}
+        if model == ref_name:
+            return None, ref_overrides  # the reference itself: its widths as given
+        with torch.device("meta"):  # only its size is needed
+            target = build_model(ref_name, vocab_size, None, **ref_overrides).baseline.params
+        return target, overrides
+
+
+def _fail(where: str, msg: str):
+    raise PresetError(f"{where}: {msg}")
+
+
+def _check_types(where: str, table: dict, schema: dict) -> None:
+    for key, value in table.items():
+        if key not in schema:
+            _fail(where, f"unknown key {key!r}; known: {', '.join(sorted(schema))}")
+        want = schema[key]
+        ok = isinstance(value, want) and not (want in (int, float) and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            _fail(where, f"{key} must be {want.__name__}, got {value!r}")
+
+
+def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
+    _check_types(where, table, _TOP_KEYS)
+    for key in ("description", "source", "models", "data", "train"):
+        if key not in table:
+            _fail(where, f"missing {key!r}")
+    models = tuple(table["models"])
+    unknown = [m for m in models if m not in BASELINES]
+    if unknown or not models:
+        _fail(where, f"models must name some of {', '.join(BASELINES)}; unknown: {unknown}")
+    reference = table.get("reference")
+    if ("reference" in table) == ("target_params" in table):
+        _fail(where, "give exactly one of reference (a model to match) and target_params (a number)")
+    if reference is not None and reference.get("name") not in BASELINES:
+        _fail(where + ".reference", f"name must be one of {', '.join(BASELINES)}, got {reference.get('name')!r}")
+    for model in table.get("per_model", {}):
+        if model not in models:
+            _fail(where + ".per_model", f"{model!r} is not among the preset's models {list(models)}")
+        if reference is not None and model == reference.get("name"):
+            _fail(where + ".per_model", f"{model!r} is the reference: set its options in the reference table")
+    for key in table.get("common", {}):
+        if key not in GENERIC_KEYS:
+            _fail(where + ".common", f"{key!r} is not an override every model takes ({', '.join(GENERIC_KEYS)})")
+    for key, values in table.get("sweep", {}).items():
+        if key not in GENERIC_KEYS or not isinstance(values, list) or not values:
+            _fail(where + ".sweep", f"{key} must be a generic override ({', '.join(GENERIC_KEYS)}) with a list of values")
+    data, train = table["data"], table["train"]
+    _check_types(where + ".data", data, _DATA_KEYS)
+    _check_types(where + ".train", train, _TRAIN_KEYS)
+    if "task" in data and data["task"] not in TASKS:
+        _fail(where + ".data", f"unknown task {data['task']!r}; known: {', '.join(TASKS)}")
+    for task in data.get("tasks", []):
+        if task not in CHOMSKY_TASKS:
+            _fail(where + ".data", f"unknown Chomsky task {task!r}; known: {', '.join(CHOMSKY_TASKS)}")
+    if "corpus" in data:
+        if data["corpus"] not in CORPORA:
+            _fail(where + ".data", f"unknown corpus {data['corpus']!r}; known: {', '.join(CORPORA)}")
+        if data.get("tokenizer") not in TOKENIZERS:
+            _fail(where + ".data", f"tokenizer must be one of {TOKENIZERS}, got {data.get('tokenizer')!r}")
+        for key in ("train_split", "eval_split"):
+            if key in data and data[key] not in SPLITS:
+                _fail(where + ".data", f"{key} must be one of {SPLITS}, got {data[key]!r}")
+    if sum(k in data for k in ("task", "tasks", "corpus")) != 1:
+        _fail(where + ".data", "name exactly one of task, tasks (Chomsky) and corpus")
+    for key in ("train_lengths", "eval_lengths"):
+        if key in data:
+            pair = data[key]
+            if len(pair) != 2 or not all(isinstance(v, int) for v in pair) or not 1 <= pair[0] <= pair[1]:
+                _fail(where + ".data", f"{key} must be [min, max] with 1 <= min <= max, got {pair!r}")
+    return Preset(experiment, name, table["description"], table["source"], models, dict(data), dict(train),
+                  dict(table.get("common", {})), {k: dict(v) for k, v in table.get("per_model", {}).items()},
+                  dict(reference) if reference is not None else None, table.get("target_params"),
+                  {k: list(v) for k, v in table.get("sweep", {}).items()})
+
+
+def load_preset_file(path: str | Path, preset: str) -> Preset:
+    """Preset ``preset`` of the TOML file ``path`` (the experiment is the file's stem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"preset file {path} not found")
+    with open(path, "rb") as f:
+        tables = tomllib.load(f)
+    if preset not in tables:
+        raise KeyError(f"{path.name} has no preset {preset!r}; it has: {', '.join(tables)}")
+    return _parse(path.stem, preset, tables[preset], f"{path.name} [{preset}]")
+
+
+def list_presets() -> dict[str, tuple[str, ...]]:
+    """{experiment: (preset names)} of the presets shipped with minrnn."""
+    out = {}
+    for experiment in EXPERIMENTS:
+        with open(CONFIG_DIR / f"{experiment}.toml", "rb") as f:
+            out[experiment] = tuple(tomllib.load(f))
+    return out
+
+
+def load_preset(experiment: str, preset: str) -> Preset:
+    """A shipped preset, e.g. ``load_preset("chomsky", "cpu")``."""
+    if experiment not in EXPERIMENTS:
+        raise KeyError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+    return load_preset_file(CONFIG_DIR / f"{experiment}.toml", preset)

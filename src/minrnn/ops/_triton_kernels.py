@@ -1,0 +1,114 @@
+"""Triton kernels of the scan h_t = a_t h_{t-1} + b_t and of its gradient.
+
+Imported only by ``minrnn.ops.triton``, on first use.
+
+Layout: a, b, h, dh, da, db are contiguous (B, T, C); h0, dh0 are (B, C). One program
+owns BLOCK_C channels of one batch row and walks the whole sequence, BLOCK_T steps at a
+time: it loads a (BLOCK_T, BLOCK_C) tile, scans it along time with
+``tl.associative_scan`` (so the steps of a tile are combined in parallel and the loads
+of a tile are one wide memory access rather than BLOCK_T dependent ones), applies the
+state carried in from the previous tile, and carries the tile's last state on. Only
+products and sums of the inputs appear, as in the chunked backend: any sign is fine.
+
+Arithmetic is in ACC (float32, or float64 for float64 inputs); loads are converted to
+ACC and results rounded to the output's dtype once, when stored.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine(a_first, b_first, a_then, b_then):
+    # Two steps x -> a x + b, the first applied first: x -> a_then (a_first x + b_first) + b_then.
+    return a_first * a_then, a_then * b_first + b_then
+
+
+@triton.jit
+def _program_block(T, C, n_cblocks, BLOCK_C: tl.constexpr):
+    """This program's batch row, channels (and their mask) and the offset of its sequence."""
+    # one flat grid axis (axis 1 would cap the batch at 65,535 on CUDA)
+    pid = tl.program_id(0)
+    pid_b = (pid // n_cblocks).to(tl.int64)
+    cols = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return pid_b, cols, cols < C, pid_b * T * C  # int64: B * T * C may pass 2^31
+
+
+@triton.jit
+def _last_row(x, rows, BLOCK_T: tl.constexpr):
+    # a tile's last row as a vector (a select and a sum: the tile has no indexing)
+    return tl.sum(tl.where(rows[:, None] == BLOCK_T - 1, x, 0.0), axis=0)
+
+
+@triton.jit
+def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
+             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
+    rows = tl.arange(0, BLOCK_T)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
+    else:
+        h = tl.zeros([BLOCK_C], dtype=ACC)
+    # num_stages: the loads of the next tiles are issued (cp.async) while this one is
+    # scanned, so a long sequence is not one memory latency per tile
+    for t0 in tl.range(0, T, BLOCK_T, num_stages=3):
+        t = t0 + rows
+        mask = (t[:, None] < T) & cmask[None, :]
+        off = seq + t[:, None].to(tl.int64) * C + cols[None, :]
+        # steps past the end are identities (a = 1, b = 0): the last row is then the state
+        a = tl.load(a_ptr + off, mask=mask, other=1.0).to(ACC)
+        b = tl.load(b_ptr + off, mask=mask, other=0.0).to(ACC)
+        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
+        hs = a_cum * h[None, :] + b_cum
+        tl.store(h_ptr + off, hs.to(h_ptr.dtype.element_ty), mask=mask)
+        h = _last_row(hs, rows, BLOCK_T)
+
+
+@triton.jit
+def scan_bwd(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C, n_tblocks, n_cblocks,
+             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # G_t = dh_t + a_{t+1} G_{t+1} (G_T = dh_T), run backwards in time: the same scan
+    # with decay a_{t+1}, on tiles whose row 0 is the latest step. db = G,
+    # da_t = G_t h_{t-1} (h0, or 0, before the first step), dh0 = a_1 G_1.
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
+    rows = tl.arange(0, BLOCK_T)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
+    g = tl.zeros([BLOCK_C], dtype=ACC)  # G_{t+1} entering the tile from later steps
+    for i in tl.range(0, n_tblocks, num_stages=3):
+        t = (T - 1 - i * BLOCK_T) - rows  # descending; negative past the start
+        inside = (t[:, None] >= 0) & cmask[None, :]
+        # offsets clamped into the sequence so that no address, masked or not, leaves it
+        t_c = tl.maximum(t, 0)[:, None].to(tl.int64)
+        off = seq + t_c * C + cols[None, :]
+        dh = tl.load(dh_ptr + off, mask=inside, other=0.0).to(ACC)
+        # a_{t+1}; padding rows (t < 0, and t = T-1 where G_{T+1} = 0) are identities
+        t_next = tl.minimum(t_c + 1, T - 1)
+        a_next = tl.load(a_ptr + seq + t_next * C + cols[None, :],
+                         mask=inside & (t[:, None] < T - 1), other=1.0).to(ACC)
+        a_cum, g_cum = tl.associative_scan((a_next, dh), 0, _combine)
+        gs = a_cum * g[None, :] + g_cum
+        t_prev = tl.maximum(t_c - 1, 0)
+        h_prev = tl.load(h_ptr + seq + t_prev * C + cols[None, :],
+                         mask=inside & (t[:, None] >= 1), other=0.0).to(ACC)
+        if HAS_H0:
+            h_prev = tl.where(t[:, None] == 0, h0[None, :], h_prev)
+        tl.store(db_ptr + off, gs.to(db_ptr.dtype.element_ty), mask=inside)
+        tl.store(da_ptr + off, (gs * h_prev).to(da_ptr.dtype.element_ty), mask=inside)
+        # the last row is G at the tile's earliest step (padding rows pass it through)
+        g = _last_row(gs, rows, BLOCK_T)
+    if HAS_H0:
+        a1 = tl.load(a_ptr + seq + cols, mask=cmask, other=0.0).to(ACC)
+        tl.store(dh0_ptr + pid_b * C + cols, (a1 * g).to(dh0_ptr.dtype.element_ty), mask=cmask)
+
+
+# Whether these kernels run compiled (CUDA tensors) or in Triton's interpreter (numpy, on
+# host tensors): @triton.jit reads TRITON_INTERPRET when it decorates, and triton.language's
+# own jit functions were decorated when triton was first imported, so it is one choice for
+# the whole process, made before triton is imported.
+try:
+    INTERPRETED = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # triton < 3.4 has no knobs
+    INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")

@@ -1,0 +1,155 @@
+"""The scan as Triton kernels, forward and backward: the GPU backend.
+
+    h_t = a_t * h_{t-1} + b_t                                   (forward)
+    G_t = dh_t + a_{t+1} G_{t+1},  G_T = dh_T                   (backward, in reverse)
+    db_t = G_t,  da_t = G_t h_{t-1} (h_0 = h0 or 0),  dh0 = a_1 G_1
+
+Parallel over batch x channel blocks, sequential over time inside each program, a
+tile of steps at a time (see ``_triton_kernels``). float16/bfloat16 inputs are
+accumulated in float32 and h is stored in the input dtype; float32 and float64 are
+computed in their own precision. Backward keeps a and h (as stored, in the input dtype)
+and h0, not b.
+
+The kernels run compiled on CUDA tensors. With TRITON_INTERPRET=1 set before triton is
+first imported, they run under Triton's interpreter instead (numpy, slow), which also
+takes CPU tensors: that is how the tests hold them to the reference without a GPU (in a
+subprocess, as the setting holds for the whole process). ``minrnn.scan(...,
+backend="triton")`` accepts CUDA tensors only; call ``triton_scan`` for CPU tensors.
+
+triton is imported on first use, never by ``import minrnn``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+from torch import Tensor
+
+DEFAULT_BLOCK_T = 32
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+    except Exception:  # absent, or broken (a driver mismatch): unavailable, not a crash at import
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when triton imports and a CUDA device is present."""
+    # CUDA first: on a machine without a GPU this never imports triton
+    return torch.cuda.is_available() and _triton_importable()
+
+
+def _kernels():
+    if not _triton_importable():
+        raise RuntimeError("the triton backend needs the 'triton' package (pip install triton)")
+    from . import _triton_kernels
+
+    return _triton_kernels
+
+
+def _pow2(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 2 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 2, got {value!r}")
+    return value
+
+
+def _config(a: Tensor, block_t: int | None, block_c: int | None, num_warps: int | None):
+    """Tile (BLOCK_T, BLOCK_C) and warps for a (B, T, C) problem.
+
+    Each program runs the whole sequence, so the batch x channel blocks are all the
+    parallelism there is: narrow the channel block until there are about two programs
+    per SM (not below 16 channels, 64 bytes of float32 per row of a tile). float64
+    tiles start half as wide, so that the staged loads (3 tiles of up to 3 inputs) stay
+    within about 72 KB of shared memory.
+    """
+    B, _, C = a.shape
+    if block_c is None:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+        block_c = 32 if a.dtype == torch.float64 else 64
+        while block_c > 16 and B * -(-C // block_c) < 2 * sms:
+            block_c //= 2
+    block_t = DEFAULT_BLOCK_T if block_t is None else block_t
+    _pow2("block_t", block_t)
+    _pow2("block_c", block_c)
+    if num_warps is None:
+        num_warps = max(1, min(8, block_t * block_c // 256))
+    return block_t, block_c, num_warps
+
+
+def _launch(kernel: str, device: torch.device, B: int, C: int, block_c: int, num_warps: int, *args, **meta):
+    k = _kernels()
+    if device.type != "cuda" and not k.INTERPRETED:
+        raise RuntimeError(
+            f"the triton backend runs on CUDA tensors, or on CPU tensors under Triton's interpreter "
+            f"(TRITON_INTERPRET=1 set before triton is first imported); got {device.type} tensors"
+        )
+    n_cblocks = -(-C // block_c)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        getattr(k, kernel)[(B * n_cblocks,)](*args, n_cblocks=n_cblocks, **meta, num_warps=num_warps)
+
+
+def _acc(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class _TritonScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, block_t, block_c, num_warps):
+        a, b = a.contiguous(), b.contiguous()
+        h0 = None if h0 is None else h0.contiguous()
+        B, T, C = a.shape
+        h = torch.empty_like(a)
+        if h.numel():
+            # without h0 the kernel reads no h0 pointer: any tensor fills the slot
+            _launch("scan_fwd", a.device, B, C, block_c, num_warps,
+                    a, b, a if h0 is None else h0, h, T, C,
+                    HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+        ctx.save_for_backward(a, h, h0)
+        ctx.config = (block_t, block_c, num_warps)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        a, h, h0 = ctx.saved_tensors
+        block_t, block_c, num_warps = ctx.config
+        B, T, C = a.shape
+        dh = dh.contiguous()  # e.g. the expanded ones of h.sum()
+        da, db = torch.empty_like(a), torch.empty_like(a)
+        dh0 = None if h0 is None else torch.empty_like(h0)
+        if a.numel():
+            _launch("scan_bwd", a.device, B, C, block_c, num_warps,
+                    a, h, a if h0 is None else h0, dh, da, db, da if dh0 is None else dh0,
+                    T, C, -(-T // block_t),
+                    HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+        elif dh0 is not None:
+            dh0.zero_()
+        return da, db, dh0, None, None, None
+
+
+def triton_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, block_t: int | None = None,
+                block_c: int | None = None, num_warps: int | None = None) -> Tensor:
+    """h_t = a_t h_{t-1} + b_t with Triton kernels; differentiable in a, b and h0.
+
+    Args:
+        a, b: (B, T, C), one floating dtype, on CUDA (or CPU: Triton's interpreter).
+        h0: (B, C) start state of that dtype, or None for zeros.
+        block_t, block_c: the tile of steps x channels one program handles per
+            iteration (powers of two); None picks them from the shape and the GPU.
+        num_warps: warps per program (CUDA only); None picks from the tile.
+    Returns:
+        h: (B, T, C) in the dtype of a; float16/bfloat16 are accumulated in float32.
+
+    Inputs are assumed validated (``minrnn.scan`` does it).
+    """
+    block_t, block_c, num_warps = _config(a, block_t, block_c, num_warps)
+    return _TritonScan.apply(a, b, h0, block_t, block_c, num_warps)

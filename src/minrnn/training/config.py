@@ -1,0 +1,272 @@
+"""The training configuration: a dataclass, read from TOML (or YAML), overridden by ``--key value``.
+
+Every field has a type and a default; a config file sets some of them, the command line
+overrides any of them (``--lr 3e-4``, ``--model.hidden_size 128``), and the resolved config is
+saved with the run (``config.toml``). A key that is not a field is an error that names the
+nearest valid keys, so a typo never trains silently with the default.
+
+Model fields live in the ``[model]`` table and are those of `minrnn.models.MinRNNConfig`
+(``vocab_size`` excepted: the tokenizer sets it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override: the message is meant for the user as is."""
+
+
+# Fields of MinRNNConfig a user sets in [model]. Kept here (not read from transformers) so that
+# the config can be checked without importing transformers; tests hold it to MinRNNConfig.
+MODEL_KEYS = {
+    "hidden_size": int, "num_hidden_layers": int, "cell": str, "expansion_factor": float,
+    "minlstm_normalize": bool, "forget_bias": float, "use_conv": bool, "conv_kernel": int,
+    "use_mlp": bool, "mlp_mult": float, "hidden_act": str, "use_bias": bool, "rms_norm_eps": float,
+    "dropout": float, "initializer_range": float, "scan_backend": str, "tie_word_embeddings": bool,
+}
+
+TOKENIZERS = ("char", "byte", "bpe")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run (see configs/*.toml for presets).
+
+    Data: ``data`` is a named corpus (tinyshakespeare, wikitext-2, wikitext-103), a text file
+    (split 90/10 into train/valid like nanoGPT), or a folder holding train/valid[/test] files.
+    A batch is ``batch_size`` windows of ``seq_len`` + 1 tokens; one optimiser step sees
+    ``batch_size * grad_accum`` windows in all (over every process under torchrun).
+    """
+
+    # data
+    data: str = "tinyshakespeare"
+    data_dir: str = ""  # where named corpora are looked for first ("" : MINRNN_DATA_DIR, ~/.cache/minrnn/data)
+    tokenizer: str = "char"
+    bpe_vocab_size: int = 8192
+    # optimisation
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    dtype: str = "float32"  # "bfloat16": autocast where the device supports it
+    seed: int = 1337
+    device: str = "cpu"
+    threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_windows: int = 64  # validation windows of seq_len + 1 tokens, evenly spaced over the split
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    out_dir: str = "runs/default"
+    progress: str = "auto"  # progress bar: auto (when stderr is a terminal), always, never
+    plot: bool = True
+    sample_tokens: int = 200  # sample printed at the end of training (0: none)
+    model: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    # --- checks -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_windows",
+                     "log_every", "checkpoint_every", "keep_last", "bpe_vocab_size"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "threads", "sample_tokens"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            need(0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
+        need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
+        need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        need(self.progress in ("auto", "always", "never"),
+             f"progress must be auto, always or never, got {self.progress!r}")
+        need(bool(self.data), "data must name a corpus, a text file or a folder")
+        for key, value in self.model.items():
+            if key not in MODEL_KEYS:
+                raise ConfigError(_unknown("model." + key, ["model." + k for k in MODEL_KEYS]))
+            self.model[key] = _coerce("model." + key, value, MODEL_KEYS[key])
+
+    # --- conversions ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (what `from_file` reads back)."""
+        lines, model = [], []
+        for k, v in self.to_dict().items():
+            if k != "model":
+                lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in sorted(self.model.items()):
+            model.append(f"{k} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n\n[model]\n" + "\n".join(model) + "\n"
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: " + _unknown(key, list(fields) + ["model." + k for k in MODEL_KEYS]))
+            if key == "model":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: model must be a table of model settings, got {value!r}")
+                kwargs[key] = dict(value)
+            else:
+                kwargs[key] = _coerce(key, value, _field_type(fields[key]))
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        if path.suffix in (".yaml", ".yml"):
+            values = _load_yaml(path)
+        else:
+            try:
+                values = tomllib.loads(path.read_text())
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(merge(values, overrides or {}), source=str(path))
+
+
+def merge(values: dict, overrides: dict) -> dict:
+    """``values`` with ``overrides`` applied; dotted keys ("model.hidden_size") go into tables."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for key, value in overrides.items():
+        if "." in key:
+            table, sub = key.split(".", 1)
+            if table != "model":
+                raise ConfigError(_unknown(key, [f.name for f in dataclasses.fields(TrainConfig)]
+                                           + ["model." + k for k in MODEL_KEYS]))
+            out.setdefault("model", {})[sub] = value
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(tokens: list[str], flags: tuple[str, ...] = ()) -> tuple[dict, set]:
+    """``["--lr", "1e-3", "--model.hidden_size=64", "--resume"]`` -> ({"lr": "1e-3", ...}, {"resume"}).
+
+    Values stay strings (converted against the field's type later); names in ``flags`` take no
+    value. Dashes in a key are read as underscores (``--out-dir`` is ``out_dir``).
+    """
+    values, seen_flags = {}, set()
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"expected --key value, got {tok!r}")
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if key in flags:
+            if eq:
+                raise ConfigError(f"--{key} takes no value")
+            seen_flags.add(key)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"--{key} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        values[key] = value
+        i += 1
+    return values, seen_flags
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise ConfigError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the config "
+                          "in TOML") from None
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
+
+
+def _unknown(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"unknown config key {key!r}{hint}"
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """``value`` (from TOML, or a string from the command line) as ``typ``, or a ConfigError."""
+    if isinstance(value, str) and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text.lower() in ("true", "1", "yes")
+            if typ is int:
+                return int(text)
+            if typ is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"{key} expects {typ.__name__}, got {value!r}") from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} expects {typ.__name__}, got {value!r}")
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string

@@ -1,0 +1,109 @@
+"""Presets: every shipped preset loads, names only known models, tasks and corpora, and every
+model it compares can be built to its budget."""
+
+import warnings
+
+import pytest
+import torch
+
+from minrnn.data.corpora import CORPORA
+from minrnn.data.tasks import TASKS
+from minrnn.experiments.baselines import BASELINES, build_model
+from minrnn.experiments.presets import (
+    EXPERIMENTS,
+    PresetError,
+    list_presets,
+    load_preset,
+    load_preset_file,
+)
+
+ALL = [(e, p) for e, names in list_presets().items() for p in names]
+
+
+def vocab_of(preset):
+    if preset.tasks:
+        return max(TASKS[t].vocab_size for t in preset.tasks)
+    return preset.data.get("bpe_vocab_size", 65)  # char-level tiny shakespeare: 65
+
+
+def test_every_experiment_has_its_presets():
+    presets = list_presets()
+    assert set(presets) == set(EXPERIMENTS)
+    for experiment in ("selective_copying", "chomsky", "shakespeare_char"):
+        assert set(presets[experiment]) == {"paper", "cpu"}
+    assert set(presets["wikitext2"]) == {"full", "cpu"}  # the paper has no WikiText experiment
+
+
+@pytest.mark.parametrize("experiment,name", ALL)
+def test_preset_names_known_things_and_every_model_fits_its_budget(experiment, name):
+    preset = load_preset(experiment, name)
+    assert preset.description and preset.source
+    assert set(preset.models) <= set(BASELINES)
+    assert all(t in TASKS for t in preset.tasks)
+    if "corpus" in preset.data:
+        assert preset.data["corpus"] in CORPORA and not preset.tasks
+    vocab = vocab_of(preset)
+    for model in preset.models:
+        target, overrides = preset.model_settings(model, vocab)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mamba: no dropout
+            built = build_model(model, vocab, target, **overrides)
+        if target is not None:
+            assert abs(built.baseline.params / target - 1) <= 0.10, (model, built.baseline)
+
+
+def test_paper_presets_hold_the_papers_numbers():
+    sc = load_preset("selective_copying", "paper")
+    assert sc.data == {"task": "selective_copying", "length": 4096, "num_tokens": 16}
+    assert sc.reference["width"] == 64 and sc.reference["expansion_factor"] == 6 and sc.reference["num_layers"] == 3
+    assert sc.common["dropout"] == 0.1
+    assert (sc.train["batch_size"], sc.train["grad_accum"], sc.train["lr"], sc.train["steps"]) == (64, 2, 3e-4, 400_000)
+    ch = load_preset("chomsky", "paper")
+    assert ch.data["train_lengths"] == [1, 40] and ch.eval_lengths() == list(range(40, 257))
+    assert (ch.reference["width"], ch.reference["num_layers"], ch.train["batch_size"]) == (256, 2, 128)
+    assert load_preset("chomsky", "cpu").eval_lengths()[-1] == 256
+    sh = load_preset("shakespeare_char", "paper")
+    assert (sh.train["seq_len"], sh.train["batch_size"], sh.train["steps"], sh.common["dropout"]) == (256, 64, 5000, 0.2)
+
+
+def test_budget_follows_the_reference_and_the_sweep():
+    sc = load_preset("selective_copying", "cpu")
+    assert sc.model_settings("mingru", 16) == (None, {**sc.common, **{k: v for k, v in sc.reference.items() if k != "name"}})
+    full, _ = sc.model_settings("gru", 16)
+    one, overrides = sc.model_settings("gru", 16, num_layers=1)
+    assert one < full and overrides["num_layers"] == 1
+    with pytest.raises(KeyError, match="not 'rwkv'"):
+        sc.model_settings("rwkv", 16)
+
+
+GOOD = """
+[p]
+description = "d"
+source = "s"
+models = ["gru"]
+target_params = 1000
+[p.data]
+task = "parity_check"
+[p.train]
+steps = 10
+"""
+
+
+def test_schema_errors_name_the_file_and_key(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD)
+    assert load_preset_file(path, "p").target_params == 1000
+    for bad, message in [
+        (GOOD.replace('["gru"]', '["gru", "rwkv"]'), r"mine.toml \[p\]: models .*rwkv"),
+        (GOOD.replace('"parity_check"', '"parity"'), r"\[p\].data: unknown task 'parity'"),
+        (GOOD.replace("steps = 10", "stepz = 10"), r"\[p\].train: unknown key 'stepz'"),
+        (GOOD.replace("steps = 10", "steps = 1.5"), "steps must be int"),
+        (GOOD.replace("target_params = 1000", ""), "exactly one of reference"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(PresetError, match=message):
+            load_preset_file(path, "p")
+    with pytest.raises(KeyError, match="no preset 'q'"):
+        load_preset_file(tmp_path / "mine.toml", "q")
+    with pytest.raises(KeyError, match="unknown experiment"):
+        load_preset("imagenet", "cpu")

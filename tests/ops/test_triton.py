@@ -1,0 +1,243 @@
+"""The triton backend's kernels against the sequential reference: h, grad a, b, h0.
+
+CI has no GPU, so the kernels run on CPU tensors under Triton's interpreter. Triton
+picks the interpreter from TRITON_INTERPRET=1 before it is first imported, for the
+whole process, so every case runs in one subprocess (triton_worker.py) that returns
+outputs and gradients; they are compared here, where the references are computed.
+Where CUDA is present the same cases also run compiled, in this process.
+
+Tiles are kept small (block_t=8, block_c=2 on 3 channels) so that short sequences
+already span several tiles and a partial channel block; a few cases use the default tiles.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import minrnn
+from minrnn.ops import BACKENDS
+
+from ..conftest import TOL, assert_close_scaled, make_scan_inputs, run_with_grads
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+LENGTHS = [1, 2, 3, 17, 64, 129]
+HALF_TOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}  # as tests/ops/test_scan.py
+
+
+def _spec(name, T, dtype, with_h0=True, B=2, C=3, block_t=8, block_c=2, **extra):
+    return dict(name=name, B=B, T=T, C=C, dtype=dtype, with_h0=with_h0, block_t=block_t, block_c=block_c, **extra)
+
+
+SPECS = (
+    [_spec(f"{str(dt)[6:]}-T{T}-{'h0' if h else 'noh0'}", T, dt, h)
+     for dt in (torch.float64, torch.float32) for T in LENGTHS for h in (True, False)]
+    + [_spec("default-tiles-T1-noh0", 1, torch.float32, False, block_t=None, block_c=None),
+       _spec("default-tiles-T40-h0", 40, torch.float32, True, block_t=None, block_c=None)]
+    + [_spec(f"{str(dt)[6:]}-T129-{'h0' if h else 'noh0'}", 129, dt, h, C=5, block_t=16, block_c=4)
+       for dt in (torch.float16, torch.bfloat16) for h in (True, False)]
+    + [_spec("signed-decays", 40, torch.float64, decays="signed"),
+       _spec("saturated-gates", 300, torch.float32, block_t=32, block_c=4, decays="saturated"),
+       _spec("non-contiguous-inputs-and-expanded-grad", 37, torch.float64, non_contiguous=True, sum_loss=True)]
+)
+GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
+                   _spec("gradcheck-noh0", 4, torch.float64, with_h0=False, B=1, block_t=2)]
+
+
+def _case(spec, device="cpu"):
+    """Inputs for a spec, rounded to its dtype, and the upstream weight (None: h.sum())."""
+    a, b, h0 = make_scan_inputs(spec["B"], spec["T"], spec["C"], seed=spec["T"], with_h0=spec["with_h0"])
+    if spec.get("decays") == "signed":  # of either sign, some above 1 in size
+        a = 2.4 * a - 1.2
+    elif spec.get("decays") == "saturated":  # 1e-9 and 1 - 1e-7 at random, as in test_scan.py
+        near_one = torch.rand(a.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) < 0.5
+        a = torch.where(near_one, 1 - 1e-7, 1e-9).to(torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    w = None if spec.get("sum_loss") else torch.randn(a.shape, generator=gen, dtype=torch.float64)
+    cast = lambda x: None if x is None else x.to(device=device, dtype=spec["dtype"])  # noqa: E731
+    return dict(inputs=tuple(cast(x) for x in (a, b, h0)), weight=cast(w), block_t=spec["block_t"],
+                block_c=spec["block_c"], non_contiguous=spec.get("non_contiguous", False),
+                gradcheck=spec in GRADCHECK_SPECS)
+
+
+def _reference(case):
+    """The loop in float64 on the very (rounded) inputs: the answer each result is held to."""
+    inputs = [None if x is None else x.cpu().double() for x in case["inputs"]]
+    w = torch.ones_like(inputs[0]) if case["weight"] is None else case["weight"].cpu().double()
+    return run_with_grads(lambda *x: minrnn.scan(*x, backend="sequential"), inputs, w)
+
+
+def _subprocess_env(**extra):
+    """This environment, with this very minrnn (installed or not) first on the path."""
+    src = str(Path(minrnn.__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])), **extra)
+
+
+def _tol(dtype):
+    return HALF_TOL.get(dtype, TOL.get(dtype))
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Every spec's result from the kernels under Triton's interpreter, by name."""
+    specs = SPECS + GRADCHECK_SPECS
+    tmp = tmp_path_factory.mktemp("triton")
+    torch.save([_case(s) for s in specs], tmp / "cases.pt")
+    env = _subprocess_env(TRITON_INTERPRET="1")
+    worker = Path(__file__).with_name("triton_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(tmp / "cases.pt"), str(tmp / "results.pt")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        pytest.fail(f"the interpreter worker failed:\n{proc.stdout}\n{proc.stderr}")
+    return dict(zip((s["name"] for s in specs), torch.load(tmp / "results.pt")))
+
+
+def _check(spec, got, case):
+    ref = _reference(case)
+    assert len(got) == len(ref)
+    assert got[0].shape == (spec["B"], spec["T"], spec["C"])
+    for name, g, r in zip(["h", "grad a", "grad b", "grad h0"], got, ref):
+        assert torch.isfinite(g).all(), f"{spec['name']} {name} not finite"
+        assert_close_scaled(g, r, _tol(spec["dtype"]), f"{spec['name']} {name}")
+
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="the triton package is not installed")
+needs_cuda = pytest.mark.skipif(not BACKENDS["triton"].available(), reason="needs a CUDA GPU and triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s["name"])
+def test_interpreted_kernels_match_reference(interpreted, spec):
+    _check(spec, interpreted[spec["name"]], _case(spec))
+
+
+@needs_triton
+@pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=lambda s: s["name"])
+def test_interpreted_kernels_gradcheck(interpreted, spec):
+    passed, message = interpreted[spec["name"]]
+    assert passed, message
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", SPECS + GRADCHECK_SPECS, ids=lambda s: s["name"])
+def test_compiled_kernels_match_reference(spec):
+    from .triton_worker import run_case
+
+    case = _case(spec, device="cuda")
+    got = run_case(case)
+    if case["gradcheck"]:
+        assert got[0], got[1]
+    else:
+        _check(spec, [g.cpu() for g in got], case)
+
+
+@needs_cuda
+def test_auto_picks_triton_on_cuda():
+    a, b, h0 = make_scan_inputs(2, 300, 8, dtype=torch.float32)
+    a, b, h0 = a.cuda(), b.cuda(), h0.cuda()
+    assert minrnn.ops.resolve_backend("auto", a.device).name == "triton"
+    assert_close_scaled(minrnn.scan(a, b, h0).cpu(), minrnn.scan(a.cpu(), b.cpu(), h0.cpu(), backend="sequential"),
+                        TOL[torch.float32])
+
+
+def test_registered_for_cuda_with_native_half_and_first_in_auto():
+    be = BACKENDS["triton"]
+    assert be.devices == frozenset({"cuda"}) and be.native_half and be.signed
+    assert be.auto_rank < min(b.auto_rank for b in BACKENDS.values() if b.auto_rank is not None and b is not be)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
+    if not HAS_TRITON:
+        pytest.skip("the triton package is not installed")
+    from minrnn.ops import _triton_kernels, triton
+
+    if _triton_kernels.INTERPRETED:
+        pytest.skip("this process runs Triton's interpreter")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton.triton_scan(*make_scan_inputs(1, 4, 2, dtype=torch.float32))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel", ["scan_fwd", "scan_bwd"])
+def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
+    """The interpreter runs the kernels' Python; the compiler checks what it does not (types
+    of loop-carried values, the pipelined loads) down to an sm_90 binary, and the shared
+    memory that the default tiles need against the H100's 227 KB."""
+    from minrnn.ops import _triton_kernels, triton as backend
+
+    if _triton_kernels.INTERPRETED:
+        pytest.skip("this process runs Triton's interpreter")
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_t, block_c, num_warps = backend._config(torch.empty(16, 1, 1024, dtype=dtype), None, None, None)
+    ptr = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float64: "*fp64"}[dtype]
+    kern = getattr(_triton_kernels, kernel)
+    for has_h0, one in ((True, ()), (False, ("T",))):  # T == 1 is specialised to a constant
+        meta = dict(HAS_H0=has_h0, ACC=backend._acc(dtype), BLOCK_T=block_t, BLOCK_C=block_c, **{n: 1 for n in one})
+        sig = {n: ptr if n.endswith("_ptr") else "constexpr" if n in meta else "i32" for n in kern.arg_names}
+        compiled = triton.compile(ASTSource(kern, sig, meta), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=num_warps))
+        assert compiled.asm["cubin"], "no binary"
+        assert compiled.metadata.shared <= 227 * 1024, f"{compiled.metadata.shared} bytes of shared memory"
+        if dtype == torch.float32 and not one:  # the next tiles' loads are in flight meanwhile
+            assert "cp.async" in compiled.asm["ptx"]
+
+
+def test_bad_tile_sizes_are_refused():
+    from minrnn.ops.triton import triton_scan
+
+    for kw in ({"block_t": 12}, {"block_c": 1}, {"block_t": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a power of two"):
+            triton_scan(*make_scan_inputs(1, 4, 2, dtype=torch.float32), **kw)
+
+
+# Run in a fresh interpreter: this process may have imported triton already.
+_WITHOUT_TRITON = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton blocked for this test")
+sys.meta_path.insert(0, Block())
+import torch, minrnn
+from minrnn.ops import triton as backend
+assert not backend.available(), "available() without triton"
+assert "triton" not in minrnn.available_backends()
+x = torch.rand(1, 3, 2)
+try:
+    minrnn.scan(x, x, backend="triton")
+except RuntimeError as e:
+    assert "needs the triton package" in str(e), e
+else:
+    raise AssertionError("backend='triton' ran without triton")
+print("ok")
+"""
+
+
+def test_minrnn_imports_and_reports_the_backend_unavailable_without_triton():
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, timeout=120,
+                          env=_subprocess_env())
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+_IMPORT_ONLY = """
+import sys, torch, minrnn
+imported = "triton" in sys.modules
+minrnn.scan(torch.rand(1, 5, 2), torch.rand(1, 5, 2))  # auto on CPU tensors
+print(imported, "triton" in sys.modules)
+"""
+
+
+def test_import_minrnn_does_not_import_triton():
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_ONLY], capture_output=True, text=True, timeout=120,
+                          env=_subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]

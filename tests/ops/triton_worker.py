@@ -1,0 +1,57 @@
+"""Runs the triton backend's kernels on CPU tensors under Triton's interpreter.
+
+    TRITON_INTERPRET=1 python tests/ops/triton_worker.py CASES.pt RESULTS.pt
+
+Used by tests/ops/test_triton.py in a subprocess, because the interpreter is chosen for
+a whole process, before triton is imported. CASES.pt holds a list of dicts:
+
+    {"inputs": (a, b, h0 or None), "weight": w or None, "block_t": int or None,
+     "block_c": int or None, "non_contiguous": bool, "gradcheck": bool}
+
+RESULTS.pt gets, per case, [h, grad a, grad b, grad h0 (when h0 is given)] in float64
+for the loss (h * w).sum() (h.sum() when w is None, whose upstream gradient is an
+expanded, stride-0 tensor), or for gradcheck cases the pair (passed, message).
+"""
+
+import os
+import sys
+
+import torch
+
+from minrnn.ops.triton import triton_scan
+
+
+def _strided(x):
+    # the same values, laid out (B, C, T) in memory
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def run_case(case):
+    def fn(a, b, h0=None):
+        if case.get("non_contiguous"):
+            a, b = _strided(a), _strided(b)
+        return triton_scan(a, b, h0, block_t=case["block_t"], block_c=case["block_c"])
+
+    inputs = case["inputs"]
+    if case.get("gradcheck"):
+        leaves = tuple(x.clone().requires_grad_() for x in inputs if x is not None)
+        try:
+            return bool(torch.autograd.gradcheck(fn, leaves)), ""
+        except Exception as e:  # gradcheck raises on a mismatch: the message is the finding
+            return False, str(e)
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    h = fn(*leaves)
+    weight = case["weight"]
+    (h.sum() if weight is None else (h * weight).sum()).backward()
+    return [h.detach().double()] + [x.grad.double() for x in leaves if x is not None]
+
+
+def main(cases_path, results_path):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("set TRITON_INTERPRET=1: the kernels run on CPU tensors only under Triton's interpreter")
+    cases = torch.load(cases_path)
+    torch.save([run_case(c) for c in cases], results_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,60 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minrnn.data import locate_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny_test.toml"
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory) -> Path:
+    """The first 60,000 characters of tiny shakespeare: enough for the tests' windows, quick to tokenize."""
+    text = locate_corpus("tinyshakespeare", "input").read_text()[:60_000]
+    path = tmp_path_factory.mktemp("data") / "shakespeare_small.txt"
+    path.write_text(text)
+    return path
+
+
+def cli_env() -> dict:
+    """The environment of a `python -m minrnn` subprocess: this checkout's sources, one thread."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def minrnn(*args) -> subprocess.CompletedProcess:
+    """`minrnn ARGS` run in this process (a subprocess would import transformers again, ~5 s):
+    its exit status, stdout, and stderr with the warnings it raised appended as lines."""
+    import contextlib
+    import io
+    import warnings
+
+    from minrnn.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code
+    stderr = err.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_text, tmp_path_factory):
+    """A short char-level run: 100 steps of 16 x 64 characters from 54k characters of Shakespeare."""
+    out = tmp_path_factory.mktemp("run") / "shakespeare"
+    r = minrnn("train", TINY, "--data", small_text, "--out_dir", out, "--steps", 100, "--batch_size", 16,
+               "--seq_len", 64, "--eval_every", 50, "--checkpoint_every", 25, "--sample_tokens", 40,
+               "--plot", "true")
+    assert r.returncode == 0, r.stderr
+    return out, r

@@ -3,8 +3,9 @@
 `load_splits` turns the config's ``data`` into {"train": str, "valid": str[, "test": str]}:
   - a named corpus: tinyshakespeare, found by `locate_corpus` (downloaded first, with its
     checksum checked, when it is missing and a network is there); wikitext-2 / wikitext-103,
-    a folder of that name in the data directories holding train/valid/test files (not
-    downloaded: WikiText has no stable URL; files whose SHA-256 is recorded are checked);
+    a folder of that name in the data directories holding train/valid/test files (downloaded
+    from the Salesforce release, SHA-1 checked, when no such folder exists; files whose
+    SHA-256 is recorded are checked too);
   - a text file: the first 90% of its characters train, the rest validate (nanoGPT's split);
   - a folder holding train/valid[/test] files (``train.txt``, ``valid.txt`` or ``val.txt``, ...).
 
@@ -82,7 +83,7 @@ def _folder_files(path: Path) -> dict[str, Path]:
     return out
 
 
-def _named_folder(corpus: str, data_dir: str | None) -> dict[str, str]:
+def _named_folder(corpus: str, data_dir: str | None, download: bool = True) -> dict[str, str]:
     tried = []
     for d in search_dirs(data_dir):
         folder = d / corpus
@@ -100,10 +101,20 @@ def _named_folder(corpus: str, data_dir: str | None) -> dict[str, str]:
                 raise DataError(f"{f} is not the {corpus} {split} file this project knows "
                                 f"(sha256 differs from {spec.sha256})")
         return {split: _read(f) for split, f in files.items()}
-    raise FileNotFoundError(
-        f"{corpus} not found; looked in: {'; '.join(tried)}. It is not downloaded automatically: put "
-        f"train.txt, valid.txt and test.txt (or wiki.*.tokens) in a folder {corpus}/ under MINRNN_DATA_DIR "
-        "(or --data_dir), or pass --data FOLDER")
+    from .download import WIKITEXT, download_wikitext
+
+    if not download:
+        raise FileNotFoundError(f"{corpus} not found after downloading it; looked in: {'; '.join(tried)}")
+    try:
+        download_wikitext(corpus, data_dir)
+    except ValueError as e:  # a download whose checksum is wrong
+        raise DataError(str(e)) from None
+    except Exception as e:  # no network, HTTP error, DNS failure
+        raise FileNotFoundError(
+            f"{corpus} not found; looked in: {'; '.join(tried)}; downloading {WIKITEXT[corpus]['url']} failed "
+            f"too ({e}). Put train.txt, valid.txt and test.txt (or wiki.*.tokens) in a folder {corpus}/ under "
+            "MINRNN_DATA_DIR (or --data_dir), or pass --data FOLDER") from None
+    return _named_folder(corpus, data_dir, download=False)
 
 
 def encode_splits(tokenizer, splits: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -126,6 +126,12 @@ if HAVE_NUMBA:
         return s, s * (one - s)
 
     @njit(inline="always", **_jit)
+    def _work_item(job, nblk, blk, C):
+        """(batch row, first channel, channel count) of work item ``job``."""
+        c0 = (job % nblk) * blk
+        return job // nblk, c0, min(blk, C - c0)
+
+    @njit(inline="always", **_jit)
     def _row(flat, strides, i, t, c0, n):
         """Channels c0 .. c0+n of element (i, t) of a flat (B, T, C) array, as a 1-D view."""
         p = i * strides[0] + t * strides[1] + c0
@@ -142,8 +148,7 @@ if HAVE_NUMBA:
     def scan_fwd(a, as_, b, bs, h0, out, os_, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             h = h0[i, c0:c0 + n].copy()
             for t in range(T):
                 ar, br, orow = _row(a, as_, i, t, c0, n), _row(b, bs, i, t, c0, n), _row(out, os_, i, t, c0, n)
@@ -156,8 +161,7 @@ if HAVE_NUMBA:
     def scan_bwd(a, as_, h, hs, h0, dh, dhs, da, db, os_, dh0, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             carry = np.zeros(n, dtype=a.dtype)  # a_{t+1} G_{t+1}
             for t in range(T - 1, -1, -1):
                 ar, dhr = _row(a, as_, i, t, c0, n), _row(dh, dhs, i, t, c0, n)
@@ -175,8 +179,7 @@ if HAVE_NUMBA:
     def mingru_fwd(x, xs, k, ks, h0, out, os_, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             h = h0[i, c0:c0 + n].copy()
             for t in range(T):
                 xr, kr, orow = _row(x, xs, i, t, c0, n), _row(k, ks, i, t, c0, n), _row(out, os_, i, t, c0, n)
@@ -191,8 +194,7 @@ if HAVE_NUMBA:
     def mingru_bwd(x, xs, k, ks, h, hs, h0, dh, dhs, dx, dk, os_, dh0, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             carry = np.zeros(n, dtype=x.dtype)  # a_{t+1} G_{t+1}
             A = np.empty(n, dtype=x.dtype)
             for t in range(T - 1, -1, -1):
@@ -227,8 +229,7 @@ if HAVE_NUMBA:
     def minlstm_fwd(x, xs, f, fs, ig, is_, h0, normalize, out, os_, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             h = h0[i, c0:c0 + n].copy()
             for t in range(T):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
@@ -244,8 +245,7 @@ if HAVE_NUMBA:
     def minlstm_bwd(x, xs, f, fs, ig, is_, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
-            i, c0 = job // nblk, (job % nblk) * blk
-            n = min(blk, C - c0)
+            i, c0, n = _work_item(job, nblk, blk, C)
             carry = np.zeros(n, dtype=x.dtype)
             A = np.empty(n, dtype=x.dtype)
             for t in range(T - 1, -1, -1):

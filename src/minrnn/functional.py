@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import check_sequences, resolve_backend
+from .ops import accumulation_dtype, check_sequences, resolve_backend
 from .ops.log import scan_from_logs
 
 _MODES = ("parallel", "sequential")
@@ -95,10 +95,6 @@ def minlstm_log_gates(hidden: Tensor, forget: Tensor, input: Tensor, normalize: 
 # --- whole sequences -----------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 class _RecomputeGates(torch.autograd.Function):
     """Any scan backend as a cell whose backward recomputes the gates instead of storing them.
 
@@ -133,11 +129,11 @@ class _RecomputeGates(torch.autograd.Function):
 
 
 def _run(gates, log_gates, pre: tuple[Tensor, ...], names, h0, mode, backend, fused=None):
-    check_sequences(names, pre, h0, h0_dtypes=(_compute_dtype(pre[0].dtype),) if isinstance(pre[0], torch.Tensor) else ())
+    check_sequences(names, pre, h0, h0_dtypes=(accumulation_dtype(pre[0].dtype),) if isinstance(pre[0], torch.Tensor) else ())
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     in_dtype = pre[0].dtype
-    cdt = _compute_dtype(in_dtype)
+    cdt = accumulation_dtype(in_dtype)
     pre = tuple(p.to(cdt) for p in pre)
     if h0 is not None:
         h0 = h0.to(cdt)
@@ -220,7 +216,7 @@ def _check_step(names, tensors, h):
 
 
 def _step(gates, pre, h):
-    cdt = _compute_dtype(pre[0].dtype)
+    cdt = accumulation_dtype(pre[0].dtype)
     if h is not None:
         cdt = torch.promote_types(cdt, h.dtype)
     a, b = gates(*(p.to(cdt) for p in pre))

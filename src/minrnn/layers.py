@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as MF
+from .ops import accumulation_dtype
 
 
 class _MinRNN(nn.Module):
@@ -106,7 +107,7 @@ class _MinRNN(nn.Module):
                 k = layer * self.num_directions + d
                 seq = layer_in if d == 0 else layer_in.flip(1)
                 pre = self.proj[k](seq)
-                start = None if h0 is None else h0[k].to(_state_dtype(pre))
+                start = None if h0 is None else h0[k].to(accumulation_dtype(pre.dtype))
                 h, h_last = self._cell(pre, start)
                 outs.append(h if d == 0 else h.flip(1))
                 finals.append(h_last)
@@ -129,7 +130,7 @@ class _MinRNN(nn.Module):
         inp = x_t
         for layer in range(self.num_layers):
             pre = self.proj[layer](inp)
-            prev = None if h is None else h[layer].to(_state_dtype(pre))
+            prev = None if h is None else h[layer].to(accumulation_dtype(pre.dtype))
             state = self._cell_step(pre, prev)
             new.append(state)
             inp = state.to(pre.dtype)
@@ -146,10 +147,6 @@ class _MinRNN(nn.Module):
         if self.init_state is not None:
             s += ", learn_init_state=True"
         return s
-
-
-def _state_dtype(pre: Tensor) -> torch.dtype:
-    return torch.float32 if pre.dtype in (torch.float16, torch.bfloat16) else pre.dtype
 
 
 class MinGRU(_MinRNN):

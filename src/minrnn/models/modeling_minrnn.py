@@ -40,7 +40,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import functional as MF
-from ..ops import scan
+from ..ops import accumulation_dtype, scan
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 
@@ -53,11 +53,6 @@ def _accept_cache_aliases(fn):
     for old in _CACHE_ALIASES:
         fn = deprecate_kwarg(old, _ALIAS_VERSION, new_name="cache")(fn)
     return fn
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    # the cells compute half precision in float32 and return the state in float32
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class MinRNNRMSNorm(nn.Module):
@@ -145,7 +140,7 @@ class MinRNNMixer(nn.Module):
                 y, h_last = MF.minlstm(*pre, h0, normalize=self.normalize, backend=self.backend)
         else:
             # padded positions become the identity of the recurrence: a = 1, b = 0
-            cdt = _state_dtype(pre[0].dtype)
+            cdt = accumulation_dtype(pre[0].dtype)
             a, b = self._gates(tuple(p.to(cdt) for p in pre))
             m = mask.unsqueeze(-1)
             a = torch.where(m, a, torch.ones((), dtype=cdt, device=a.device))

@@ -49,6 +49,11 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the recurrence is computed and its state kept in: float32 for half inputs."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def register(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
@@ -151,8 +156,9 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
     """
     check_scan_inputs(a, b, h0)
     be = resolve_backend(backend, a.device)
-    if a.dtype in (torch.float16, torch.bfloat16) and not be.native_half:
-        h = be.fn(a.float(), b.float(), None if h0 is None else h0.float())
+    acc = accumulation_dtype(a.dtype)
+    if acc != a.dtype and not be.native_half:
+        h = be.fn(a.to(acc), b.to(acc), None if h0 is None else h0.to(acc))
         return h.to(a.dtype)
     return be.fn(a, b, h0)
 
@@ -173,4 +179,4 @@ register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, 
 register(Backend("triton", triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
                  available=triton_available, doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
-__all__ = ["scan", "log_scan", "available_backends", "resolve_backend", "register", "Backend", "BACKENDS"]
+__all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend", "BACKENDS"]

@@ -80,11 +80,12 @@ def log_scan(log_a: Tensor, log_b: Tensor, log_h0: Tensor | None = None) -> Tens
     Returns:
         h: (B, T, C) in plain space (not its log).
     """
-    from . import check_scan_inputs  # late import: the registry imports this module
+    from . import accumulation_dtype, check_scan_inputs  # late import: the registry imports this module
 
     check_scan_inputs(log_a, log_b, log_h0, names=("log_a", "log_b", "log_h0"))
-    h0 = None if log_h0 is None else torch.exp(log_h0)
-    return _upcast_call(scan_from_logs, log_a, log_b, h0)
+    acc = accumulation_dtype(log_a.dtype)
+    h0 = None if log_h0 is None else torch.exp(log_h0.to(acc))
+    return scan_from_logs(log_a.to(acc), log_b.to(acc), h0).to(log_a.dtype)
 
 
 def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -101,9 +102,3 @@ def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
         )
     return scan_from_logs(torch.log(a), torch.log(b), h0)
 
-
-def _upcast_call(fn, x: Tensor, y: Tensor, h0: Tensor | None) -> Tensor:
-    if x.dtype in (torch.float16, torch.bfloat16):
-        h = fn(x.float(), y.float(), None if h0 is None else h0.float())
-        return h.to(x.dtype)
-    return fn(x, y, h0)

@@ -110,9 +110,12 @@ def _user_errors():
     from .data.tokenizers import VocabularyError
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
+    from .experiments.compare import CompareError
+    from .experiments.presets import PresetError
 
     # FloatingPointError: a diverged run (non-finite loss), reported with the step
-    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError)
+    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError,
+            CompareError, PresetError)
 
 
 def _run_reporting_user_errors(fn, args) -> int:
@@ -239,6 +242,43 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         result = {"checkpoint": str(path), "split": args.split, "loss": loss, "perplexity": math.exp(loss),
                   f"bits_per_{unit}": bits}
         print(json.dumps(result))
+        return 0
+
+    return lambda args: _run_reporting_user_errors(run, args)
+
+
+@subcommand("compare", "train every model of a paper experiment's preset with one harness (resumable), "
+                       "then write a Markdown table and plots to OUT/EXPERIMENT-PRESET/")
+def compare(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("experiment", metavar="TASK",
+                   help="selective_copying, chomsky, shakespeare_char or wikitext2 (hyphens allowed)")
+    p.add_argument("--preset", default="cpu", help="cpu (default), paper, or full (wikitext2)")
+    p.add_argument("--models", default=None, metavar="A,B,...",
+                   help="comma-separated subset of the preset's models (default: all of them)")
+    p.add_argument("--tasks", default=None, metavar="A,B,...", help="chomsky only: a subset of the tasks")
+    p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's training steps")
+    p.add_argument("--eval-every", type=_positive_int, default=None, help="override the preset's eval interval")
+    p.add_argument("--budget-s", type=_positive_float, default=None, metavar="S",
+                   help="stop each run after S seconds of training (the table says where it stopped)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep (e.g. depth 1, 2, 3): "
+                                                            "the preset's own depth only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results"), help="default: results/")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="bfloat16 trains under autocast (default float32)")
+    p.add_argument("--data-dir", default=None, help="where corpora are looked for (else MINRNN_DATA_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+
+    def run(args: argparse.Namespace) -> int:
+        from .experiments.compare import compare as run_compare
+
+        split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
+        md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
+                         args.seed, str(_device(args.device)), args.dtype, args.data_dir, args.eval_every,
+                         not args.no_sweep, args.budget_s, progress=not args.no_progress)
+        print(md.read_text())
+        print(f"written: {md} and the plots beside it")
         return 0
 
     return lambda args: _run_reporting_user_errors(run, args)

@@ -1,0 +1,597 @@
+"""`minrnn compare`: train every model of a preset with one harness, then tabulate and plot.
+
+    minrnn compare shakespeare_char --preset cpu --models mingru,llama,lstm
+    minrnn compare selective_copying --preset cpu --steps 200       # shrink any preset
+
+Same data, tokenizer, step budget, optimiser and parameter count (presets.py, baselines.py)
+for every model. Each run (one model, one Chomsky task, one sweep value) trains in its own
+process, so that its peak memory is its own and a crash loses one run, and writes to
+``OUT/EXPERIMENT-PRESET/runs/RUN/``:
+
+    spec.json        what was asked (a changed spec is an error, never silently mixed)
+    metrics.jsonl    one line per evaluation: step, training wall time, lr, train/val loss
+                     (and accuracy for the synthetic tasks)
+    checkpoint.pt    weights, optimiser and RNG state at the last evaluation (for --resume of
+                     an interrupted run; removed once the run is done)
+    result.json      the finished run: parameters, final/best metrics, wall time, tokens/s,
+                     peak memory
+
+A run whose result.json exists is not redone; one with a checkpoint continues from it.
+Then ``results.md`` (the table) and ``loss_vs_steps.png`` / ``loss_vs_time.png`` are written
+beside ``runs/``.
+
+What the numbers are. Text: the validation loss during training is the mean next-token
+loss (nats) over ``eval_batches`` x ``batch_size`` windows spread evenly over the evaluation
+split; the final loss is over every non-overlapping window of that split. Synthetic tasks:
+the loss and accuracy are over the answer positions only (targets aligned with the inputs,
+see minrnn.data.tasks); validation batches use ``val_seed``, the final test ``test_seed``.
+Wall time counts training steps only, evaluations excluded. Peak memory is the CUDA
+allocator's peak on a GPU and the process's peak resident set on the CPU (interpreter and
+libraries included, so only differences between rows mean much there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .._files import write_atomic
+from .presets import EXPERIMENTS, Preset, load_preset
+
+TRANSFORMERS = ("llama", "gpt2")
+DTYPES = ("float32", "bfloat16")
+
+
+class CompareError(ValueError):
+    """A compare request that cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run: a model of a preset (for one Chomsky task, at one sweep value)."""
+
+    experiment: str
+    preset: str
+    model: str
+    steps: int
+    task: str | None = None                     # Chomsky: the task of this run
+    sweep: dict = field(default_factory=dict)   # e.g. {"num_layers": 2}
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    data_dir: str | None = None
+    eval_every: int | None = None
+    budget_s: float | None = None               # stop a run after this much training wall time
+
+    @property
+    def name(self) -> str:
+        parts = [self.model] + [f"{k}={v}" for k, v in sorted(self.sweep.items())]
+        return (f"{self.task}." if self.task else "") + "-".join(parts)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("data_dir")  # where the data lives does not change the run
+        return d
+
+
+# --- the data of a run ------------------------------------------------------------------------
+
+
+def _mix(*numbers: int) -> torch.Generator:
+    from ..data.text import _generator
+    return _generator(*numbers)
+
+
+class TextWorkload:
+    """Next-token prediction on a corpus split: ``batch(step)`` and ``evaluate(model, full)``."""
+
+    kind = "text"
+
+    def __init__(self, preset: Preset, seed: int, data_dir: str | None):
+        from ..data.tokenizers import build_tokenizer
+
+        data, train = preset.data, preset.train
+        splits = _corpus_splits(data["corpus"], data.get("train_split", "train"),
+                                data.get("eval_split", "valid"), data_dir)
+        kind = data["tokenizer"]
+        # a character vocabulary covers every split (as nanoGPT builds it); BPE learns from train only
+        vocab_text = splits["train"] + splits["eval"] if kind == "char" else splits["train"]
+        self.tokenizer = build_tokenizer(kind, vocab_text, data.get("bpe_vocab_size", 8192))
+        self.vocab_size = self.tokenizer.vocab_size
+        self.tokens = {k: torch.tensor(self.tokenizer.encode(v), dtype=torch.long) for k, v in splits.items()}
+        self.seq_len, self.batch_size = train["seq_len"], train["batch_size"]
+        for split, toks in self.tokens.items():
+            if toks.numel() < self.seq_len + 1:
+                raise CompareError(f"the {split} split has {toks.numel()} tokens, fewer than seq_len + 1")
+        self.eval_windows = train.get("eval_batches", 16) * self.batch_size
+        self.seed = seed
+        self.tokens_per_step = self.seq_len * self.batch_size * train.get("grad_accum", 1)
+        self.splits_note = f"train on {data.get('train_split', 'train')}, evaluate on {data.get('eval_split', 'valid')}"
+
+    def batch(self, step: int, micro: int):
+        from ..data.text import windows
+        n = self.tokens["train"].numel()
+        offsets = torch.randint(0, n - self.seq_len, (self.batch_size,), generator=_mix(self.seed, step, micro))
+        return windows(self.tokens["train"], offsets, self.seq_len)
+
+    def loss(self, logits, targets):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        from ..data.text import eval_offsets, windows
+        toks = self.tokens["eval"]
+        count = toks.numel() // self.seq_len if full else self.eval_windows
+        offsets = eval_offsets(toks.numel(), self.seq_len, count)
+        total, n = 0.0, 0
+        for i in range(0, offsets.numel(), self.batch_size):
+            x, y = windows(toks, offsets[i:i + self.batch_size], self.seq_len)
+            with autocast():
+                logits = model(x.to(device))
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+            n += y.numel()
+        return {"loss": total / n}
+
+
+def _corpus_splits(corpus: str, train_split: str, eval_split: str, data_dir: str | None) -> dict[str, str]:
+    from ..data.corpora import CORPORA, locate_corpus
+    from ..data.text import load_splits
+
+    known = CORPORA.get(corpus, {})
+    if train_split in known and eval_split in known:  # files checked by SHA-256, nothing to download
+        return {"train": locate_corpus(corpus, train_split, data_dir).read_text(encoding="utf-8"),
+                "eval": locate_corpus(corpus, eval_split, data_dir).read_text(encoding="utf-8")}
+    splits = load_splits(corpus, data_dir)
+    for split in (train_split, eval_split):
+        if split not in splits:
+            raise CompareError(f"{corpus} has no {split} split here (found {sorted(splits)})")
+    return {"train": splits[train_split], "eval": splits[eval_split]}
+
+
+class TaskWorkload:
+    """A synthetic task: batches drawn from (seed, step); loss and accuracy on the answers."""
+
+    kind = "task"
+
+    def __init__(self, preset: Preset, task_name: str, seed: int):
+        from ..data.tasks import TASKS
+
+        self.task = TASKS[task_name]
+        data, train = preset.data, preset.train
+        self.vocab_size = self.task.vocab_size
+        self.batch_size = train["batch_size"]
+        self.options = {"num_tokens": data["num_tokens"]} if "num_tokens" in data else {}
+        if "length" in data:  # selective copying: one length
+            self.train_lengths = (data["length"], data["length"])
+            self.eval_lengths = [data["length"]]
+        else:
+            self.train_lengths = tuple(data["train_lengths"])
+            self.eval_lengths = preset.eval_lengths()
+        self.eval_batches = train.get("eval_batches", 1)
+        self.eval_batch_size = train.get("eval_batch_size", self.batch_size)
+        self.val_seed, self.test_seed = train.get("val_seed", 0), train.get("test_seed", 1)
+        self.seed = seed
+        mean_len = sum(self.train_lengths) / 2
+        self.tokens_per_step = int(self.batch_size * mean_len * train.get("grad_accum", 1))
+        self._eval_sets: dict[int, dict] = {}
+        self.splits_note = (f"train lengths {self.train_lengths[0]}..{self.train_lengths[1]}, "
+                            f"evaluate at {self.eval_lengths[0]}..{self.eval_lengths[-1]}")
+
+    def batch(self, step: int, micro: int):
+        from ..data.tasks import random_length_batch
+        b = random_length_batch(self.task, _mix(self.seed, step, micro), self.batch_size, *self.train_lengths,
+                                **self.options)
+        return b.input_ids, b.targets
+
+    def loss(self, logits, targets):
+        from ..data.tasks import IGNORE_INDEX
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        """Accuracy over the answer positions, the mean over the evaluation lengths."""
+        from ..data.tasks import AccuracyCounts, IGNORE_INDEX, accuracy, eval_set
+
+        seed = self.test_seed if full else self.val_seed
+        if seed not in self._eval_sets:
+            self._eval_sets[seed] = eval_set(self.task, self.eval_lengths, self.eval_batch_size, self.eval_batches,
+                                             seed=seed, **self.options)
+        accs, total, n = [], 0.0, 0
+        for batches in self._eval_sets[seed].values():
+            counts = AccuracyCounts()
+            for b in batches:
+                with autocast():
+                    logits = model(b.input_ids.to(device))
+                y = b.targets.to(device)
+                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                         reduction="sum").item()
+                n += int((y != IGNORE_INDEX).sum())
+                counts = counts + accuracy(logits, y)
+            accs.append(counts.accuracy)
+        return {"loss": total / max(n, 1), "accuracy": sum(accs) / len(accs)}
+
+
+def make_workload(preset: Preset, spec: RunSpec):
+    if "corpus" in preset.data:
+        return TextWorkload(preset, spec.seed, spec.data_dir)
+    return TaskWorkload(preset, spec.task or preset.tasks[0], spec.seed)
+
+
+# --- one run ----------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, steps: int, train: dict) -> float:
+    """Linear warmup, then cosine from lr to min_lr at the last step (as minrnn train)."""
+    lr, warmup = train["lr"], train.get("warmup_steps", 0)
+    min_lr = train.get("min_lr", lr)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _param_groups(model, train: dict) -> list[dict]:
+    """Weight decay on matrices only; with ``decay_recurrence = false`` also none on a minRNN's
+    gate and candidate projection (the paper's selective-copying recipe)."""
+    wd = train.get("weight_decay", 0.0)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        recurrent = "mixer.in_proj" in name and not train.get("decay_recurrence", True)
+        (decay if p.dim() >= 2 and not recurrent else no_decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Train one run to ``spec.steps`` (continuing from ``run_dir/checkpoint.pt`` if there is
+    one) and write result.json; returns the result."""
+    from .baselines import build_model
+
+    preset = load_preset(spec.experiment, spec.preset)
+    train = preset.train
+    device = torch.device(spec.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CompareError(f"device {spec.device!r}: CUDA is not available on this machine")
+    if spec.dtype == "bfloat16":
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+    work = make_workload(preset, spec)
+    torch.manual_seed(spec.seed)
+    target, overrides = preset.model_settings(spec.model, work.vocab_size, **spec.sweep)
+    model = build_model(spec.model, work.vocab_size, target, **overrides).to(device)
+    info = model.baseline
+    opt = torch.optim.AdamW(_param_groups(model, train), lr=train["lr"],
+                            betas=(train.get("beta1", 0.9), train.get("beta2", 0.999)),
+                            **({"fused": True} if device.type == "cuda" else {}))
+    accum, clip = train.get("grad_accum", 1), train.get("grad_clip", 0.0)
+    eval_every = spec.eval_every or train.get("eval_every", 250)
+    ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    step, wall, history = 0, 0.0, []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, wall, history = state["step"], state["wall_s"], state["history"]
+        log(f"  {spec.name}: resuming at step {step}")
+    # the metrics file holds exactly the checkpoint's evaluations (a crash may have left more)
+    write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history).encode())
+    log(f"  {spec.name}: {info.params:,} parameters (width {info.width}, {info.num_layers} layers"
+        + (f", MLP {info.mlp_width}" if info.mlp_width else "") + f"), {spec.steps} steps on {device}")
+
+    bar = None
+    if progress:
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+            bar = tqdm(total=spec.steps, initial=step, desc=spec.name, leave=False, dynamic_ncols=True)
+    model.train()
+    train_loss = torch.zeros((), device=device)
+    losses_since = 0
+    while step < spec.steps:
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, spec.steps, train)
+        for micro in range(accum):
+            x, y = work.batch(step, micro)
+            with autocast():
+                logits = model(x.to(device, non_blocking=True))
+            loss = work.loss(logits, y.to(device, non_blocking=True))
+            (loss / accum).backward()
+            train_loss += loss.detach() / accum
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses_since += 1
+        out_of_time = spec.budget_s is not None and wall + time.perf_counter() - t0 >= spec.budget_s
+        if step % eval_every == 0 or step == spec.steps or out_of_time:
+            mean_train = (train_loss / losses_since).item()  # synchronises the device
+            wall += time.perf_counter() - t0
+            if not math.isfinite(mean_train):
+                raise FloatingPointError(f"{spec.name}: training loss is {mean_train} at step {step}")
+            model.eval()
+            val = work.evaluate(model, device, autocast)
+            model.train()
+            record = {"step": step, "wall_s": round(wall, 3), "lr": _lr_at(step - 1, spec.steps, train),
+                      "train_loss": mean_train, **{f"val_{k}": v for k, v in val.items()}}
+            history.append(record)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(val=f"{val.get('accuracy', val['loss']):.4f}")
+            else:
+                log(f"  {spec.name}: step {step} val {val}")
+            train_loss.zero_()
+            losses_since = 0
+            if step < spec.steps:
+                buf = _to_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "rng": torch.get_rng_state(), "step": step, "wall_s": wall, "history": history})
+                write_atomic(ckpt_path, buf)
+        else:
+            wall += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+        if out_of_time:
+            log(f"  {spec.name}: stopped by the time budget ({spec.budget_s:g} s) at step {step} of {spec.steps}")
+            break
+    if bar is not None:
+        bar.close()
+
+    model.eval()
+    final = work.evaluate(model, device, autocast, full=True)
+    key = "val_accuracy" if work.kind == "task" else "val_loss"
+    best = (max if work.kind == "task" else min)(history, key=lambda r: r[key])
+    result = {
+        "run": spec.name, "model": spec.model, "task": spec.task, "sweep": spec.sweep,
+        "params": info.params, "width": info.width, "num_layers": info.num_layers, "mlp_width": info.mlp_width,
+        "steps": step, "planned_steps": spec.steps, "final_val": history[-1][key], "best_val": best[key], "best_step": best["step"],
+        "final_split": final, "wall_s": wall, "tokens_per_s": step * work.tokens_per_step / wall,
+        "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
+        "data": work.splits_note, "history": history, "spec": spec.to_json(),
+    }
+    write_atomic(run_dir / "result.json", json.dumps(result, indent=1).encode())
+    ckpt_path.unlink(missing_ok=True)
+    return result
+
+
+def _to_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# --- many runs --------------------------------------------------------------------------------
+
+
+def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None, steps: int | None = None,
+              tasks: list[str] | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+              data_dir: str | None = None, eval_every: int | None = None, sweep: bool = True,
+              budget_s: float | None = None) -> list[RunSpec]:
+    """The runs ``minrnn compare`` makes, in order: models x Chomsky tasks x sweep values."""
+    experiment = experiment.replace("-", "_")
+    if experiment not in EXPERIMENTS:
+        raise CompareError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+    try:
+        preset = load_preset(experiment, preset_name)
+    except KeyError as e:
+        raise CompareError(f"--preset: {e.args[0]}") from None
+    models = list(models or preset.models)
+    unknown = [m for m in models if m not in preset.models]
+    if unknown:
+        raise CompareError(f"--models: {unknown} not in the {experiment}/{preset_name} preset's "
+                           f"{list(preset.models)}")
+    steps = preset.train["steps"] if steps is None else steps
+    if steps < 1:
+        raise CompareError(f"--steps must be >= 1, got {steps}")
+    if dtype not in DTYPES:
+        raise CompareError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    run_tasks = [None]
+    if "tasks" in preset.data:
+        run_tasks = list(tasks or preset.tasks)
+        bad = [t for t in run_tasks if t not in preset.tasks]
+        if bad:
+            raise CompareError(f"--tasks: {bad} not in the preset's tasks {list(preset.tasks)}")
+    elif tasks:
+        raise CompareError(f"--tasks is for the Chomsky experiment; {experiment} has one task")
+    sweeps = [{}]
+    if sweep and preset.sweep:
+        (key, values), = preset.sweep.items()
+        sweeps = [{key: v} for v in values]
+    if budget_s is not None and not budget_s > 0:
+        raise CompareError(f"--budget-s must be > 0, got {budget_s}")
+    return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s)
+            for t in run_tasks for s in sweeps for m in models]
+
+
+def experiment_dir(out: Path, spec: RunSpec) -> Path:
+    return Path(out) / f"{spec.experiment}-{spec.preset}"
+
+
+def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[[str], None] = print,
+            progress: bool = True) -> list[dict]:
+    """Train every run not already finished under ``out``; returns every result (old and new)."""
+    results = []
+    for i, spec in enumerate(runs, 1):
+        run_dir = experiment_dir(out, spec) / "runs" / spec.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        spec_path, result_path = run_dir / "spec.json", run_dir / "result.json"
+        if spec_path.exists():
+            old = json.loads(spec_path.read_text())
+            if old != spec.to_json():
+                raise CompareError(f"{run_dir} holds a run with another spec ({old}); remove that folder or "
+                                   "choose another --out")
+        else:
+            write_atomic(spec_path, json.dumps(spec.to_json(), indent=1).encode())
+        if result_path.exists():
+            log(f"[{i}/{len(runs)}] {spec.name}: done before, kept")
+            results.append(json.loads(result_path.read_text()))
+            continue
+        log(f"[{i}/{len(runs)}] {spec.name}")
+        if isolate:
+            cmd = [sys.executable, "-m", "minrnn.experiments.compare", "--run-dir", str(run_dir),
+                   "--data-dir", spec.data_dir or ""] + ([] if progress else ["--no-progress"])
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0:
+                raise RuntimeError(f"run {spec.name} failed (exit code {proc.returncode}); its folder {run_dir} "
+                                   "keeps the last checkpoint: run the same command again to continue")
+            results.append(json.loads(result_path.read_text()))
+        else:
+            results.append(train_run(spec, run_dir, log, progress))
+    return results
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+def _steps_to_reach(result: dict, target: float, key: str, higher_better: bool) -> int | None:
+    for r in result["history"]:
+        if (r[key] >= target) if higher_better else (r[key] <= target):
+            return r["step"]
+    return None
+
+
+def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Path:
+    """Write results.md and the two plots into ``folder``; returns the Markdown file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    task_kind = "tasks" in preset.data or "task" in preset.data
+    key = "val_accuracy" if task_kind else "val_loss"
+    metric = "accuracy" if task_kind else "loss (nats)"
+    lines = [f"# {title}", "", preset.description, "",
+             f"Data: {results[0]['data']}. Device: {results[0]['device']}, {results[0]['dtype']}. "
+             f"Metric: validation {metric}" + ("" if task_kind else ", lower is better") + ".", ""]
+    groups: dict[str | None, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["task"], []).append(r)
+    for task, rows in groups.items():
+        if task:
+            lines += [f"## {task}", ""]
+        ref_rows = [r for r in rows if r["model"] in TRANSFORMERS]
+        target, target_name = None, None
+        if ref_rows:
+            best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["final_val"])
+            target, target_name = best_tf["final_val"], best_tf["run"]
+        final_name = "test accuracy" if task_kind else "final loss, whole eval split"
+        extra = ["ppl"] if "wikitext" in preset.experiment else []
+        header = ["run", "params", "steps", f"final val {metric}", f"best val (step)", final_name, *extra,
+                  f"steps to {target_name}'s final" if target_name else "steps to Transformer's final",
+                  "wall s", "tokens/s", "peak MiB"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in rows:
+            reach = _steps_to_reach(r, target, key, task_kind) if target is not None else None
+            final = r["final_split"]["accuracy" if task_kind else "loss"]
+            steps_cell = str(r["steps"]) + ("" if r["steps"] == r.get("planned_steps", r["steps"])
+                                            else f" of {r['planned_steps']} (time budget)")
+            cells = [r["run"], f"{r['params']:,}", steps_cell, f"{r['final_val']:.4f}", f"{r['best_val']:.4f} ({r['best_step']})",
+                     f"{final:.4f}", *([f"{math.exp(final):.1f}"] if extra else []),
+                     "-" if reach is None else str(reach), f"{r['wall_s']:.0f}", f"{r['tokens_per_s']:.0f}",
+                     f"{r['peak_memory_mib']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    if len(groups) > 1 or next(iter(groups)) is not None:
+        lines += _task_average(groups)
+    lines += ["Validation curves: loss_vs_steps.png, loss_vs_time.png (beside this file).", ""]
+    md = folder / "results.md"
+    write_atomic(md, "\n".join(lines).encode())
+    _plots(groups, folder, key, metric)
+    write_atomic(folder / "results.json",
+                 json.dumps([{k: v for k, v in r.items()} for r in results], indent=1).encode())
+    return md
+
+
+def _task_average(groups: dict) -> list[str]:
+    models: dict[str, list[float]] = {}
+    for rows in groups.values():
+        for r in rows:
+            models.setdefault(r["run"].split(".", 1)[-1], []).append(r["final_split"]["accuracy"])
+    lines = ["## Mean test accuracy over the tasks", "", "| model | tasks | mean |", "|---|---|---|"]
+    for name, accs in models.items():
+        lines.append(f"| {name} | {len(accs)} | {sum(accs) / len(accs):.4f} |")
+    return lines + [""]
+
+
+def _plots(groups: dict, folder: Path, key: str, metric: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    for x_key, x_label, fname in (("step", "step", "loss_vs_steps.png"), ("wall_s", "training wall time (s)",
+                                                                            "loss_vs_time.png")):
+        n = len(groups)
+        cols = min(n, 4)
+        rows_n = math.ceil(n / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
+        for ax, (task, rows) in zip(axes.flat, groups.items()):
+            for r in rows:
+                ax.plot([h[x_key] for h in r["history"]], [h[key] for h in r["history"]], label=r["run"].split(".")[-1],
+                        marker="." if len(r["history"]) < 30 else None)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(f"validation {metric}")
+            ax.set_title(task or "")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(folder / fname, dpi=110)
+        plt.close(fig)
+
+
+def compare(experiment: str, preset: str = "cpu", models: list[str] | None = None, out: str | Path = "results",
+            steps: int | None = None, tasks: list[str] | None = None, seed: int = 0, device: str = "cpu",
+            dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
+            sweep: bool = True, budget_s: float | None = None, isolate: bool = True,
+            log: Callable[[str], None] = print, progress: bool = True) -> Path:
+    """Plan, train (skipping finished runs) and report; returns the path of results.md."""
+    runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
+                     budget_s)
+    results = run_all(runs, Path(out), isolate, log, progress)
+    folder = experiment_dir(Path(out), runs[0])
+    return report(results, folder, f"{runs[0].experiment}, preset {preset}", load_preset(runs[0].experiment, preset))
+
+
+def _child(argv=None) -> int:
+    """Entry point of the per-run process: ``python -m minrnn.experiments.compare --run-dir D``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--data-dir", default="")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    spec_dict = json.loads((args.run_dir / "spec.json").read_text())
+    spec = RunSpec(**spec_dict, data_dir=args.data_dir or None)
+    train_run(spec, args.run_dir, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

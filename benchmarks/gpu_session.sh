@@ -31,7 +31,7 @@ log "machine"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=
 
 if [[ $PARTS == *1* ]]; then
 log "1. Triton tests on the GPU"
-timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops/test_triton.py 2>&1 | tail -15 > "$OUT/triton_tests.txt"
+timeout 110 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops/test_triton.py 2>&1 | tail -15 > "$OUT/triton_tests.txt"
 cat "$OUT/triton_tests.txt"
 fi
 

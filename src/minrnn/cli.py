@@ -269,6 +269,8 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                    help="bfloat16 trains under autocast (default float32)")
     p.add_argument("--data-dir", default=None, help="where corpora are looked for (else MINRNN_DATA_DIR)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads per run (torch, OpenMP, numba); default: every core")
 
     def run(args: argparse.Namespace) -> int:
         from .experiments.compare import compare as run_compare
@@ -276,7 +278,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
                          args.seed, str(_device(args.device)), args.dtype, args.data_dir, args.eval_every,
-                         not args.no_sweep, args.budget_s, progress=not args.no_progress)
+                         not args.no_sweep, args.budget_s, progress=not args.no_progress, threads=args.threads)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0

@@ -107,3 +107,31 @@ def test_schema_errors_name_the_file_and_key(tmp_path):
         load_preset_file(tmp_path / "mine.toml", "q")
     with pytest.raises(KeyError, match="unknown experiment"):
         load_preset("imagenet", "cpu")
+
+
+def test_per_model_train_settings_are_optimiser_only(tmp_path):
+    base = """[p]
+description = "d"
+source = "s"
+models = ["mingru", "llama"]
+target_params = 100000
+[p.data]
+corpus = "tinyshakespeare"
+tokenizer = "char"
+[p.train]
+steps = 10
+lr = 1e-3
+"""
+    good = tmp_path / "good.toml"
+    good.write_text(base + "[p.per_model_train.mingru]\nlr = 3e-3\n")
+    preset = load_preset_file(good, "p")
+    assert preset.train_settings("mingru")["lr"] == 3e-3 and preset.train_settings("llama")["lr"] == 1e-3
+    assert preset.train_settings("mingru")["steps"] == 10
+    bad = tmp_path / "bad.toml"
+    bad.write_text(base + "[p.per_model_train.mingru]\nsteps = 20\n")
+    with pytest.raises(PresetError, match="unknown key 'steps'"):
+        load_preset_file(bad, "p")
+    other = tmp_path / "other.toml"
+    other.write_text(base + "[p.per_model_train.gru]\nlr = 3e-3\n")
+    with pytest.raises(PresetError, match="not among the preset's models"):
+        load_preset_file(other, "p")

@@ -75,6 +75,7 @@ class RunSpec:
     data_dir: str | None = None
     eval_every: int | None = None
     budget_s: float | None = None               # stop a run after this much training wall time
+    preset_digest: str = ""                     # the preset's content: an edited preset is a new run
 
     @property
     def name(self) -> str:
@@ -266,7 +267,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
     from .baselines import build_model
 
     preset = load_preset(spec.experiment, spec.preset)
-    train = preset.train
+    train = preset.train_settings(spec.model)
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CompareError(f"device {spec.device!r}: CUDA is not available on this machine")
@@ -285,6 +286,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
                             **({"fused": True} if device.type == "cuda" else {}))
     accum, clip = train.get("grad_accum", 1), train.get("grad_clip", 0.0)
     eval_every = spec.eval_every or train.get("eval_every", 250)
+    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     step, wall, history = 0, 0.0, []
     if ckpt_path.exists():
@@ -428,8 +430,17 @@ def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None
         sweeps = [{key: v} for v in values]
     if budget_s is not None and not budget_s > 0:
         raise CompareError(f"--budget-s must be > 0, got {budget_s}")
-    return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s)
+    digest = digest_of(preset)
+    return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s,
+                    digest)
             for t in run_tasks for s in sweeps for m in models]
+
+
+def digest_of(preset: Preset) -> str:
+    """A short hash of everything a preset says (models, sizes, data, optimiser)."""
+    import hashlib
+    text = json.dumps(asdict(preset), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def experiment_dir(out: Path, spec: RunSpec) -> Path:
@@ -437,7 +448,7 @@ def experiment_dir(out: Path, spec: RunSpec) -> Path:
 
 
 def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[[str], None] = print,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, threads: int | None = None) -> list[dict]:
     """Train every run not already finished under ``out``; returns every result (old and new)."""
     results = []
     for i, spec in enumerate(runs, 1):
@@ -459,7 +470,11 @@ def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[
         if isolate:
             cmd = [sys.executable, "-m", "minrnn.experiments.compare", "--run-dir", str(run_dir),
                    "--data-dir", spec.data_dir or ""] + ([] if progress else ["--no-progress"])
-            proc = subprocess.run(cmd)
+            env = dict(os.environ)
+            if threads:  # torch, OpenMP and numba each keep a pool: all of them get the same size
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                           NUMBA_NUM_THREADS=str(threads), MINRNN_COMPARE_THREADS=str(threads))
+            proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0:
                 raise RuntimeError(f"run {spec.name} failed (exit code {proc.returncode}); its folder {run_dir} "
                                    "keeps the last checkpoint: run the same command again to continue")
@@ -497,12 +512,13 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
         ref_rows = [r for r in rows if r["model"] in TRANSFORMERS]
         target, target_name = None, None
         if ref_rows:
-            best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["final_val"])
-            target, target_name = best_tf["final_val"], best_tf["run"]
+            # the best Transformer's best validation figure (a final one can be past overfitting)
+            best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["best_val"])
+            target, target_name = best_tf["best_val"], best_tf["run"]
         final_name = "test accuracy" if task_kind else "final loss, whole eval split"
         extra = ["ppl"] if "wikitext" in preset.experiment else []
         header = ["run", "params", "steps", f"final val {metric}", f"best val (step)", final_name, *extra,
-                  f"steps to {target_name}'s final" if target_name else "steps to Transformer's final",
+                  f"steps to {target_name}'s best" if target_name else "steps to Transformer's best",
                   "wall s", "tokens/s", "peak MiB"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in rows:
@@ -571,11 +587,13 @@ def compare(experiment: str, preset: str = "cpu", models: list[str] | None = Non
             steps: int | None = None, tasks: list[str] | None = None, seed: int = 0, device: str = "cpu",
             dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
             sweep: bool = True, budget_s: float | None = None, isolate: bool = True,
-            log: Callable[[str], None] = print, progress: bool = True) -> Path:
+            log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None) -> Path:
     """Plan, train (skipping finished runs) and report; returns the path of results.md."""
     runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
                      budget_s)
-    results = run_all(runs, Path(out), isolate, log, progress)
+    if threads is not None and not isolate:
+        raise CompareError("threads needs isolate=True (a thread count is fixed per process)")
+    results = run_all(runs, Path(out), isolate, log, progress, threads)
     folder = experiment_dir(Path(out), runs[0])
     return report(results, folder, f"{runs[0].experiment}, preset {preset}", load_preset(runs[0].experiment, preset))
 
@@ -589,6 +607,8 @@ def _child(argv=None) -> int:
     args = ap.parse_args(argv)
     spec_dict = json.loads((args.run_dir / "spec.json").read_text())
     spec = RunSpec(**spec_dict, data_dir=args.data_dir or None)
+    if os.environ.get("MINRNN_COMPARE_THREADS"):
+        torch.set_num_threads(int(os.environ["MINRNN_COMPARE_THREADS"]))
     train_run(spec, args.run_dir, progress=not args.no_progress)
     return 0
 

@@ -13,6 +13,8 @@ experiment). Each says where its numbers come from (``source``). A preset's tabl
     target_params   or the budget as a number
     common          build_model overrides for every model (dropout, max_length, ...)
     per_model.NAME  overrides for one model (depth, heads, block options)
+    per_model_train.NAME  train settings for one model (its tuned learning rate; the preset
+                    says how it was chosen)
     data            the task (task / tasks and their lengths) or the corpus and tokenizer
     train           optimiser, schedule and evaluation (names as in minrnn's training config)
     sweep           optional: lists of values of one override to repeat the comparison over
@@ -43,7 +45,8 @@ TOKENIZERS = ("char", "byte", "bpe")
 SPLITS = ("train", "valid", "test")
 
 _TOP_KEYS = {"description": str, "source": str, "models": list, "target_params": int, "reference": dict,
-             "common": dict, "per_model": dict, "data": dict, "train": dict, "sweep": dict}
+             "common": dict, "per_model": dict, "per_model_train": dict, "data": dict, "train": dict,
+             "sweep": dict}
 _DATA_KEYS = {
     "task": str, "length": int, "num_tokens": int,                                   # one synthetic task
     "tasks": list, "train_lengths": list, "eval_lengths": list, "eval_length_step": int,  # Chomsky
@@ -55,6 +58,9 @@ _TRAIN_KEYS = {
     "eval_every": int, "eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int,
     "decay_recurrence": bool,
 }
+
+_OPTIMISER_KEYS = {k: _TRAIN_KEYS[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
+                                               "grad_clip", "decay_recurrence")}
 
 
 class PresetError(ValueError):
@@ -75,6 +81,11 @@ class Preset:
     reference: dict[str, Any] | None = None
     target_params: int | None = None
     sweep: dict[str, list] = field(default_factory=dict)
+    per_model_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def train_settings(self, model: str) -> dict[str, Any]:
+        """The optimiser and schedule of ``model``: ``train`` with its per_model_train entries."""
+        return {**self.train, **self.per_model_train.get(model, {})}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -151,6 +162,11 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     data, train = table["data"], table["train"]
     _check_types(where + ".data", data, _DATA_KEYS)
     _check_types(where + ".train", train, _TRAIN_KEYS)
+    for model, settings in table.get("per_model_train", {}).items():
+        if model not in models:
+            _fail(where + ".per_model_train", f"{model!r} is not among the preset's models {list(models)}")
+        # the optimiser only: data, batch and step budget stay the same for every model
+        _check_types(f"{where}.per_model_train.{model}", settings, _OPTIMISER_KEYS)
     if "task" in data and data["task"] not in TASKS:
         _fail(where + ".data", f"unknown task {data['task']!r}; known: {', '.join(TASKS)}")
     for task in data.get("tasks", []):
@@ -174,7 +190,8 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     return Preset(experiment, name, table["description"], table["source"], models, dict(data), dict(train),
                   dict(table.get("common", {})), {k: dict(v) for k, v in table.get("per_model", {}).items()},
                   dict(reference) if reference is not None else None, table.get("target_params"),
-                  {k: list(v) for k, v in table.get("sweep", {}).items()})
+                  {k: list(v) for k, v in table.get("sweep", {}).items()},
+                  {k: dict(v) for k, v in table.get("per_model_train", {}).items()})
 
 
 def load_preset_file(path: str | Path, preset: str) -> Preset:

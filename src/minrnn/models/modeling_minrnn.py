@@ -35,7 +35,6 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -399,12 +398,21 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          output_attentions=kwargs.pop("output_attentions", None))
-        hidden = slice_logits_to_keep(out.last_hidden_state, logits_to_keep)
+        hidden = _keep_positions(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+
+def _keep_positions(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """generate()'s ``logits_to_keep``: 0 keeps every position, k > 0 the last k, a 1-D
+    tensor the positions it lists. (Written here: transformers only exports its own helper
+    from 5.2x on.)"""
+    if isinstance(logits_to_keep, Tensor):
+        return hidden[:, logits_to_keep]
+    return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
 
 
 class MinRNNForSequenceClassification(MinRNNPreTrainedModel):

@@ -1,0 +1,146 @@
+"""`minrnn compare` end to end on 2-step budgets: the table and plots are written, finished runs
+are kept, an interrupted run resumes to the same numbers, and bad requests are refused."""
+
+import json
+
+import pytest
+import torch
+
+import minrnn.experiments.compare as C
+from minrnn.cli import main
+from minrnn.experiments.compare import CompareError, RunSpec, compare, plan_runs, train_run
+
+
+def _results(md):
+    return json.loads((md.parent / "results.json").read_text())
+
+
+def test_shakespeare_two_steps_writes_table_and_plots(tmp_path):
+    md = compare("shakespeare_char", "cpu", ["mingru", "llama", "lstm"], tmp_path, steps=2, eval_every=1,
+                 isolate=False, log=lambda s: None, progress=False)
+    assert md == tmp_path / "shakespeare_char-cpu" / "results.md"
+    text = md.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert [r.split("|")[1].strip() for r in rows] == ["mingru", "llama", "lstm"]
+    assert "steps to llama's best" in text
+    for png in ("loss_vs_steps.png", "loss_vs_time.png"):
+        assert (md.parent / png).read_bytes()[:4] == b"\x89PNG"
+    results = _results(md)
+    for r in results:
+        assert [h["step"] for h in r["history"]] == [1, 2]
+        assert r["steps"] == 2 and r["wall_s"] > 0 and r["tokens_per_s"] > 0
+        assert 0.9 * 800_000 < r["params"] < 1.1 * 830_000  # the cpu preset's budget (nanoGPT's CPU model)
+        assert r["final_split"]["loss"] < 4.5  # 65 characters: log 65 = 4.17 at chance, a little learned
+    # finished runs are kept, not redone
+    seen = []
+    compare("shakespeare_char", "cpu", ["mingru", "llama", "lstm"], tmp_path, steps=2, eval_every=1,
+            isolate=False, log=seen.append, progress=False)
+    assert sum("done before, kept" in s for s in seen) == 3
+
+
+def test_a_run_in_its_own_process_and_the_task_metric(tmp_path):
+    md = compare("selective_copying", "cpu", ["mingru"], tmp_path, steps=2, eval_every=2, sweep=False,
+                 log=lambda s: None, progress=False)
+    (r,) = _results(md)
+    assert 0.0 <= r["final_val"] <= 1.0 and 0.0 <= r["final_split"]["accuracy"] <= 1.0
+    assert "val_accuracy" in r["history"][0] and r["peak_memory_mib"] > 0
+    assert "accuracy" in md.read_text()
+    assert not (md.parent / "runs" / "mingru" / "checkpoint.pt").exists()
+
+
+def test_chomsky_reports_each_task_and_the_mean(tmp_path):
+    md = compare("chomsky", "cpu", ["mingru", "lstm"], tmp_path, steps=2, eval_every=2,
+                 tasks=["parity_check", "cycle_nav"], isolate=False, log=lambda s: None, progress=False)
+    text = md.read_text()
+    assert "## parity_check" in text and "## cycle_nav" in text and "## Mean test accuracy" in text
+    assert {r["run"] for r in _results(md)} == {"parity_check.mingru", "parity_check.lstm",
+                                                 "cycle_nav.mingru", "cycle_nav.lstm"}
+
+
+def test_sweep_runs_every_value(tmp_path):
+    runs = plan_runs("selective_copying", "cpu", ["mingru", "lstm"], steps=2)
+    assert [r.name for r in runs] == ["mingru-num_layers=1", "lstm-num_layers=1", "mingru-num_layers=2",
+                                      "lstm-num_layers=2", "mingru-num_layers=3", "lstm-num_layers=3"]
+    assert len(plan_runs("selective_copying", "cpu", ["mingru"], sweep=False)) == 1
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch):
+    (spec,) = plan_runs("shakespeare_char", "cpu", ["mingru"], steps=4, eval_every=2)
+    whole = train_run(spec, tmp_path / "whole", log=lambda s: None, progress=False)
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def crash_on_third(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(spec, tmp_path / "cut", log=lambda s: None, progress=False)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    lines = []
+    resumed = train_run(spec, tmp_path / "cut", log=lines.append, progress=False)
+    assert any("resuming at step 2" in s for s in lines)
+    for a, b in zip(whole["history"], resumed["history"], strict=True):
+        assert a["step"] == b["step"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_time_budget_stops_and_says_so(tmp_path):
+    (spec,) = plan_runs("shakespeare_char", "cpu", ["lstm"], steps=1000, eval_every=500, budget_s=1e-9)
+    r = train_run(spec, tmp_path, log=lambda s: None, progress=False)
+    assert r["steps"] == 1 and r["planned_steps"] == 1000 and len(r["history"]) == 1
+
+
+def test_a_changed_request_is_not_mixed_into_old_results(tmp_path):
+    compare("shakespeare_char", "cpu", ["lstm"], tmp_path, steps=1, isolate=False, log=lambda s: None,
+            progress=False)
+    with pytest.raises(CompareError, match="another spec"):
+        compare("shakespeare_char", "cpu", ["lstm"], tmp_path, steps=2, isolate=False, log=lambda s: None,
+                progress=False)
+
+
+def test_an_edited_preset_changes_the_spec(monkeypatch):
+    (before,) = plan_runs("shakespeare_char", "cpu", ["lstm"])
+    real = C.load_preset
+
+    def edited(*args):
+        p = real(*args)
+        return type(p)(**{**p.__dict__, "train": {**p.train, "lr": 5e-3}})
+
+    monkeypatch.setattr(C, "load_preset", edited)
+    (after,) = plan_runs("shakespeare_char", "cpu", ["lstm"])
+    assert before.preset_digest != after.preset_digest
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experiment="tetris"), "unknown experiment"),
+    (dict(preset_name="huge"), "--preset"),
+    (dict(models=["mingru", "rwkv"]), "--models"),
+    (dict(steps=0), "--steps"),
+    (dict(tasks=["parity_check"]), "--tasks is for the Chomsky"),
+    (dict(dtype="float16"), "--dtype"),
+    (dict(budget_s=0.0), "--budget-s"),
+])
+def test_bad_requests_name_the_option(kwargs, message):
+    args = dict(experiment="shakespeare_char", preset_name="cpu")
+    args.update(kwargs)
+    with pytest.raises(CompareError, match=message):
+        plan_runs(**args)
+
+
+def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["compare", "shakespeare_char", "--models", "mingru,rwkv", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "minrnn compare: error: --models" in err and "Traceback" not in err
+
+
+def test_run_names_are_stable():
+    spec = RunSpec("chomsky", "cpu", "mingru", 10, task="parity_check", sweep={"num_layers": 2})
+    assert spec.name == "parity_check.mingru-num_layers=2"

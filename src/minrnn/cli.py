@@ -264,7 +264,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                                                             "the preset's own depth only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"), help="default: results/")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains under autocast (default float32)")
     p.add_argument("--data-dir", default=None, help="where corpora are looked for (else MINRNN_DATA_DIR)")
@@ -277,7 +277,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
 
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
-                         args.seed, str(_device(args.device)), args.dtype, args.data_dir, args.eval_every,
+                         args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
                          not args.no_sweep, args.budget_s, progress=not args.no_progress, threads=args.threads)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")

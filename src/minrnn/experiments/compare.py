@@ -91,11 +91,6 @@ class RunSpec:
 # --- the data of a run ------------------------------------------------------------------------
 
 
-def _mix(*numbers: int) -> torch.Generator:
-    from ..data.text import _generator
-    return _generator(*numbers)
-
-
 class TextWorkload:
     """Next-token prediction on a corpus split: ``batch(step)`` and ``evaluate(model, full)``."""
 
@@ -123,9 +118,10 @@ class TextWorkload:
         self.splits_note = f"train on {data.get('train_split', 'train')}, evaluate on {data.get('eval_split', 'valid')}"
 
     def batch(self, step: int, micro: int):
-        from ..data.text import windows
+        from ..data.text import _generator, windows
         n = self.tokens["train"].numel()
-        offsets = torch.randint(0, n - self.seq_len, (self.batch_size,), generator=_mix(self.seed, step, micro))
+        offsets = torch.randint(0, n - self.seq_len, (self.batch_size,),
+                                generator=_generator(self.seed, step, micro))
         return windows(self.tokens["train"], offsets, self.seq_len)
 
     def loss(self, logits, targets):
@@ -193,7 +189,8 @@ class TaskWorkload:
 
     def batch(self, step: int, micro: int):
         from ..data.tasks import random_length_batch
-        b = random_length_batch(self.task, _mix(self.seed, step, micro), self.batch_size, *self.train_lengths,
+        from ..data.text import _generator
+        b = random_length_batch(self.task, _generator(self.seed, step, micro), self.batch_size, *self.train_lengths,
                                 **self.options)
         return b.input_ids, b.targets
 
@@ -235,24 +232,21 @@ def make_workload(preset: Preset, spec: RunSpec):
 
 
 def _lr_at(step: int, steps: int, train: dict) -> float:
-    """Linear warmup, then cosine from lr to min_lr at the last step (as minrnn train)."""
-    lr, warmup = train["lr"], train.get("warmup_steps", 0)
-    min_lr = train.get("min_lr", lr)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warmup, then cosine from lr to min_lr at the last step (minrnn train's schedule)."""
+    from types import SimpleNamespace
+
+    from ..training.loop import lr_factor
+    schedule = SimpleNamespace(lr=train["lr"], min_lr=train.get("min_lr", train["lr"]),
+                               warmup_steps=train.get("warmup_steps", 0), steps=steps)
+    return train["lr"] * lr_factor(step, schedule)
 
 
 def _param_groups(model, train: dict) -> list[dict]:
-    """Weight decay on matrices only; with ``decay_recurrence = false`` also none on a minRNN's
-    gate and candidate projection (the paper's selective-copying recipe)."""
-    wd = train.get("weight_decay", 0.0)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        recurrent = "mixer.in_proj" in name and not train.get("decay_recurrence", True)
-        (decay if p.dim() >= 2 and not recurrent else no_decay).append(p)
-    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    """minrnn train's groups (decay on matrices only); with ``decay_recurrence = false`` also
+    none on a minRNN's gate and candidate projection (the paper's selective-copying recipe)."""
+    from ..training.loop import param_groups
+    recurrent = None if train.get("decay_recurrence", True) else (lambda name: "mixer.in_proj" in name)
+    return param_groups(model, train.get("weight_decay", 0.0), recurrent)
 
 
 def _peak_memory_mib(device: torch.device) -> float:
@@ -367,7 +361,8 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
     result = {
         "run": spec.name, "model": spec.model, "task": spec.task, "sweep": spec.sweep,
         "params": info.params, "width": info.width, "num_layers": info.num_layers, "mlp_width": info.mlp_width,
-        "steps": step, "planned_steps": spec.steps, "final_val": history[-1][key], "best_val": best[key], "best_step": best["step"],
+        "steps": step, "planned_steps": spec.steps, "final_val": history[-1][key], "best_val": best[key],
+        "best_step": best["step"],
         "final_split": final, "wall_s": wall, "tokens_per_s": step * work.tokens_per_step / wall,
         "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
         "data": work.splits_note, "history": history, "spec": spec.to_json(),
@@ -476,8 +471,8 @@ def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[
                            NUMBA_NUM_THREADS=str(threads), MINRNN_COMPARE_THREADS=str(threads))
             proc = subprocess.run(cmd, env=env)
             if proc.returncode != 0:
-                raise RuntimeError(f"run {spec.name} failed (exit code {proc.returncode}); its folder {run_dir} "
-                                   "keeps the last checkpoint: run the same command again to continue")
+                raise CompareError(f"run {spec.name} failed (exit code {proc.returncode}, its error is above); "
+                                   f"{run_dir} keeps the last checkpoint: run the same command again to continue")
             results.append(json.loads(result_path.read_text()))
         else:
             results.append(train_run(spec, run_dir, log, progress))
@@ -526,7 +521,8 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
             final = r["final_split"]["accuracy" if task_kind else "loss"]
             steps_cell = str(r["steps"]) + ("" if r["steps"] == r.get("planned_steps", r["steps"])
                                             else f" of {r['planned_steps']} (time budget)")
-            cells = [r["run"], f"{r['params']:,}", steps_cell, f"{r['final_val']:.4f}", f"{r['best_val']:.4f} ({r['best_step']})",
+            cells = [r["run"], f"{r['params']:,}", steps_cell, f"{r['final_val']:.4f}",
+                     f"{r['best_val']:.4f} ({r['best_step']})",
                      f"{final:.4f}", *([f"{math.exp(final):.1f}"] if extra else []),
                      "-" if reach is None else str(reach), f"{r['wall_s']:.0f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['peak_memory_mib']:.0f}"]

@@ -55,13 +55,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 exempt: Callable[[str], bool] | None = None) -> list[dict]:
     """Weight decay on matrices (projections, embeddings, conv kernels), none on vectors
-    (biases, norm scales): decaying a norm's scale towards 0 only fights the norm."""
+    (biases, norm scales): decaying a norm's scale towards 0 only fights the norm. Nor on
+    the parameters whose name ``exempt`` accepts."""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():  # named_parameters lists tied weights once
+    for name, p in model.named_parameters():  # named_parameters lists tied weights once
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and not (exempt and exempt(name)) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -288,6 +289,8 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         step, wall, history = state["step"], state["wall_s"], state["history"]
         log(f"  {spec.name}: resuming at step {step}")
     # the metrics file holds exactly the checkpoint's evaluations (a crash may have left more)
@@ -342,7 +345,8 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
             losses_since = 0
             if step < spec.steps:
                 buf = _to_bytes({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                 "rng": torch.get_rng_state(), "step": step, "wall_s": wall, "history": history})
+                                 "rng": torch.get_rng_state(), "step": step, "wall_s": wall, "history": history,
+                                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
                 write_atomic(ckpt_path, buf)
         else:
             wall += time.perf_counter() - t0
@@ -605,7 +609,7 @@ def _child(argv=None) -> int:
     spec = RunSpec(**spec_dict, data_dir=args.data_dir or None)
     if os.environ.get("MINRNN_COMPARE_THREADS"):
         torch.set_num_threads(int(os.environ["MINRNN_COMPARE_THREADS"]))
-    train_run(spec, args.run_dir, progress=not args.no_progress)
+    train_run(spec, args.run_dir, log=functools.partial(print, flush=True), progress=not args.no_progress)
     return 0
 
 

@@ -65,7 +65,8 @@ def test_sweep_runs_every_value(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypatch):
-    (spec,) = plan_runs("shakespeare_char", "cpu", ["mingru"], steps=4, eval_every=2)
+    # a synthetic task: cheap to evaluate; the text path shares the loop
+    (spec,) = plan_runs("selective_copying", "cpu", ["mingru"], steps=4, eval_every=2, sweep=False)
     whole = train_run(spec, tmp_path / "whole", log=lambda s: None, progress=False)
 
     calls = {"n": 0}
@@ -88,22 +89,24 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypa
     for a, b in zip(whole["history"], resumed["history"], strict=True):
         assert a["step"] == b["step"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["val_accuracy"] == b["val_accuracy"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_time_budget_stops_and_says_so(tmp_path):
-    (spec,) = plan_runs("shakespeare_char", "cpu", ["lstm"], steps=1000, eval_every=500, budget_s=1e-9)
+    (spec,) = plan_runs("selective_copying", "cpu", ["lstm"], steps=1000, eval_every=500, budget_s=1e-9,
+                        sweep=False)
     r = train_run(spec, tmp_path, log=lambda s: None, progress=False)
     assert r["steps"] == 1 and r["planned_steps"] == 1000 and len(r["history"]) == 1
 
 
 def test_a_changed_request_is_not_mixed_into_old_results(tmp_path):
-    compare("shakespeare_char", "cpu", ["lstm"], tmp_path, steps=1, isolate=False, log=lambda s: None,
-            progress=False)
+    compare("selective_copying", "cpu", ["lstm"], tmp_path, steps=1, sweep=False, isolate=False,
+            log=lambda s: None, progress=False)
     with pytest.raises(CompareError, match="another spec"):
-        compare("shakespeare_char", "cpu", ["lstm"], tmp_path, steps=2, isolate=False, log=lambda s: None,
-                progress=False)
+        compare("selective_copying", "cpu", ["lstm"], tmp_path, steps=2, sweep=False, isolate=False,
+                log=lambda s: None, progress=False)
 
 
 def test_an_edited_preset_changes_the_spec(monkeypatch):

@@ -544,13 +544,18 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
 
 
 def _task_average(groups: dict) -> list[str]:
-    models: dict[str, list[float]] = {}
-    for rows in groups.values():
+    """Test accuracy of every model on every task, and its mean over the tasks."""
+    tasks = list(groups)
+    acc: dict[str, dict[str, float]] = {}
+    for task, rows in groups.items():
         for r in rows:
-            models.setdefault(r["run"].split(".", 1)[-1], []).append(r["final_split"]["accuracy"])
-    lines = ["## Mean test accuracy over the tasks", "", "| model | tasks | mean |", "|---|---|---|"]
-    for name, accs in models.items():
-        lines.append(f"| {name} | {len(accs)} | {sum(accs) / len(accs):.4f} |")
+            acc.setdefault(r["run"].split(".", 1)[-1], {})[task] = r["final_split"]["accuracy"]
+    lines = ["## Test accuracy per task, and the mean", "",
+             "| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    for name, by_task in acc.items():
+        cells = [f"{by_task[t]:.3f}" if t in by_task else "-" for t in tasks]
+        mean = sum(by_task.values()) / len(by_task)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} |")
     return lines + [""]
 
 

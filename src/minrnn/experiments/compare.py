@@ -98,6 +98,7 @@ class TextWorkload:
     kind = "text"
 
     def __init__(self, preset: Preset, seed: int, data_dir: str | None):
+        from ..data.text import check_long_enough
         from ..data.tokenizers import build_tokenizer
 
         data, train = preset.data, preset.train
@@ -111,22 +112,20 @@ class TextWorkload:
         self.tokens = {k: torch.tensor(self.tokenizer.encode(v), dtype=torch.long) for k, v in splits.items()}
         self.seq_len, self.batch_size = train["seq_len"], train["batch_size"]
         for split, toks in self.tokens.items():
-            if toks.numel() < self.seq_len + 1:
-                raise CompareError(f"the {split} split has {toks.numel()} tokens, fewer than seq_len + 1")
+            check_long_enough(toks, self.seq_len, split)
         self.eval_windows = train.get("eval_batches", 16) * self.batch_size
         self.seed = seed
         self.tokens_per_step = self.seq_len * self.batch_size * train.get("grad_accum", 1)
         self.splits_note = f"train on {data.get('train_split', 'train')}, evaluate on {data.get('eval_split', 'valid')}"
 
     def batch(self, step: int, micro: int):
-        from ..data.text import _generator, windows
-        n = self.tokens["train"].numel()
-        offsets = torch.randint(0, n - self.seq_len, (self.batch_size,),
-                                generator=_generator(self.seed, step, micro))
-        return windows(self.tokens["train"], offsets, self.seq_len)
+        from ..data.text import train_offsets, windows
+        tokens = self.tokens["train"]
+        offsets = train_offsets(tokens.numel(), self.seq_len, self.batch_size, self.seed, step, micro)
+        return windows(tokens, offsets, self.seq_len)
 
-    def loss(self, logits, targets):
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    def loss(self, logits, targets, reduction: str = "mean"):
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast, full: bool = False) -> dict:
@@ -139,7 +138,7 @@ class TextWorkload:
             x, y = windows(toks, offsets[i:i + self.batch_size], self.seq_len)
             with autocast():
                 logits = model(x.to(device))
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum").item()
+            total += self.loss(logits, y.to(device), "sum").item()
             n += y.numel()
         return {"loss": total / n}
 
@@ -195,9 +194,10 @@ class TaskWorkload:
                                 **self.options)
         return b.input_ids, b.targets
 
-    def loss(self, logits, targets):
+    def loss(self, logits, targets, reduction: str = "mean"):
         from ..data.tasks import IGNORE_INDEX
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction=reduction)
 
     @torch.no_grad()
     def evaluate(self, model, device, autocast, full: bool = False) -> dict:
@@ -215,8 +215,7 @@ class TaskWorkload:
                 with autocast():
                     logits = model(b.input_ids.to(device))
                 y = b.targets.to(device)
-                total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                         reduction="sum").item()
+                total += self.loss(logits, y, "sum").item()
                 n += int((y != IGNORE_INDEX).sum())
                 counts = counts + accuracy(logits, y)
             accs.append(counts.accuracy)

@@ -260,6 +260,9 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--eval-every", type=_positive_int, default=None, help="override the preset's eval interval")
     p.add_argument("--budget-s", type=_positive_float, default=None, metavar="S",
                    help="stop each run after S seconds of training (the table says where it stopped)")
+    p.add_argument("--lr", type=_positive_float, default=None,
+                   help="peak learning rate for every run instead of the preset's (min_lr scaled alike); "
+                        "use another --out for a sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep (e.g. depth 1, 2, 3): "
                                                             "the preset's own depth only")
     p.add_argument("--seed", type=int, default=0)
@@ -278,7 +281,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
                          args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
-                         not args.no_sweep, args.budget_s, progress=not args.no_progress, threads=args.threads)
+                         not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0

@@ -131,6 +131,8 @@ def test_an_edited_preset_changes_the_spec(monkeypatch):
     (dict(tasks=["parity_check"]), "--tasks is for the Chomsky"),
     (dict(dtype="float16"), "--dtype"),
     (dict(budget_s=0.0), "--budget-s"),
+    (dict(lr=-1e-3), "--lr"),
+    (dict(lr=float("nan")), "--lr"),
 ])
 def test_bad_requests_name_the_option(kwargs, message):
     args = dict(experiment="shakespeare_char", preset_name="cpu")
@@ -148,3 +150,17 @@ def test_cli_reports_user_errors_without_a_traceback(tmp_path, capsys):
 def test_run_names_are_stable():
     spec = RunSpec("chomsky", "cpu", "mingru", 10, task="parity_check", sweep={"num_layers": 2})
     assert spec.name == "parity_check.mingru-num_layers=2"
+
+
+def test_lr_override_sets_peak_and_floor_and_is_recorded(tmp_path):
+    (spec,) = plan_runs("selective_copying", "cpu", ["lstm"], steps=2, eval_every=1, sweep=False, lr=2e-3)
+    preset = C.load_preset("selective_copying", "cpu")
+    base = preset.train_settings("lstm")
+    train = C.run_train_settings(preset, spec)
+    assert train["lr"] == 2e-3 and train["min_lr"] == pytest.approx(base["min_lr"] * 2e-3 / base["lr"])
+    assert spec.to_json()["lr"] == 2e-3
+    r = train_run(spec, tmp_path, log=lambda s: None, progress=False)
+    assert r["lr"] == 2e-3 and r["history"][0]["lr"] == pytest.approx(2e-3 * 1 / base["warmup_steps"])
+    # without the override the spec reads as it did before --lr existed (old runs stay valid)
+    (plain,) = plan_runs("selective_copying", "cpu", ["lstm"], steps=2, sweep=False)
+    assert "lr" not in plain.to_json() and C.run_train_settings(preset, plain) == base

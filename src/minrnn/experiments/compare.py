@@ -77,6 +77,7 @@ class RunSpec:
     eval_every: int | None = None
     budget_s: float | None = None               # stop a run after this much training wall time
     preset_digest: str = ""                     # the preset's content: an edited preset is a new run
+    lr: float | None = None                     # the peak learning rate instead of the preset's (min_lr alike)
 
     @property
     def name(self) -> str:
@@ -86,6 +87,8 @@ class RunSpec:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("data_dir")  # where the data lives does not change the run
+        if d["lr"] is None:
+            d.pop("lr")  # so the specs of runs made before --lr existed still match
         return d
 
 
@@ -255,13 +258,24 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def run_train_settings(preset: Preset, spec: RunSpec) -> dict:
+    """The model's optimiser settings from the preset, with ``spec.lr`` as the peak learning rate
+    if given (the floor of the schedule, min_lr, keeps its ratio to the peak)."""
+    train = dict(preset.train_settings(spec.model))
+    if spec.lr is not None:
+        if "min_lr" in train:
+            train["min_lr"] = train["min_lr"] * spec.lr / train["lr"]
+        train["lr"] = spec.lr
+    return train
+
+
 def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Train one run to ``spec.steps`` (continuing from ``run_dir/checkpoint.pt`` if there is
     one) and write result.json; returns the result."""
     from .baselines import build_model
 
     preset = load_preset(spec.experiment, spec.preset)
-    train = preset.train_settings(spec.model)
+    train = run_train_settings(preset, spec)
     device = torch.device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CompareError(f"device {spec.device!r}: CUDA is not available on this machine")
@@ -364,7 +378,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
     result = {
         "run": spec.name, "model": spec.model, "task": spec.task, "sweep": spec.sweep,
         "params": info.params, "width": info.width, "num_layers": info.num_layers, "mlp_width": info.mlp_width,
-        "steps": step, "planned_steps": spec.steps, "final_val": history[-1][key], "best_val": best[key],
+        "steps": step, "planned_steps": spec.steps, "lr": train["lr"], "final_val": history[-1][key], "best_val": best[key],
         "best_step": best["step"],
         "final_split": final, "wall_s": wall, "tokens_per_s": step * work.tokens_per_step / wall,
         "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
@@ -395,7 +409,7 @@ def _device_name(device: torch.device) -> str:
 def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None, steps: int | None = None,
               tasks: list[str] | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
               data_dir: str | None = None, eval_every: int | None = None, sweep: bool = True,
-              budget_s: float | None = None) -> list[RunSpec]:
+              budget_s: float | None = None, lr: float | None = None) -> list[RunSpec]:
     """The runs ``minrnn compare`` makes, in order: models x Chomsky tasks x sweep values."""
     experiment = experiment.replace("-", "_")
     if experiment not in EXPERIMENTS:
@@ -428,9 +442,11 @@ def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None
         sweeps = [{key: v} for v in values]
     if budget_s is not None and not budget_s > 0:
         raise CompareError(f"--budget-s must be > 0, got {budget_s}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise CompareError(f"--lr must be a positive number, got {lr}")
     digest = digest_of(preset)
     return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s,
-                    digest)
+                    digest, lr)
             for t in run_tasks for s in sweeps for m in models]
 
 
@@ -515,7 +531,7 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
             target, target_name = best_tf["best_val"], best_tf["run"]
         final_name = "test accuracy" if task_kind else "final loss, whole eval split"
         extra = ["ppl"] if "wikitext" in preset.experiment else []
-        header = ["run", "params", "steps", f"final val {metric}", f"best val (step)", final_name, *extra,
+        header = ["run", "params", "steps", "peak lr", f"final val {metric}", f"best val (step)", final_name, *extra,
                   f"steps to {target_name}'s best" if target_name else "steps to Transformer's best",
                   "wall s", "tokens/s", "peak MiB"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -524,7 +540,8 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
             final = r["final_split"]["accuracy" if task_kind else "loss"]
             steps_cell = str(r["steps"]) + ("" if r["steps"] == r.get("planned_steps", r["steps"])
                                             else f" of {r['planned_steps']} (time budget)")
-            cells = [r["run"], f"{r['params']:,}", steps_cell, f"{r['final_val']:.4f}",
+            lr = r.get("lr", preset.train_settings(r["model"])["lr"])  # results from before "lr" was recorded
+            cells = [r["run"], f"{r['params']:,}", steps_cell, f"{lr:g}", f"{r['final_val']:.4f}",
                      f"{r['best_val']:.4f} ({r['best_step']})",
                      f"{final:.4f}", *([f"{math.exp(final):.1f}"] if extra else []),
                      "-" if reach is None else str(reach), f"{r['wall_s']:.0f}", f"{r['tokens_per_s']:.0f}",
@@ -590,11 +607,11 @@ def _plots(groups: dict, folder: Path, key: str, metric: str) -> None:
 def compare(experiment: str, preset: str = "cpu", models: list[str] | None = None, out: str | Path = "results",
             steps: int | None = None, tasks: list[str] | None = None, seed: int = 0, device: str = "cpu",
             dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
-            sweep: bool = True, budget_s: float | None = None, isolate: bool = True,
+            sweep: bool = True, budget_s: float | None = None, lr: float | None = None, isolate: bool = True,
             log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None) -> Path:
     """Plan, train (skipping finished runs) and report; returns the path of results.md."""
     runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
-                     budget_s)
+                     budget_s, lr)
     if threads is not None and not isolate:
         raise CompareError("threads needs isolate=True (a thread count is fixed per process)")
     results = run_all(runs, Path(out), isolate, log, progress, threads)

@@ -108,3 +108,104 @@ def test_auto_prefers_cpu_kernels_and_falls_back_without_numba(monkeypatch):
     layer = minrnn.MinGRU(4, 6)
     y, _ = layer(torch.randn(2, 5, 4))  # still runs, on the pure-torch path
     assert y.shape == (2, 5, 6)
+
+
+# --- the output cache ---------------------------------------------------------------------
+
+
+def test_cache_reuses_a_block_only_once_nothing_views_it():
+    cache = cpu.OutputCache(limit_bytes=1 << 30, min_bytes=0)
+    t = cache.empty((4, 8, 16), torch.float32)
+    ptr = t.data_ptr()
+    view = t[:, -1]
+    del t
+    u = cache.empty((4, 8, 16), torch.float32)  # the first block is still viewed: a new one
+    assert u.data_ptr() != ptr
+    del view
+    v = cache.empty((4, 8, 16), torch.float32)
+    assert v.data_ptr() == ptr and cache.held_bytes == 0
+    w = cache.empty((8, 8, 16), torch.float32)  # another size: never a block of the wrong size
+    assert w.data_ptr() != ptr and w.shape == (8, 8, 16) and w.is_contiguous()
+
+
+def test_cache_holds_at_most_its_limit_and_drops_the_oldest():
+    block = 4 * 8 * 16 * 4
+    cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0)
+    ts = [cache.empty((4, 8, 16), torch.float32) for _ in range(3)]
+    ptrs = [t.data_ptr() for t in ts]
+    del ts
+    assert cache.held_bytes == 2 * block
+    again = {cache.empty((4, 8, 16), torch.float32).data_ptr() for _ in range(1)}
+    assert again <= set(ptrs[1:])  # the first freed (oldest) block was dropped
+    cache.clear()
+    assert cache.held_bytes == 0
+
+
+def test_cache_off_and_small_outputs_are_plain_allocations():
+    cache = cpu.OutputCache(limit_bytes=0)
+    t = cache.empty((4, 8, 16), torch.float64)
+    t.resize_(5, 8, 16)  # a plain allocation: resizable
+    small = cpu.OutputCache(limit_bytes=1 << 30, min_bytes=1 << 20).empty((4, 8, 16), torch.float32)
+    small.resize_(8, 8, 16)
+
+
+@pytest.mark.parametrize("cell", ["scan", "mingru", "minlstm"])
+def test_outputs_from_reused_blocks_do_not_alias_live_results(cell):
+    """Two passes in a row, the first one's outputs and gradients kept: the second pass gets
+    reused blocks, and neither pass's numbers change."""
+    B, T, C = 3, 29, 20
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        n = {"scan": 2, "mingru": 2, "minlstm": 3}[cell]
+        xs = [torch.randn(B, T, C, generator=gen, dtype=torch.float64) for _ in range(n)]
+        h0 = torch.randn(B, C, generator=gen, dtype=torch.float64)
+        if cell == "scan":
+            xs[0] = torch.sigmoid(xs[0])
+        fns = {"scan": (cpu.cpu_scan, lambda a, b, h: minrnn.scan(a, b, h, backend="sequential")),
+               "mingru": (cpu.cpu_mingru, lambda x, k, h: MF.mingru(x, k, h, mode="sequential")[0]),
+               "minlstm": (lambda x, f, i, h: cpu.cpu_minlstm(x, f, i, h, True),
+                           lambda x, f, i, h: MF.minlstm(x, f, i, h, mode="sequential")[0])}[cell]
+        out = []
+        for fn in fns:
+            leaves = [x.clone().requires_grad_() for x in (*xs, h0)]
+            h = fn(*leaves)
+            h.backward(torch.ones_like(h))
+            out.append([h.detach()] + [x.grad for x in leaves])
+        return out
+
+    first_fast, first_ref = run(0)
+    kept = [t.clone() for t in first_fast]
+    for _ in range(3):
+        second_fast, second_ref = run(1)
+        for got, want in zip(second_fast, second_ref):
+            assert_close_scaled(got, want, 1e-12)
+        del second_fast
+    for got, want, copy in zip(first_fast, first_ref, kept):
+        assert torch.equal(got, copy)
+        assert_close_scaled(got, want, 1e-12)
+
+
+def test_cache_limit_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("MINRNN_CPU_CACHE_MB", "64")
+    assert cpu._default_limit() == 64 << 20
+    monkeypatch.setenv("MINRNN_CPU_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="MINRNN_CPU_CACHE_MB"):
+        cpu._default_limit()
+
+
+def test_peak_memory_counts_cached_outputs():
+    """The bench's profiler-based peak must see the cell's outputs even when the cache holds
+    blocks it would otherwise hand out again."""
+    from minrnn.bench.measure import peak_memory
+
+    B, T, C = 4, 64, 32
+    pre = torch.randn(B, T, 2 * C, requires_grad=True)
+
+    def step():
+        pre.grad = None
+        cpu.cpu_mingru(pre[..., :C], pre[..., C:], None).sum().backward()
+
+    step()
+    step()  # the cache now holds h and dL/dpre blocks of these sizes
+    assert peak_memory(step) >= B * T * C * 4 + B * T * 2 * C * 4

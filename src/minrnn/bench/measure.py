@@ -117,7 +117,9 @@ def peak_memory(fn: Callable[[], object], device: torch.device = torch.device("c
     """Peak bytes allocated by fn() and alive at one moment (see the module doc).
 
     The garbage collector is paused during fn(), so that a collection of older objects
-    (a free the step did not cause) cannot hide part of the step's own peak.
+    (a free the step did not cause) cannot hide part of the step's own peak. On CPU the
+    output cache of minrnn's compiled kernels is off during fn(): a block it hands out again
+    is not a PyTorch allocation and the profiler would not see it.
     """
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"peak_memory measures cpu or cuda, not {device.type}")
@@ -133,7 +135,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device = torch.device("c
             return max(0, torch.cuda.max_memory_allocated(device) - start)
         from torch.profiler import ProfilerActivity, profile
 
-        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        from ..ops.cpu import output_cache_limit
+
+        with (output_cache_limit(0), _native_stderr_silenced(),
+              profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof):
             fn()
     finally:
         if enabled:

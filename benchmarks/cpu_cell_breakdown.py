@@ -1,0 +1,131 @@
+"""Where a minGRU layer's training step goes on CPU, beside its input projection (issue 3).
+
+    python benchmarks/cpu_cell_breakdown.py                    # T = 256 and 4096, every core
+    python benchmarks/cpu_cell_breakdown.py --lengths 256 --threads 1 --repeats 31
+
+For one layer (B = 16, input = hidden = 128 by default), median ms of:
+
+    projection       nn.Linear(D, 2D) forward + backward with a fixed upstream gradient (the floor)
+    layer            minrnn.MinGRU forward + backward (the `cpu` backend)
+    kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation)
+    cell fwd+bwd     the cell's autograd Function on fixed pre-activations, output cache on
+    cell, cache off  the same with every output a fresh allocation (MINRNN_CPU_CACHE_MB=0)
+    scan, cache on/off  the bare scan's forward + backward, both ways
+
+All candidates are timed in one process, their repeats interleaved, after warm-up, with the
+garbage collector paused. `minrnn bench` is the benchmark of record; this script splits the
+layer's cost into its parts when working on the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import minrnn
+from minrnn.ops import cpu as K
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 4096])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--width", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: every core)")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--json", default=None, help="also write the medians here")
+    args = ap.parse_args(argv)
+    if not K.available():
+        raise SystemExit("numba is not installed: the cpu backend is unavailable")
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
+    B, D = args.batch, args.width
+    out = {}
+    for T in args.lengths:
+        torch.manual_seed(0)
+        x = torch.randn(B, T, D, requires_grad=True)
+        layer = minrnn.MinGRU(D, D, backend="cpu")
+        proj = layer.proj[0]
+        dy, dy2 = torch.randn(B, T, D), torch.randn(B, T, 2 * D)
+        pre = torch.randn(B, T, 2 * D)
+        pre_leaf = pre.clone().requires_grad_()
+        a = torch.rand(B, T, D, requires_grad=True)
+        b = torch.randn(B, T, D, requires_grad=True)
+        # preallocated outputs for the bare kernels
+        h, dpre = torch.empty(B, T, D), torch.empty(B, T, 2 * D)
+        start, dh0 = torch.zeros(B, D), torch.empty(B, D)
+        cols, ps = K._columns(pre, 2)
+        dcols, dps = K._columns(dpre, 2)
+        hs = np.array([T * D, D], dtype=np.int64)
+        blk = K._block(B, D)
+
+        def projection():
+            x.grad = None
+            proj.zero_grad(set_to_none=True)
+            torch.autograd.backward(proj(x), dy2)
+
+        def whole_layer():
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            torch.autograd.backward(layer(x)[0], dy)
+
+        def kernel_fwd():
+            K.mingru_fwd(cols[0], ps, cols[1], ps, start.numpy(), h.view(-1).numpy(), hs, B, T, D, blk)
+
+        def kernel_bwd():
+            K.mingru_bwd(cols[0], ps, cols[1], ps, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
+                         dh0.numpy(), B, T, D, blk)
+
+        def cell():
+            pre_leaf.grad = None
+            torch.autograd.backward(K._Cell.apply(pre_leaf, None, "mingru", False), dy)
+
+        def scan():
+            a.grad = b.grad = None
+            torch.autograd.backward(K.cpu_scan(a, b, None), dy)
+
+        def uncached(fn):
+            def run():
+                with K.output_cache_limit(0):
+                    fn()
+            return run
+
+        cases = {"projection": projection, "layer": whole_layer, "kernel fwd": kernel_fwd,
+                 "kernel bwd": kernel_bwd, "cell fwd+bwd": cell, "cell, cache off": uncached(cell),
+                 "scan, cache on": scan, "scan, cache off": uncached(scan)}
+        for fn in cases.values():  # warm-up (and numba compilation)
+            for _ in range(2):
+                fn()
+        times = {name: [] for name in cases}
+        gc.disable()
+        try:
+            for _ in range(args.repeats):
+                for name, fn in cases.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
+        med = {name: 1e3 * statistics.median(v) for name, v in times.items()}
+        out[T] = med
+        print(f"B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}:")
+        for name, ms in med.items():
+            print(f"  {name:16s} {ms:9.3f}" + (f"   ({ms / med['projection']:.2f}x projection)"
+                                               if name == "layer" else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": vars(args), "median_ms": out}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""The CPU probing scripts under benchmarks/ run end to end on tiny sizes (they are tools for
+working on the kernels, so they must not rot between the sessions that use them)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from minrnn.ops import cpu
+
+ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+def test_cell_breakdown_times_every_part(tmp_path, capsys):
+    out = tmp_path / "bd.json"
+    assert _load("cpu_cell_breakdown").main(["--lengths", "5", "--batch", "2", "--width", "8",
+                                             "--repeats", "2", "--json", str(out)]) == 0
+    med = json.loads(out.read_text())["median_ms"]["5"]
+    assert set(med) == {"projection", "layer", "kernel fwd", "kernel bwd", "cell fwd+bwd", "cell, cache off",
+                        "scan, cache on", "scan, cache off"}
+    assert all(v > 0 for v in med.values())
+    assert "x projection" in capsys.readouterr().out
+
+
+def test_lm_step_profile_prints_the_step_and_the_ops(capsys):
+    assert _load("lm_step_profile").main(["lstm", "--target-params", "20000", "--batch", "2", "--seq-len", "8",
+                                          "--repeats", "2", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "median step" in text and "Self CPU" in text

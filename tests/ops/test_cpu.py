@@ -8,8 +8,9 @@ import torch
 import minrnn
 import minrnn.functional as MF
 from minrnn.ops import BACKENDS, cpu, resolve_backend
+from minrnn.ops.packing import pack_chunks
 
-from ..conftest import assert_close_scaled
+from ..conftest import assert_close_scaled, run_with_grads
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
 
@@ -63,13 +64,13 @@ def test_fused_cell_layouts_agree(cell, C):
 def test_pack_reuses_the_linear_output_without_copying():
     lin = torch.nn.Linear(5, 8)
     pre = lin(torch.randn(2, 3, 5))
-    packed = cpu._pack(pre.chunk(2, -1))
+    packed = pack_chunks(pre.chunk(2, -1))
     assert packed.data_ptr() == pre.data_ptr() and torch.equal(packed, pre)
     parts = (torch.randn(2, 3, 4), torch.randn(2, 3, 4))
-    assert torch.equal(cpu._pack(parts), torch.cat(parts, -1))
+    assert torch.equal(pack_chunks(parts), torch.cat(parts, -1))
     # chunks in the wrong order are not mistaken for the packed tensor
     a, b = pre.chunk(2, -1)
-    assert torch.equal(cpu._pack((b, a)), torch.cat([b, a], -1))
+    assert torch.equal(pack_chunks((b, a)), torch.cat([b, a], -1))
 
 
 def test_fused_cell_saves_only_pre_activations_and_states():
@@ -209,3 +210,24 @@ def test_peak_memory_counts_cached_outputs():
     step()
     step()  # the cache now holds h and dL/dpre blocks of these sizes
     assert peak_memory(step) >= B * T * C * 4 + B * T * 2 * C * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_normalized_minlstm_gates_hold_far_below_the_exp_range(dtype):
+    """Forget and input pre-activations both far negative (below float32 exp's -87): the
+    normalised gates are a ratio of two underflowing sigmoids, which must still come out as
+    the reference's sigmoid(log f - log i), forward and backward."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, C = 2, 9, 8
+    x = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    f = -100.0 - 100.0 * torch.rand(B, T, C, generator=gen, dtype=torch.float64)
+    i = -100.0 - 100.0 * torch.rand(B, T, C, generator=gen, dtype=torch.float64)
+    f[0, :, :2], i[0, :, :2] = 60.0, -150.0  # and mixed signs, both orders
+    f[1, :, :2], i[1, :, :2] = -150.0, 60.0
+    h0 = torch.randn(B, C, generator=gen, dtype=torch.float64)
+    w = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    ref = run_with_grads(lambda *a: MF.minlstm(*a[:3], a[3], normalize=True, mode="sequential")[0], (x, f, i, h0), w)
+    got = run_with_grads(lambda *a: cpu.cpu_minlstm(*a, True), [t.to(dtype) for t in (x, f, i, h0)], w)
+    for name, g, r in zip(["h", "grad hidden", "grad forget", "grad input", "grad h0"], got, ref):
+        assert torch.isfinite(g).all(), name
+        assert_close_scaled(g, r, 1e-5 if dtype == torch.float32 else 1e-12, name)

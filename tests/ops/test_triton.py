@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import minrnn
+import minrnn.functional as MF
 from minrnn.ops import BACKENDS
 
 from ..conftest import TOL, assert_close_scaled, make_scan_inputs, run_with_grads
@@ -44,12 +45,42 @@ SPECS = (
        _spec("saturated-gates", 300, torch.float32, block_t=32, block_c=4, decays="saturated"),
        _spec("non-contiguous-inputs-and-expanded-grad", 37, torch.float64, non_contiguous=True, sum_loss=True)]
 )
+# the fused cells: pre-activations of size ~3 (gates from ~0.05 to ~0.95, both branches of g)
+CELL_SPECS = (
+    [_spec(f"{cell}{'' if norm else '-unnormalized'}-{str(dt)[6:]}-T{T}-{'h0' if h else 'noh0'}", T, dt, h,
+           cell=cell.split("-")[0], normalize=norm)
+     for cell, norm in (("mingru", False), ("minlstm", True), ("minlstm", False))
+     for dt in (torch.float64, torch.float32) for T in (1, 17, 129) for h in (True, False)]
+    + [_spec(f"{cell}-bfloat16-T129-h0", 129, torch.bfloat16, True, C=5, block_t=16, block_c=4, cell=cell,
+             normalize=True) for cell in ("mingru", "minlstm")]
+    + [_spec(f"{cell}-separate-inputs", 40, torch.float64, cell=cell, normalize=True, separate=True)
+       for cell in ("mingru", "minlstm")]
+    + [_spec(f"{cell}-default-tiles-T40", 40, torch.float32, block_t=None, block_c=None, cell=cell, normalize=True)
+       for cell in ("mingru", "minlstm")]
+    + [_spec(f"{cell}-saturated-pre-activations", 300, torch.float32, block_t=32, block_c=4, cell=cell,
+             normalize=True, scale=50.0) for cell in ("mingru", "minlstm")]
+)
 GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
                    _spec("gradcheck-noh0", 4, torch.float64, with_h0=False, B=1, block_t=2)]
 
 
+def _cell_case(spec, device):
+    n = 2 if spec["cell"] == "mingru" else 3
+    gen = torch.Generator().manual_seed(spec["T"] + 7 * n)
+    B, T, C = spec["B"], spec["T"], spec["C"]
+    parts = [spec.get("scale", 3.0) * torch.randn(B, T, C, generator=gen, dtype=torch.float64) for _ in range(n)]
+    h0 = torch.randn(B, C, generator=gen, dtype=torch.float64) if spec["with_h0"] else None
+    w = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
+    cast = lambda x: None if x is None else x.to(device=device, dtype=spec["dtype"])  # noqa: E731
+    return dict(cell=spec["cell"], normalize=spec["normalize"], inputs=(*map(cast, parts), cast(h0)),
+                weight=cast(w), block_t=spec["block_t"], block_c=spec["block_c"],
+                separate=spec.get("separate", False), gradcheck=False)
+
+
 def _case(spec, device="cpu"):
     """Inputs for a spec, rounded to its dtype, and the upstream weight (None: h.sum())."""
+    if spec.get("cell"):
+        return _cell_case(spec, device)
     a, b, h0 = make_scan_inputs(spec["B"], spec["T"], spec["C"], seed=spec["T"], with_h0=spec["with_h0"])
     if spec.get("decays") == "signed":  # of either sign, some above 1 in size
         a = 2.4 * a - 1.2
@@ -66,6 +97,15 @@ def _case(spec, device="cpu"):
 
 def _reference(case):
     """The loop in float64 on the very (rounded) inputs: the answer each result is held to."""
+    if case.get("cell"):
+        *parts, h0 = [None if x is None else x.cpu().double() for x in case["inputs"]]
+        if case["cell"] == "mingru":
+            def fn(x, k, h0):
+                return MF.mingru(x, k, h0, mode="sequential")[0]
+        else:
+            def fn(x, f, i, h0):
+                return MF.minlstm(x, f, i, h0, normalize=case["normalize"], mode="sequential")[0]
+        return run_with_grads(fn, (*parts, h0), case["weight"].cpu().double())
     inputs = [None if x is None else x.cpu().double() for x in case["inputs"]]
     w = torch.ones_like(inputs[0]) if case["weight"] is None else case["weight"].cpu().double()
     return run_with_grads(lambda *x: minrnn.scan(*x, backend="sequential"), inputs, w)
@@ -84,7 +124,7 @@ def _tol(dtype):
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Every spec's result from the kernels under Triton's interpreter, by name."""
-    specs = SPECS + GRADCHECK_SPECS
+    specs = SPECS + GRADCHECK_SPECS + CELL_SPECS
     tmp = tmp_path_factory.mktemp("triton")
     torch.save([_case(s) for s in specs], tmp / "cases.pt")
     env = _subprocess_env(TRITON_INTERPRET="1")
@@ -100,7 +140,9 @@ def _check(spec, got, case):
     ref = _reference(case)
     assert len(got) == len(ref)
     assert got[0].shape == (spec["B"], spec["T"], spec["C"])
-    for name, g, r in zip(["h", "grad a", "grad b", "grad h0"], got, ref):
+    names = (["h", "grad hidden", "grad gate"] if spec.get("cell") == "mingru" else
+             ["h", "grad hidden", "grad forget", "grad input"] if spec.get("cell") else ["h", "grad a", "grad b"])
+    for name, g, r in zip(names + ["grad h0"], got, ref):
         assert torch.isfinite(g).all(), f"{spec['name']} {name} not finite"
         assert_close_scaled(g, r, _tol(spec["dtype"]), f"{spec['name']} {name}")
 
@@ -116,6 +158,12 @@ def test_interpreted_kernels_match_reference(interpreted, spec):
 
 
 @needs_triton
+@pytest.mark.parametrize("spec", CELL_SPECS, ids=lambda s: s["name"])
+def test_interpreted_fused_cells_match_reference(interpreted, spec):
+    _check(spec, interpreted[spec["name"]], _case(spec))
+
+
+@needs_triton
 @pytest.mark.parametrize("spec", GRADCHECK_SPECS, ids=lambda s: s["name"])
 def test_interpreted_kernels_gradcheck(interpreted, spec):
     passed, message = interpreted[spec["name"]]
@@ -123,7 +171,7 @@ def test_interpreted_kernels_gradcheck(interpreted, spec):
 
 
 @needs_cuda
-@pytest.mark.parametrize("spec", SPECS + GRADCHECK_SPECS, ids=lambda s: s["name"])
+@pytest.mark.parametrize("spec", SPECS + GRADCHECK_SPECS + CELL_SPECS, ids=lambda s: s["name"])
 def test_compiled_kernels_match_reference(spec):
     from .triton_worker import run_case
 
@@ -147,6 +195,7 @@ def test_auto_picks_triton_on_cuda():
 def test_registered_for_cuda_with_native_half_and_first_in_auto():
     be = BACKENDS["triton"]
     assert be.devices == frozenset({"cuda"}) and be.native_half and be.signed
+    assert be.mingru is not None and be.minlstm is not None  # the fused cells
     assert be.auto_rank < min(b.auto_rank for b in BACKENDS.values() if b.auto_rank is not None and b is not be)
 
 
@@ -163,7 +212,7 @@ def test_cpu_tensors_without_the_interpreter_are_refused_clearly():
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("kernel", ["scan_fwd", "scan_bwd"])
+@pytest.mark.parametrize("kernel", ["scan_fwd", "scan_bwd", "cell_fwd", "cell_bwd"])
 def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
     """The interpreter runs the kernels' Python; the compiler checks what it does not (types
     of loop-carried values, the pipelined loads) down to an sm_90 binary, and the shared
@@ -182,6 +231,8 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
     kern = getattr(_triton_kernels, kernel)
     for has_h0, one in ((True, ()), (False, ("T",))):  # T == 1 is specialised to a constant
         meta = dict(HAS_H0=has_h0, ACC=backend._acc(dtype), BLOCK_T=block_t, BLOCK_C=block_c, **{n: 1 for n in one})
+        if kernel.startswith("cell"):  # minLSTM with normalisation: the most registers and loads
+            meta.update(N_PRE=3, CELL_LSTM=True, NORMALIZE=True)
         sig = {n: ptr if n.endswith("_ptr") else "constexpr" if n in meta else "i32" for n in kern.arg_names}
         compiled = triton.compile(ASTSource(kern, sig, meta), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=num_warps))

@@ -8,6 +8,10 @@ a whole process, before triton is imported. CASES.pt holds a list of dicts:
     {"inputs": (a, b, h0 or None), "weight": w or None, "block_t": int or None,
      "block_c": int or None, "non_contiguous": bool, "gradcheck": bool}
 
+Cases with a "cell" key ("mingru" or "minlstm", with "normalize") run the fused cells instead:
+    {"cell": ..., "normalize": bool, "inputs": (hidden, gate[s]..., h0 or None), "weight": w,
+     "block_t", "block_c", "separate": bool}
+
 RESULTS.pt gets, per case, [h, grad a, grad b, grad h0 (when h0 is given)] in float64
 for the loss (h * w).sum() (h.sum() when w is None, whose upstream gradient is an
 expanded, stride-0 tensor), or for gradcheck cases the pair (passed, message).
@@ -18,7 +22,7 @@ import sys
 
 import torch
 
-from minrnn.ops.triton import triton_scan
+from minrnn.ops.triton import triton_minlstm, triton_mingru, triton_scan
 
 
 def _strided(x):
@@ -26,7 +30,32 @@ def _strided(x):
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def run_cell_case(case):
+    """A fused cell: inputs (hidden, gate[s]..., h0 or None). The parts are the column chunks of
+    one leaf (the layers' copy-free layout) unless ``separate``; returns [h, grad of each part,
+    grad h0 (when h0 is given)] in float64."""
+    *parts, h0 = case["inputs"]
+    tiles = dict(block_t=case["block_t"], block_c=case["block_c"])
+    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
+    if case.get("separate"):
+        leaves = [p.detach().clone().requires_grad_() for p in parts]
+        chunks = leaves
+    else:
+        leaf = torch.cat(parts, dim=-1).detach().requires_grad_()
+        chunks = leaf.chunk(len(parts), dim=-1)
+    if case["cell"] == "mingru":
+        h = triton_mingru(*chunks, h0, **tiles)
+    else:
+        h = triton_minlstm(*chunks, h0, case["normalize"], **tiles)
+    (h * case["weight"]).sum().backward()
+    grads = [x.grad for x in leaves] if case.get("separate") else list(leaf.grad.chunk(len(parts), dim=-1))
+    return [h.detach().double()] + [g.double() for g in grads] + ([] if h0 is None else [h0.grad.double()])
+
+
 def run_case(case):
+    if case.get("cell"):
+        return run_cell_case(case)
+
     def fn(a, b, h0=None):
         if case.get("non_contiguous"):
             a, b = _strided(a), _strided(b)

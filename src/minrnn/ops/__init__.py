@@ -168,7 +168,7 @@ from .reference import sequential_scan  # noqa: E402
 from .chunked import chunked_scan  # noqa: E402
 from .log import log_scan, log_space_scan  # noqa: E402
 from . import cpu  # noqa: E402
-from .triton import available as triton_available, triton_scan  # noqa: E402  (imports no triton)
+from .triton import available as triton_available, triton_minlstm, triton_mingru, triton_scan  # noqa: E402  (imports no triton)
 
 register(Backend("sequential", sequential_scan, doc="the plain loop; the reference"))
 register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
@@ -177,6 +177,7 @@ register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, 
                  mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm,
                  doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
 register(Backend("triton", triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
-                 available=triton_available, doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
+                 available=triton_available, mingru=triton_mingru, minlstm=triton_minlstm,
+                 doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
 __all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend", "BACKENDS"]

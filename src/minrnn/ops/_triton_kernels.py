@@ -43,14 +43,21 @@ def _last_row(x, rows, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
-             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
-    rows = tl.arange(0, BLOCK_T)
+def _start_state(h0_ptr, pid_b, C, cols, cmask, HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's channels of h0 (zeros without one), in ACC."""
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
     else:
         h = tl.zeros([BLOCK_C], dtype=ACC)
+    return h
+
+
+@triton.jit
+def scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, n_cblocks,
+             HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
+    rows = tl.arange(0, BLOCK_T)
+    h = _start_state(h0_ptr, pid_b, C, cols, cmask, HAS_H0, ACC, BLOCK_C)
     # num_stages: the loads of the next tiles are issued (cp.async) while this one is
     # scanned, so a long sequence is not one memory latency per tile
     for t0 in tl.range(0, T, BLOCK_T, num_stages=3):
@@ -101,6 +108,154 @@ def scan_bwd(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C, n_tblo
         g = _last_row(gs, rows, BLOCK_T)
     if HAS_H0:
         a1 = tl.load(a_ptr + seq + cols, mask=cmask, other=0.0).to(ACC)
+        tl.store(dh0_ptr + pid_b * C + cols, (a1 * g).to(dh0_ptr.dtype.element_ty), mask=cmask)
+
+
+# --- the fused cells ---------------------------------------------------------------------
+#
+# minGRU and minLSTM with their gates computed inside the scan kernels, from the packed
+# pre-activations (B, T, N_PRE * C): columns [hidden | gate] (minGRU, N_PRE = 2) or
+# [hidden | forget | input] (minLSTM, N_PRE = 3), as one nn.Linear produces them. Forward
+# reads them and writes h; backward reads them, h and dL/dh and writes dL/d(pre), recomputing
+# the gates (of step t and of step t + 1, whose decay the reverse recurrence needs) instead of
+# keeping them. Gates as in the CPU kernels: from e = exp(-|k|), so that sigmoid(k) and
+# sigmoid(-k) are each accurate when the other is near 1.
+
+
+@triton.jit
+def _sigmoid_pair(k):
+    """(sigmoid(k), sigmoid(-k))."""
+    e = tl.exp(-tl.abs(k))
+    s = 1.0 / (1.0 + e)
+    pos = k >= 0
+    return tl.where(pos, s, e * s), tl.where(pos, e * s, s)
+
+
+@triton.jit
+def _g_and_slope(x):
+    """g(x) = x + 1/2 for x >= 0, sigmoid(x) below, and its derivative."""
+    e = tl.exp(tl.minimum(x, 0.0))
+    s = e / (1.0 + e)
+    pos = x >= 0
+    return tl.where(pos, x + 0.5, s), tl.where(pos, 1.0, s * (1.0 - s))
+
+
+@triton.jit
+def _normalized_gates(f, i):
+    """(a, i') = (sigmoid(f), sigmoid(i)) / (sigmoid(f) + sigmoid(i)), finite and accurate for
+    any f, i: see ``lstm_gates`` in ops/cpu.py (the sigmoids' ratio exp(F - I) u_f / u_i,
+    taken in the direction where it is at most 2)."""
+    F = tl.maximum(-f, 0.0)
+    I = tl.maximum(-i, 0.0)
+    uf = 1.0 + tl.exp(-tl.abs(f))
+    ui = 1.0 + tl.exp(-tl.abs(i))
+    first = F <= I
+    q = tl.exp(-tl.abs(F - I)) * tl.where(first, uf / ui, ui / uf)
+    s = 1.0 / (1.0 + q)
+    return tl.where(first, s, q * s), tl.where(first, q * s, s)
+
+
+@triton.jit
+def _decay_and_input(pre_ptr, off, mask, C, CELL_LSTM: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr):
+    """(a, b) of the recurrence at the hidden-column offsets ``off`` of packed pre-activations,
+    with the other columns C and 2C further on."""
+    x = tl.load(pre_ptr + off, mask=mask, other=0.0).to(ACC)
+    k = tl.load(pre_ptr + off + C, mask=mask, other=0.0).to(ACC)
+    gx, _ = _g_and_slope(x)
+    if CELL_LSTM:
+        i = tl.load(pre_ptr + off + 2 * C, mask=mask, other=0.0).to(ACC)
+        if NORMALIZE:
+            a, ip = _normalized_gates(k, i)
+        else:
+            a, _ = _sigmoid_pair(k)
+            ip, _ = _sigmoid_pair(i)
+        b = ip * gx
+    else:
+        z, a = _sigmoid_pair(k)
+        b = z * gx
+    return a, b
+
+
+@triton.jit
+def cell_fwd(pre_ptr, h0_ptr, h_ptr, T, C, n_cblocks, N_PRE: tl.constexpr, CELL_LSTM: tl.constexpr,
+             NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
+    seq_pre = seq * N_PRE
+    rows = tl.arange(0, BLOCK_T)
+    h = _start_state(h0_ptr, pid_b, C, cols, cmask, HAS_H0, ACC, BLOCK_C)
+    for t0 in tl.range(0, T, BLOCK_T, num_stages=3):
+        t = (t0 + rows)[:, None].to(tl.int64)
+        mask = (t < T) & cmask[None, :]
+        a, b = _decay_and_input(pre_ptr, seq_pre + t * (N_PRE * C) + cols[None, :], mask, C, CELL_LSTM, NORMALIZE, ACC)
+        a = tl.where(mask, a, 1.0)  # steps past the end: identities
+        b = tl.where(mask, b, 0.0)
+        a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
+        hs = a_cum * h[None, :] + b_cum
+        tl.store(h_ptr + seq + t * C + cols[None, :], hs.to(h_ptr.dtype.element_ty), mask=mask)
+        h = _last_row(hs, rows, BLOCK_T)
+
+
+@triton.jit
+def cell_bwd(pre_ptr, h_ptr, h0_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks, n_cblocks, N_PRE: tl.constexpr,
+             CELL_LSTM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    # the reverse recurrence of scan_bwd, G_t = dh_t + a_{t+1} G_{t+1}, then per step
+    # dL/d(pre) = G_t * d(a_t h_{t-1} + b_t)/d(pre), with the gates recomputed
+    pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
+    seq_pre = seq * N_PRE
+    rows = tl.arange(0, BLOCK_T)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + pid_b * C + cols, mask=cmask, other=0.0).to(ACC)
+    g = tl.zeros([BLOCK_C], dtype=ACC)
+    for i in tl.range(0, n_tblocks, num_stages=3):
+        t = (T - 1 - i * BLOCK_T) - rows
+        inside = (t[:, None] >= 0) & cmask[None, :]
+        t_c = tl.maximum(t, 0)[:, None].to(tl.int64)
+        off = seq + t_c * C + cols[None, :]
+        poff = seq_pre + t_c * (N_PRE * C) + cols[None, :]
+        dh = tl.load(dh_ptr + off, mask=inside, other=0.0).to(ACC)
+        t_next = tl.minimum(t_c + 1, T - 1)
+        has_next = inside & (t[:, None] < T - 1)
+        a_next, _ = _decay_and_input(pre_ptr, seq_pre + t_next * (N_PRE * C) + cols[None, :], has_next, C,
+                                     CELL_LSTM, NORMALIZE, ACC)
+        a_next = tl.where(has_next, a_next, 1.0)
+        a_cum, g_cum = tl.associative_scan((a_next, dh), 0, _combine)
+        gs = a_cum * g[None, :] + g_cum
+        h_prev = tl.load(h_ptr + seq + tl.maximum(t_c - 1, 0) * C + cols[None, :],
+                         mask=inside & (t[:, None] >= 1), other=0.0).to(ACC)
+        if HAS_H0:
+            h_prev = tl.where(t[:, None] == 0, h0[None, :], h_prev)
+        x = tl.load(pre_ptr + poff, mask=inside, other=0.0).to(ACC)
+        k = tl.load(pre_ptr + poff + C, mask=inside, other=0.0).to(ACC)
+        gx, slope = _g_and_slope(x)
+        out_ty = dpre_ptr.dtype.element_ty
+        if CELL_LSTM:
+            ig = tl.load(pre_ptr + poff + 2 * C, mask=inside, other=0.0).to(ACC)
+            sf, nf = _sigmoid_pair(k)
+            si, ni = _sigmoid_pair(ig)
+            if NORMALIZE:
+                # a = sf/(sf+si), i' = 1 - a: da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i)
+                a, ip = _normalized_gates(k, ig)
+                w = (h_prev - gx) * a * ip * gs
+                d_forget = w * nf
+                d_input = -w * ni
+            else:
+                a = sf
+                ip = si
+                d_forget = h_prev * a * nf * gs
+                d_input = gx * ip * ni * gs
+            tl.store(dpre_ptr + poff + C, d_forget.to(out_ty), mask=inside)
+            tl.store(dpre_ptr + poff + 2 * C, d_input.to(out_ty), mask=inside)
+            tl.store(dpre_ptr + poff, (ip * slope * gs).to(out_ty), mask=inside)
+        else:
+            z, a = _sigmoid_pair(k)
+            # da/dk = -z a, db/dk = g z a
+            tl.store(dpre_ptr + poff + C, (z * a * (gx - h_prev) * gs).to(out_ty), mask=inside)
+            tl.store(dpre_ptr + poff, (z * slope * gs).to(out_ty), mask=inside)
+        g = _last_row(gs, rows, BLOCK_T)
+    if HAS_H0:
+        a1, _ = _decay_and_input(pre_ptr, seq_pre + cols, cmask, C, CELL_LSTM, NORMALIZE, ACC)
         tl.store(dh0_ptr + pid_b * C + cols, (a1 * g).to(dh0_ptr.dtype.element_ty), mask=cmask)
 
 

@@ -34,6 +34,8 @@ import weakref
 import torch
 from torch import Tensor
 
+from .packing import pack_chunks
+
 try:  # numba is an optional dependency (pip install minrnn[fast])
     import numba
     import numpy as np
@@ -221,12 +223,30 @@ if HAVE_NUMBA:
 
     @njit(inline="always", **_jit)
     def lstm_gates(f, ig, normalize):
-        """(a, i', sigmoid(-f), sigmoid(-i)) with a = f/(f+i), i' = i/(f+i) if normalize."""
+        """(a, i', sigmoid(-f), sigmoid(-i)): a = sigmoid(f), i' = sigmoid(i), or, if normalize,
+        a = sigmoid(f) / (sigmoid(f) + sigmoid(i)) and i' = 1 - a.
+
+        The normalised pair is not formed as that quotient: below f, i ~ -87 (float32) both
+        sigmoids underflow (or, with exp's range clamped, both become the same tiny number),
+        and the quotient is 0/0 or 1/2 where the answer is sigmoid(i - f) or so. Instead, with
+        F = max(-f, 0) and u_f = 1 + exp(-|f|), sigmoid(f) = exp(-F) / u_f exactly, so the
+        ratio of the two sigmoids is exp(F - I) u_f / u_i; taken in the direction where it is
+        at most 2, a and i' are 1/(1 + q) and q/(1 + q), accurate for any f and i.
+        """
+        one = _const(f, 1.0)
         sf, nf = sigmoid_pair(f)
         si, ni = sigmoid_pair(ig)
         if normalize:
-            s = sf + si
-            return sf / s, si / s, nf, ni
+            zero = _const(f, 0.0)
+            F, I = max(-f, zero), max(-ig, zero)
+            uf, ui = one + _exp(-abs(f)), one + _exp(-abs(ig))
+            if F <= I:  # sigmoid(f) >= sigmoid(i) / 2: q = sigmoid(i) / sigmoid(f)
+                q = _exp(F - I) * uf / ui
+                s = one / (one + q)
+                return s, q * s, nf, ni
+            q = _exp(I - F) * ui / uf  # sigmoid(f) / sigmoid(i)
+            s = one / (one + q)
+            return q * s, s, nf, ni
         return sf, si, nf, ni
 
     @njit(**_pjit)
@@ -461,24 +481,6 @@ def cpu_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
     return _Scan.apply(a, b, h0)
 
 
-def _pack(parts: tuple[Tensor, ...]) -> Tensor:
-    """The (B, T, n*C) tensor holding ``parts`` side by side along channels.
-
-    The cells' inputs are usually the n column chunks of one Linear's output; then that
-    output itself is returned (no copy), so the backward can write dL/d(pre-activations)
-    as one contiguous tensor and autograd does not concatenate n gradients. Otherwise
-    the parts are concatenated once.
-    """
-    base = parts[0]._base  # nn.Linear's output is itself a view of a 2-D matmul result
-    B, T, C = parts[0].shape
-    n = len(parts)
-    if (base is not None and base.is_contiguous() and base.numel() == B * T * n * C
-            and all(p._base is base and p.stride() == (T * n * C, n * C, 1)
-                    and p.storage_offset() == base.storage_offset() + j * C for j, p in enumerate(parts))):
-        return base.view(B, T, n * C)
-    return torch.cat(parts, dim=-1)
-
-
 def _columns(pre: Tensor, n: int):
     """Flat numpy views of the n channel blocks of packed (B, T, n*C) ``pre``, and its strides."""
     flat, strides = _flat(pre)
@@ -524,9 +526,9 @@ class _Cell(torch.autograd.Function):
 
 def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None) -> Tensor:
     """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
-    return _Cell.apply(_pack((hidden, gate)), h0, "mingru", False)
+    return _Cell.apply(pack_chunks((hidden, gate)), h0, "mingru", False)
 
 
 def cpu_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None, normalize: bool) -> Tensor:
     """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
-    return _Cell.apply(_pack((hidden, forget, input)), h0, "minlstm", bool(normalize))
+    return _Cell.apply(pack_chunks((hidden, forget, input)), h0, "minlstm", bool(normalize))

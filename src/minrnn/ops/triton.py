@@ -28,6 +28,8 @@ import importlib
 import torch
 from torch import Tensor
 
+from .packing import pack_chunks
+
 DEFAULT_BLOCK_T = 32
 
 
@@ -153,3 +155,61 @@ def triton_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, block_t: int 
     """
     block_t, block_c, num_warps = _config(a, block_t, block_c, num_warps)
     return _TritonScan.apply(a, b, h0, block_t, block_c, num_warps)
+
+
+class _TritonCell(torch.autograd.Function):
+    """A fused cell over packed pre-activations (B, T, n*C): ``kind`` "mingru" (n = 2: hidden,
+    gate) or "minlstm" (n = 3: hidden, forget, input). Two kernels in all, one forward and one
+    backward, each reading the pre-activations and computing the gates itself; saved for
+    backward: the pre-activations, h and h0."""
+
+    @staticmethod
+    def forward(ctx, pre, h0, kind, normalize, block_t, block_c, num_warps):
+        n = 2 if kind == "mingru" else 3
+        pre = pre.contiguous()
+        h0 = None if h0 is None else h0.contiguous()
+        B, T, nC = pre.shape
+        C = nC // n
+        h = pre.new_empty(B, T, C)
+        meta = dict(N_PRE=n, CELL_LSTM=kind == "minlstm", NORMALIZE=bool(normalize), HAS_H0=h0 is not None,
+                    ACC=_acc(pre.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+        if h.numel():
+            _launch("cell_fwd", pre.device, B, C, block_c, num_warps, pre, pre if h0 is None else h0, h, T, C, **meta)
+        ctx.save_for_backward(pre, h, h0)
+        ctx.meta, ctx.num_warps = meta, num_warps
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        pre, h, h0 = ctx.saved_tensors
+        meta = ctx.meta
+        B, T, C = h.shape
+        dh = dh.contiguous()
+        dpre = torch.empty_like(pre)
+        dh0 = None if h0 is None else torch.empty_like(h0)
+        if h.numel():
+            _launch("cell_bwd", pre.device, B, C, meta["BLOCK_C"], ctx.num_warps,
+                    pre, h, pre if h0 is None else h0, dh, dpre, dpre if dh0 is None else dh0,
+                    T, C, -(-T // meta["BLOCK_T"]), **meta)
+        elif dh0 is not None:
+            dh0.zero_()
+        return dpre, dh0, None, None, None, None, None
+
+
+def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, kind: str, normalize: bool, block_t, block_c, num_warps):
+    block_t, block_c, num_warps = _config(parts[0], block_t, block_c, num_warps)
+    return _TritonCell.apply(pack_chunks(parts), h0, kind, normalize, block_t, block_c, num_warps)
+
+
+def triton_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, block_t: int | None = None,
+                  block_c: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C); see ``triton_scan``
+    for the devices and the tile arguments."""
+    return _cell((hidden, gate), h0, "mingru", False, block_t, block_c, num_warps)
+
+
+def triton_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, normalize: bool = True,
+                   *, block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
+    return _cell((hidden, forget, input), h0, "minlstm", bool(normalize), block_t, block_c, num_warps)

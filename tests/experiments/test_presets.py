@@ -29,8 +29,9 @@ def vocab_of(preset):
 def test_every_experiment_has_its_presets():
     presets = list_presets()
     assert set(presets) == set(EXPERIMENTS)
-    for experiment in ("selective_copying", "chomsky", "shakespeare_char"):
+    for experiment in ("chomsky", "shakespeare_char"):
         assert set(presets[experiment]) == {"paper", "cpu"}
+    assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv"}  # cpu_conv: an ablation
     assert set(presets["wikitext2"]) == {"full", "cpu"}  # the paper has no WikiText experiment
 
 

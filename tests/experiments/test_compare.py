@@ -164,3 +164,19 @@ def test_lr_override_sets_peak_and_floor_and_is_recorded(tmp_path):
     # without the override the spec reads as it did before --lr existed (old runs stay valid)
     (plain,) = plan_runs("selective_copying", "cpu", ["lstm"], steps=2, sweep=False)
     assert "lr" not in plain.to_json() and C.run_train_settings(preset, plain) == base
+
+
+def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_path):
+    md = compare("selective_copying", "cpu", ["mingru", "llama"], tmp_path, steps=1, eval_every=1,
+                 isolate=False, log=lambda s: None, progress=False)
+    text = md.read_text()
+    assert "steps to the best Transformer's best (same num_layers)" in text
+    assert "| model | num_layers=1 | num_layers=2 | num_layers=3 |" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| llama-")}
+    # each llama run reaches its own best at its one evaluation: 1 step, at every depth
+    assert len(rows) == 3 and all(line.split("|")[8].strip() == "1" for line in rows.values())
+    results = _results(md)
+    matrix = [line for line in text.splitlines() if line.startswith("| mingru |")]
+    want = [f"{r['final_split']['accuracy']:.3f}" for r in sorted(
+        (r for r in results if r["model"] == "mingru"), key=lambda r: r["sweep"]["num_layers"])]
+    assert matrix == ["| mingru | " + " | ".join(want) + " |"]

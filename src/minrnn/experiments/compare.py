@@ -523,19 +523,29 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     for task, rows in groups.items():
         if task:
             lines += [f"## {task}", ""]
-        ref_rows = [r for r in rows if r["model"] in TRANSFORMERS]
-        target, target_name = None, None
-        if ref_rows:
-            # the best Transformer's best validation figure (a final one can be past overfitting)
-            best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["best_val"])
-            target, target_name = best_tf["best_val"], best_tf["run"]
+        # each run is held to the best Transformer's best validation figure (a final one can be
+        # past overfitting) among the runs of its own sweep value (its depth, say), if any
+        targets = {}
+        for sweep in {json.dumps(r["sweep"], sort_keys=True) for r in rows}:
+            ref_rows = [r for r in rows if r["model"] in TRANSFORMERS
+                        and json.dumps(r["sweep"], sort_keys=True) == sweep]
+            if ref_rows:
+                best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["best_val"])
+                targets[sweep] = (best_tf["best_val"], best_tf["run"])
+        swept = any(r["sweep"] for r in rows)
+        if swept:
+            reach_name = "steps to the best Transformer's best (same " + ", ".join(rows[0]["sweep"]) + ")"
+        elif targets:
+            reach_name = f"steps to {next(iter(targets.values()))[1]}'s best"
+        else:
+            reach_name = "steps to Transformer's best"
         final_name = "test accuracy" if task_kind else "final loss, whole eval split"
         extra = ["ppl"] if "wikitext" in preset.experiment else []
         header = ["run", "params", "steps", "peak lr", f"final val {metric}", f"best val (step)", final_name, *extra,
-                  f"steps to {target_name}'s best" if target_name else "steps to Transformer's best",
-                  "wall s", "tokens/s", "peak MiB"]
+                  reach_name, "wall s", "tokens/s", "peak MiB"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in rows:
+            target = targets.get(json.dumps(r["sweep"], sort_keys=True), (None,))[0]
             reach = _steps_to_reach(r, target, key, task_kind) if target is not None else None
             final = r["final_split"]["accuracy" if task_kind else "loss"]
             steps_cell = str(r["steps"]) + ("" if r["steps"] == r.get("planned_steps", r["steps"])
@@ -550,6 +560,8 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
         lines.append("")
     if len(groups) > 1 or next(iter(groups)) is not None:
         lines += _task_average(groups)
+    if any(r["sweep"] for r in results):
+        lines += _sweep_matrix(results, task_kind)
     lines += ["Validation curves: loss_vs_steps.png, loss_vs_time.png (beside this file).", ""]
     md = folder / "results.md"
     write_atomic(md, "\n".join(lines).encode())
@@ -572,6 +584,23 @@ def _task_average(groups: dict) -> list[str]:
         cells = [f"{by_task[t]:.3f}" if t in by_task else "-" for t in tasks]
         mean = sum(by_task.values()) / len(by_task)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    return lines + [""]
+
+
+def _sweep_matrix(results: list[dict], task_kind: bool) -> list[str]:
+    """The final figure of every model at every sweep value (test accuracy, or the loss over
+    the whole evaluation split), one row per model (and task)."""
+    (key,) = {k for r in results for k in r["sweep"]} or {None}
+    values = sorted({r["sweep"].get(key) for r in results if key in r["sweep"]})
+    table: dict[str, dict] = {}
+    for r in results:
+        name = (f"{r['task']}." if r["task"] else "") + r["model"]
+        table.setdefault(name, {})[r["sweep"].get(key)] = r["final_split"]["accuracy" if task_kind else "loss"]
+    what = "test accuracy" if task_kind else "loss over the whole evaluation split"
+    lines = [f"## {what.capitalize()} by {key}", "",
+             "| model | " + " | ".join(f"{key}={v}" for v in values) + " |", "|---" * (len(values) + 1) + "|"]
+    for name, by_value in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{by_value[v]:.3f}" if v in by_value else "-" for v in values) + " |")
     return lines + [""]
 
 

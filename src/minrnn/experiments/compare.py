@@ -565,7 +565,13 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     lines += ["Validation curves: loss_vs_steps.png, loss_vs_time.png (beside this file).", ""]
     md = folder / "results.md"
     write_atomic(md, "\n".join(lines).encode())
-    _plots(groups, folder, key, metric)
+    plot_groups = groups
+    if any(r["sweep"] for r in results):  # one panel per sweep value (and task): one model per line
+        plot_groups = {}
+        for r in results:
+            label = " ".join(filter(None, [r["task"], *(f"{k}={v}" for k, v in sorted(r["sweep"].items()))]))
+            plot_groups.setdefault(label, []).append(r)
+    _plots(plot_groups, folder, key, metric)
     write_atomic(folder / "results.json",
                  json.dumps([{k: v for k, v in r.items()} for r in results], indent=1).encode())
     return md
@@ -619,7 +625,7 @@ def _plots(groups: dict, folder: Path, key: str, metric: str) -> None:
         fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False)
         for ax, (task, rows) in zip(axes.flat, groups.items()):
             for r in rows:
-                ax.plot([h[x_key] for h in r["history"]], [h[key] for h in r["history"]], label=r["run"].split(".")[-1],
+                ax.plot([h[x_key] for h in r["history"]], [h[key] for h in r["history"]], label=r["model"],
                         marker="." if len(r["history"]) < 30 else None)
             ax.set_xlabel(x_label)
             ax.set_ylabel(f"validation {metric}")

@@ -334,10 +334,9 @@ class OutputCache:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """An uninitialised contiguous CPU tensor, from the cache when a block of its size is idle."""
-        n = 1
+        nbytes = dtype.itemsize
         for d in shape:
-            n *= d
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
+            nbytes *= d
         if nbytes < self.min_bytes or self.limit_bytes <= 0:
             return torch.empty(shape, dtype=dtype)
         block = None

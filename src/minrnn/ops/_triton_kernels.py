@@ -141,18 +141,26 @@ def _g_and_slope(x):
 
 
 @triton.jit
-def _normalized_gates(f, i):
-    """(a, i') = (sigmoid(f), sigmoid(i)) / (sigmoid(f) + sigmoid(i)), finite and accurate for
-    any f, i: see ``lstm_gates`` in ops/cpu.py (the sigmoids' ratio exp(F - I) u_f / u_i,
-    taken in the direction where it is at most 2)."""
-    F = tl.maximum(-f, 0.0)
-    I = tl.maximum(-i, 0.0)
-    uf = 1.0 + tl.exp(-tl.abs(f))
-    ui = 1.0 + tl.exp(-tl.abs(i))
-    first = F <= I
-    q = tl.exp(-tl.abs(F - I)) * tl.where(first, uf / ui, ui / uf)
-    s = 1.0 / (1.0 + q)
-    return tl.where(first, s, q * s), tl.where(first, q * s, s)
+def _lstm_gates(f, i, NORMALIZE: tl.constexpr):
+    """(a, i', sigmoid(-f), sigmoid(-i)) as ``lstm_gates`` in ops/cpu.py: a = sigmoid(f) and
+    i' = sigmoid(i), or normalised to a + i' = 1 from the sigmoids' ratio exp(F - I) u_f / u_i,
+    taken in the direction where it is at most 2 (finite and accurate for any f, i)."""
+    sf, nf = _sigmoid_pair(f)
+    si, ni = _sigmoid_pair(i)
+    if NORMALIZE:
+        F = tl.maximum(-f, 0.0)
+        I = tl.maximum(-i, 0.0)
+        rf = tl.maximum(sf, nf)  # 1 / u_f
+        ri = tl.maximum(si, ni)
+        first = F <= I
+        q = tl.exp(-tl.abs(F - I)) * tl.where(first, ri / rf, rf / ri)
+        s = 1.0 / (1.0 + q)
+        a = tl.where(first, s, q * s)
+        ip = tl.where(first, q * s, s)
+    else:
+        a = sf
+        ip = si
+    return a, ip, nf, ni
 
 
 @triton.jit
@@ -164,11 +172,7 @@ def _decay_and_input(pre_ptr, off, mask, C, CELL_LSTM: tl.constexpr, NORMALIZE: 
     gx, _ = _g_and_slope(x)
     if CELL_LSTM:
         i = tl.load(pre_ptr + off + 2 * C, mask=mask, other=0.0).to(ACC)
-        if NORMALIZE:
-            a, ip = _normalized_gates(k, i)
-        else:
-            a, _ = _sigmoid_pair(k)
-            ip, _ = _sigmoid_pair(i)
+        a, ip, _, _ = _lstm_gates(k, i, NORMALIZE)
         b = ip * gx
     else:
         z, a = _sigmoid_pair(k)
@@ -232,17 +236,13 @@ def cell_bwd(pre_ptr, h_ptr, h0_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks,
         out_ty = dpre_ptr.dtype.element_ty
         if CELL_LSTM:
             ig = tl.load(pre_ptr + poff + 2 * C, mask=inside, other=0.0).to(ACC)
-            sf, nf = _sigmoid_pair(k)
-            si, ni = _sigmoid_pair(ig)
+            a, ip, nf, ni = _lstm_gates(k, ig, NORMALIZE)
             if NORMALIZE:
                 # a = sf/(sf+si), i' = 1 - a: da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i)
-                a, ip = _normalized_gates(k, ig)
                 w = (h_prev - gx) * a * ip * gs
                 d_forget = w * nf
                 d_input = -w * ni
             else:
-                a = sf
-                ip = si
                 d_forget = h_prev * a * nf * gs
                 d_input = gx * ip * ni * gs
             tl.store(dpre_ptr + poff + C, d_forget.to(out_ty), mask=inside)

@@ -231,7 +231,8 @@ if HAVE_NUMBA:
         and the quotient is 0/0 or 1/2 where the answer is sigmoid(i - f) or so. Instead, with
         F = max(-f, 0) and u_f = 1 + exp(-|f|), sigmoid(f) = exp(-F) / u_f exactly, so the
         ratio of the two sigmoids is exp(F - I) u_f / u_i; taken in the direction where it is
-        at most 2, a and i' are 1/(1 + q) and q/(1 + q), accurate for any f and i.
+        at most 2, a and i' are 1/(1 + q) and q/(1 + q), accurate for any f and i. 1/u_f is
+        the larger of sigmoid(f) and sigmoid(-f), already at hand.
         """
         one = _const(f, 1.0)
         sf, nf = sigmoid_pair(f)
@@ -239,12 +240,12 @@ if HAVE_NUMBA:
         if normalize:
             zero = _const(f, 0.0)
             F, I = max(-f, zero), max(-ig, zero)
-            uf, ui = one + _exp(-abs(f)), one + _exp(-abs(ig))
+            rf, ri = max(sf, nf), max(si, ni)  # 1/u_f, 1/u_i
             if F <= I:  # sigmoid(f) >= sigmoid(i) / 2: q = sigmoid(i) / sigmoid(f)
-                q = _exp(F - I) * uf / ui
+                q = _exp(F - I) * ri / rf
                 s = one / (one + q)
                 return s, q * s, nf, ni
-            q = _exp(I - F) * ui / uf  # sigmoid(f) / sigmoid(i)
+            q = _exp(I - F) * rf / ri  # sigmoid(f) / sigmoid(i)
             s = one / (one + q)
             return q * s, s, nf, ni
         return sf, si, nf, ni

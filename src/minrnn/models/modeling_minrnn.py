@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -40,6 +39,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import functional as MF
 from ..ops import accumulation_dtype, scan
+from ..ops.conv import causal_conv
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 
@@ -189,12 +189,14 @@ class MinRNNBlock(GradientCheckpointingLayer):
                              f"{hidden_states.shape[0]}; use a fresh cache for a new batch")
         if self.conv is not None:
             x = hidden_states if mask is None else hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
-            x = x.transpose(1, 2)                                  # (B, D, T)
             if cache is not None:
-                x = cache.update_conv_state(x, self.layer_idx)      # (B, D, k - 1 + T), past first
+                x = cache.update_conv_state(x.transpose(1, 2), self.layer_idx)  # (B, D, k - 1 + T), past first
+                conv = self.conv(x).transpose(1, 2)
             else:
-                x = F.pad(x, (self.conv_kernel - 1, 0))             # zeros before the first token
-            hidden_states = hidden_states + self.dropout(self.conv(x).transpose(1, 2))
+                # zeros before the first token; channels-last, so no transposes (and on CPU a
+                # kernel several times faster than nn.Conv1d's for this shape)
+                conv = causal_conv(x, self.conv.weight, self.conv.bias)
+            hidden_states = hidden_states + self.dropout(conv)
         y, h_last = self.mixer(self.rnn_norm(hidden_states), h0, mask)
         if cache is not None:
             cache.update_recurrent_state(h_last, self.layer_idx, num_tokens=hidden_states.shape[1])

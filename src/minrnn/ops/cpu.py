@@ -1,4 +1,5 @@
-"""Compiled CPU kernels (numba): the scan, and minGRU / minLSTM fused with their gates.
+"""Compiled CPU kernels (numba): the scan, minGRU / minLSTM fused with their gates, and the
+LM block's causal depthwise conv (``ops/conv.py`` is its front).
 
 Why fused: a minGRU layer is one matmul plus elementwise work. Done as separate torch
 ops, the gates cost a dozen passes over memory and autograd stores every intermediate.
@@ -309,8 +310,50 @@ if HAVE_NUMBA:
                     carry[c] = A[c] * G
             dh0[i, c0:c0 + n] = carry
 
+    # The causal depthwise conv of the LM block (kernel K along time, one filter per channel),
+    # channels-last: y_t = bias + sum_j w_j * x_{t-K+1+j}, x_s = 0 for s < 0. Work items are
+    # (batch row, stretch of time); the weight arrives transposed, wt (K, C), so that each tap
+    # is a contiguous row. dL/dw and dL/dbias are summed per work item into partial (jobs, K, C)
+    # and (jobs, C) arrays that torch then adds up (no two threads write one address).
+
+    @njit(**_pjit)
+    def conv_fwd(x, wt, bias, out, B, T, C, K, span):
+        nspan = (T + span - 1) // span
+        for job in prange(B * nspan):
+            i, t0 = job // nspan, (job % nspan) * span
+            for t in range(t0, min(t0 + span, T)):
+                orow = out[i, t]
+                for c in range(C):
+                    orow[c] = bias[c]
+                for j in range(max(0, K - 1 - t), K):
+                    xr, wr = x[i, t - K + 1 + j], wt[j]
+                    for c in range(C):
+                        orow[c] += wr[c] * xr[c]
+
+    @njit(**_pjit)
+    def conv_bwd(x, wt, dy, dx, dwt_part, db_part, B, T, C, K, span):
+        nspan = (T + span - 1) // span
+        for job in prange(B * nspan):
+            i, t0 = job // nspan, (job % nspan) * span
+            dw, db = dwt_part[job], db_part[job]
+            for t in range(t0, min(t0 + span, T)):
+                dxr, dyr = dx[i, t], dy[i, t]
+                for c in range(C):
+                    dxr[c] = 0
+                    db[c] += dyr[c]
+                # x_t feeds y_{t+K-1-j} through tap j
+                for j in range(max(0, K - T + t), K):
+                    gr, wr = dy[i, t + K - 1 - j], wt[j]
+                    for c in range(C):
+                        dxr[c] += wr[c] * gr[c]
+                # y_t reads x_{t-K+1+j} through tap j
+                for j in range(max(0, K - 1 - t), K):
+                    xr, dwr = x[i, t - K + 1 + j], dw[j]
+                    for c in range(C):
+                        dwr[c] += dyr[c] * xr[c]
+
     _KERNELS = dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
-                    minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd)
+                    minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd, conv_fwd=conv_fwd, conv_bwd=conv_bwd)
 
 
 # --- output buffers --------------------------------------------------------------------------
@@ -543,3 +586,47 @@ def cpu_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None
     """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
     return _Cell.apply(pack_chunks((hidden, forget, input)), h0, "minlstm", bool(normalize))
 
+
+def _time_span(B: int, T: int) -> int:
+    """Time steps per work item of the conv kernels: the whole row unless that leaves threads idle."""
+    want = 2 * numba.get_num_threads()
+    return T if B >= want else max(1, -(-T // -(-want // B)))
+
+
+class _CausalConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        B, T, C = x.shape
+        K = weight.shape[-1]
+        x = x.contiguous()
+        wt = weight.detach().reshape(C, K).t().contiguous()
+        b = x.new_zeros(C) if bias is None else bias.detach().contiguous()
+        y = OUTPUT_CACHE.empty((B, T, C), x.dtype)
+        span = _time_span(B, T)
+        _launch(_kernels(x.dtype)["conv_fwd"], x.numel(), x.detach().numpy(), wt.numpy(), b.numpy(), y.numpy(),
+                B, T, C, K, span)
+        ctx.save_for_backward(x, wt)
+        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wt = ctx.saved_tensors
+        B, T, C = x.shape
+        K = wt.shape[0]
+        dy = dy.contiguous()
+        span = _time_span(B, T)
+        jobs = B * -(-T // span)
+        dx = OUTPUT_CACHE.empty((B, T, C), x.dtype)
+        dwt_part = x.new_zeros(jobs, K, C)
+        db_part = x.new_zeros(jobs, C)
+        _launch(_kernels(x.dtype)["conv_bwd"], x.numel(), x.numpy(), wt.numpy(), dy.numpy(), dx.numpy(),
+                dwt_part.numpy(), db_part.numpy(), B, T, C, K, span)
+        dweight = dwt_part.sum(0).t().reshape(ctx.weight_shape)
+        return dx, dweight, (db_part.sum(0) if ctx.has_bias else None)
+
+
+def cpu_causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal depthwise conv, channels-last: x (B, T, C), weight (C, 1, K) or (C, K), bias (C,)
+    or None -> y (B, T, C), y_t = bias + sum_j weight[:, j] x_{t-K+1+j} (zeros before t = 0)."""
+    return _CausalConv.apply(x, weight, bias)

@@ -129,17 +129,27 @@ def test_cache_reuses_a_block_only_once_nothing_views_it():
     assert w.data_ptr() != ptr and w.shape == (8, 8, 16) and w.is_contiguous()
 
 
-def test_cache_holds_at_most_its_limit_and_drops_the_oldest():
+def test_cache_holds_at_most_its_limit_drops_the_oldest_and_reuses_the_newest():
     block = 4 * 8 * 16 * 4
     cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0)
     ts = [cache.empty((4, 8, 16), torch.float32) for _ in range(3)]
     ptrs = [t.data_ptr() for t in ts]
-    del ts
-    assert cache.held_bytes == 2 * block
-    again = {cache.empty((4, 8, 16), torch.float32).data_ptr() for _ in range(1)}
-    assert again <= set(ptrs[1:])  # the first freed (oldest) block was dropped
+    for i in range(3):  # freed in order 0, 1, 2
+        ts[i] = None
+    assert cache.held_bytes == 2 * block  # block 0, freed first, was dropped
+    first = cache.empty((4, 8, 16), torch.float32)
+    second = cache.empty((4, 8, 16), torch.float32)
+    assert (first.data_ptr(), second.data_ptr()) == (ptrs[2], ptrs[1])  # the most recently freed first
+    assert cache.held_bytes == 0
+    del first, second
     cache.clear()
     assert cache.held_bytes == 0
+
+
+def test_cache_blocks_are_64_byte_aligned():
+    cache = cpu.OutputCache(limit_bytes=1 << 30, min_bytes=0)
+    for n in (1, 3, 17, 1000):
+        assert cache.empty((n,), torch.float32).data_ptr() % 64 == 0
 
 
 def test_cache_off_and_small_outputs_are_plain_allocations():

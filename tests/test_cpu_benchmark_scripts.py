@@ -31,22 +31,17 @@ def test_cell_breakdown_times_every_part(tmp_path, capsys):
     assert "x projection" in capsys.readouterr().out
 
 
-def test_lm_step_profile_prints_the_step_and_the_ops(capsys):
-    assert _load("lm_step_profile").main(["lstm", "--target-params", "20000", "--batch", "2", "--seq-len", "8",
-                                          "--repeats", "2", "--top", "3"]) == 0
-    text = capsys.readouterr().out
-    assert "median step" in text and "Self CPU" in text
-
-
-def test_lm_step_times_interleaves_models_with_overrides(capsys):
-    mod = _load("lm_step_times")
+def test_lm_step_profile_times_models_side_by_side_and_profiles_them(capsys):
+    mod = _load("lm_step_profile")
     assert mod.parse_model("mingru:width=24,use_conv=False,cell_note=x") == (
         "mingru", {"width": 24, "use_conv": False, "cell_note": "x"})
     with pytest.raises(ValueError, match="not key=value"):
         mod.parse_model("mingru:width")
     assert mod.main(["lstm", "gru:width=12", "--target-params", "20000", "--batch", "2", "--seq-len", "8",
-                     "--rounds", "2", "--per-round", "1", "--warmup", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lstm") or line.startswith("| gru")]
+                     "--rounds", "2", "--per-round", "1", "--warmup", "1", "--top", "3"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith("| lstm") or line.startswith("| gru")]
     assert len(rows) == 2
     assert rows[0].endswith("| 1.000 |")
     assert rows[1].split("|")[2].strip() == "12"  # the width override was built
+    assert text.count(", 20 steps:") == 2 and "Self CPU" in text  # one profile per model

@@ -34,6 +34,7 @@ BAD_VALUES = [
     ("vocab_size", -5), ("num_hidden_layers", 0), ("expansion_factor", -2.0), ("expansion_factor", 0),
     ("mlp_mult", 0), ("cell", "gru"), ("cell", "minGRU"), ("conv_kernel", 0), ("conv_kernel", -3),
     ("dropout", 1.0), ("dropout", -0.1), ("rms_norm_eps", 0.0), ("forget_bias", float("nan")),
+    ("mingru_forget_bias", float("inf")),
     ("initializer_range", -0.02), ("hidden_act", "nope"), ("scan_backend", "magic"),
 ]
 

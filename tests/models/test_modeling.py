@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 from minrnn.models import (  # noqa: E402
+    MinRNNConfig,
     MinRNNCache,
     MinRNNForCausalLM,
     MinRNNForSequenceClassification,
@@ -14,6 +15,7 @@ from minrnn.models import (  # noqa: E402
 )
 
 from .conftest import ALL_BLOCKS, BLOCKS, random_ids, tiny_config, tiny_lm  # noqa: E402
+import minrnn.functional as MF  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32
 
@@ -249,6 +251,25 @@ def test_init_as_documented():
     assert m.lm_head.weight is m.model.embed_tokens.weight  # tied by default
     untied = MinRNNForCausalLM(tiny_config(tie_word_embeddings=False))
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("mingru_forget_bias", [0.0, 3.0])
+def test_mingru_forget_bias_sets_the_starting_decay(mingru_forget_bias):
+    """minGRU's gate bias starts at -mingru_forget_bias, so the decay a = 1 - z of a zero input
+    starts at sigmoid(mingru_forget_bias); forget_bias (minLSTM's) does not touch minGRU."""
+    cfg = tiny_config(cell="mingru", mingru_forget_bias=mingru_forget_bias, forget_bias=7.0, hidden_size=16,
+                      expansion_factor=2)
+    m = MinRNNForCausalLM(cfg)
+    E = cfg.rnn_hidden_size
+    for layer in m.model.layers:
+        bias = layer.mixer.in_proj.bias.detach()
+        assert torch.all(bias[E:] == -mingru_forget_bias) and torch.all(bias[:E] == 0)
+        x = torch.zeros(1, 3, 16)
+        pre = layer.mixer.in_proj(x).chunk(2, -1)
+        a, _ = MF.mingru_gates(*pre)
+        torch.testing.assert_close(a, torch.full_like(a, torch.sigmoid(torch.tensor(mingru_forget_bias)).item()))
+    reloaded = MinRNNConfig.from_dict(cfg.to_dict())
+    assert reloaded.mingru_forget_bias == mingru_forget_bias
 
 
 def test_labels_give_next_token_loss():

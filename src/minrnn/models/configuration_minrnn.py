@@ -97,6 +97,9 @@ class MinRNNConfig(PreTrainedConfig):
         expansion_factor: the recurrent width is round(hidden_size * expansion_factor) (default 2.0).
         minlstm_normalize: minLSTM uses f/(f+i), i/(f+i) (the paper's equations; default True).
         forget_bias: added to minLSTM's forget-gate bias at init (default 3.0, the official code's).
+        mingru_forget_bias: minGRU's counterpart, subtracted from its gate's bias at init, so the
+            decay a = 1 - z starts near sigmoid(mingru_forget_bias) (default 0.0: a ~ 1/2, the
+            paper's and the official code's minGRU; 3.0 starts it remembering as minLSTM does).
         use_conv: put a causal depthwise conv (with a residual) before the recurrence (default True).
         conv_kernel: the conv's width in tokens, >= 1 (default 4); it sees tokens t-k+1 .. t.
         use_mlp: add the MLP sub-block (default True).
@@ -122,6 +125,7 @@ class MinRNNConfig(PreTrainedConfig):
     expansion_factor: int | float = validated_field(_positive_number("expansion_factor"), default=2.0)
     minlstm_normalize: bool = True
     forget_bias: int | float = validated_field(_finite("forget_bias"), default=3.0)
+    mingru_forget_bias: int | float = validated_field(_finite("mingru_forget_bias"), default=0.0)
     use_conv: bool = True
     conv_kernel: int = validated_field(_conv_kernel, default=4)
     use_mlp: bool = True

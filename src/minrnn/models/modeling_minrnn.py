@@ -73,16 +73,18 @@ class MinRNNRMSNorm(nn.Module):
 
 
 class MinRNNGateProj(nn.Linear):
-    """The mixer's input projection D -> n E; its bias holds minLSTM's forget-gate offset at init.
+    """The mixer's input projection D -> n E; its bias holds the decay gate's offset at init.
 
     A class of its own so that ``_init_weights``, which transformers calls on the modules that
-    hold parameters, can tell it apart (minLSTM: ``forget_bias`` on the forget gate's slice).
+    hold parameters, can tell it apart. ``gate_bias`` goes on the second E-wide slice, the one
+    that sets the decay: minLSTM's forget gate (+forget_bias) or minGRU's gate z
+    (-mingru_forget_bias, since a = 1 - z).
     """
 
-    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, forget_bias: float | None):
+    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, gate_bias: float):
         super().__init__(in_features, n_pre * rnn_hidden_size, bias=True)
         self.rnn_hidden_size = rnn_hidden_size
-        self.forget_bias = forget_bias  # None for minGRU
+        self.gate_bias = gate_bias
 
 
 class MinRNNResidualOut(nn.Linear):
@@ -104,8 +106,8 @@ class MinRNNMixer(nn.Module):
         self.backend = config.scan_backend
         self.rnn_hidden_size = config.rnn_hidden_size
         self.n_pre = 2 if config.cell == "mingru" else 3
-        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre,
-                                      config.forget_bias if config.cell == "minlstm" else None)
+        gate_bias = config.forget_bias if config.cell == "minlstm" else -config.mingru_forget_bias
+        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre, float(gate_bias))
         self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
 
     def _gates(self, pre):
@@ -214,6 +216,7 @@ class MinRNNPreTrainedModel(PreTrainedModel):
       MLP's ``down_proj``): N(0, initializer_range / sqrt(2 * num_hidden_layers)), GPT-2's
       scaling, so the residual stream's variance does not grow with depth at init;
     - minLSTM: ``forget_bias`` added to the forget-gate bias, so the cell starts by remembering;
+      minGRU: ``mingru_forget_bias`` subtracted from its gate's bias (0 by default, the paper's);
     - RMSNorm weights 1.
     """
 
@@ -232,11 +235,11 @@ class MinRNNPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, MinRNNResidualOut):
             init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
-        elif isinstance(module, MinRNNGateProj) and module.forget_bias is not None:
+        elif isinstance(module, MinRNNGateProj):
             # one copy of the whole bias: a slice would lose the "already loaded" flag
             E = module.rnn_hidden_size
             bias = torch.zeros_like(module.bias)
-            bias[E:2 * E] = module.forget_bias
+            bias[E:2 * E] = module.gate_bias
             init.copy_(module.bias, bias)
 
 

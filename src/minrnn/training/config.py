@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 # the config can be checked without importing transformers; tests hold it to MinRNNConfig.
 MODEL_KEYS = {
     "hidden_size": int, "num_hidden_layers": int, "cell": str, "expansion_factor": float,
-    "minlstm_normalize": bool, "forget_bias": float, "use_conv": bool, "conv_kernel": int,
+    "minlstm_normalize": bool, "forget_bias": float, "mingru_forget_bias": float, "use_conv": bool, "conv_kernel": int,
     "use_mlp": bool, "mlp_mult": float, "hidden_act": str, "use_bias": bool, "rms_norm_eps": float,
     "dropout": float, "initializer_range": float, "scan_backend": str, "tie_word_embeddings": bool,
 }

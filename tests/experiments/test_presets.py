@@ -31,7 +31,7 @@ def test_every_experiment_has_its_presets():
     assert set(presets) == set(EXPERIMENTS)
     for experiment in ("chomsky", "shakespeare_char"):
         assert set(presets[experiment]) == {"paper", "cpu"}
-    assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv"}  # cpu_conv: an ablation
+    assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv", "cpu_decay_init"}  # the last two: ablations
     assert set(presets["wikitext2"]) == {"full", "cpu"}  # the paper has no WikiText experiment
 
 

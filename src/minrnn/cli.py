@@ -265,6 +265,9 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                         "use another --out for a sweep")
     p.add_argument("--no-sweep", action="store_true", help="skip the preset's sweep (e.g. depth 1, 2, 3): "
                                                             "the preset's own depth only")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="options",
+                   help="a build option for one model's runs on top of the preset's, e.g. "
+                        "mingru.mingru_forget_bias=3.0 (repeatable); use another --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"), help="default: results/")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
@@ -276,12 +279,13 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                    help="CPU threads per run (torch, OpenMP, numba); default: every core")
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.compare import compare as run_compare
+        from .experiments.compare import compare as run_compare, parse_options
 
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
                          args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
-                         not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads)
+                         not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads,
+                         options=parse_options(args.options))
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0

@@ -78,6 +78,7 @@ class RunSpec:
     budget_s: float | None = None               # stop a run after this much training wall time
     preset_digest: str = ""                     # the preset's content: an edited preset is a new run
     lr: float | None = None                     # the peak learning rate instead of the preset's (min_lr alike)
+    options: dict = field(default_factory=dict)  # model options on top of the preset's (--set)
 
     @property
     def name(self) -> str:
@@ -89,6 +90,8 @@ class RunSpec:
         d.pop("data_dir")  # where the data lives does not change the run
         if d["lr"] is None:
             d.pop("lr")  # so the specs of runs made before --lr existed still match
+        if not d["options"]:
+            d.pop("options")  # likewise for --set
         return d
 
 
@@ -287,7 +290,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
     work = make_workload(preset, spec)
     torch.manual_seed(spec.seed)
     target, overrides = preset.model_settings(spec.model, work.vocab_size, **spec.sweep)
-    model = build_model(spec.model, work.vocab_size, target, **overrides).to(device)
+    model = build_model(spec.model, work.vocab_size, target, **{**overrides, **spec.options}).to(device)
     info = model.baseline
     opt = torch.optim.AdamW(_param_groups(model, train), lr=train["lr"],
                             betas=(train.get("beta1", 0.9), train.get("beta2", 0.999)),
@@ -382,7 +385,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
         "best_step": best["step"],
         "final_split": final, "wall_s": wall, "tokens_per_s": step * work.tokens_per_step / wall,
         "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
-        "data": work.splits_note, "history": history, "spec": spec.to_json(),
+        "data": work.splits_note, "options": spec.options, "history": history, "spec": spec.to_json(),
     }
     write_atomic(run_dir / "result.json", json.dumps(result, indent=1).encode())
     ckpt_path.unlink(missing_ok=True)
@@ -409,8 +412,10 @@ def _device_name(device: torch.device) -> str:
 def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None, steps: int | None = None,
               tasks: list[str] | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
               data_dir: str | None = None, eval_every: int | None = None, sweep: bool = True,
-              budget_s: float | None = None, lr: float | None = None) -> list[RunSpec]:
-    """The runs ``minrnn compare`` makes, in order: models x Chomsky tasks x sweep values."""
+              budget_s: float | None = None, lr: float | None = None,
+              options: dict[str, dict] | None = None) -> list[RunSpec]:
+    """The runs ``minrnn compare`` makes, in order: models x Chomsky tasks x sweep values.
+    ``options`` maps a model name to build options on top of the preset's (``--set``)."""
     experiment = experiment.replace("-", "_")
     if experiment not in EXPERIMENTS:
         raise CompareError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
@@ -444,10 +449,55 @@ def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None
         raise CompareError(f"--budget-s must be > 0, got {budget_s}")
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise CompareError(f"--lr must be a positive number, got {lr}")
+    options = dict(options or {})
+    stray = [m for m in options if m not in models]
+    if stray:
+        raise CompareError(f"--set names {stray}, which this comparison does not run (its models: {models})")
+    for m, opts in options.items():
+        unknown = sorted(set(opts) - _option_keys(m))
+        if unknown:
+            raise CompareError(f"--set {m}.{unknown[0]}: {m} has no option {unknown[0]!r} (transformers configs "
+                               "would keep a misspelt key silently, so only known ones are taken)")
     digest = digest_of(preset)
     return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s,
-                    digest, lr)
+                    digest, lr, dict(options.get(m, {})))
             for t in run_tasks for s in sweeps for m in models]
+
+
+def _option_keys(model: str) -> set[str]:
+    """The build options ``model`` knows: build_model's own, and its config's fields."""
+    from .baselines import GENERIC_KEYS
+
+    keys = set(GENERIC_KEYS)
+    if model in ("mingru", "minlstm"):
+        from ..training.config import MODEL_KEYS
+        return keys | set(MODEL_KEYS)
+    if model in ("lstm", "gru"):
+        return keys
+    import transformers
+
+    config = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "mamba": "MambaConfig"}[model]
+    keys |= set(getattr(transformers, config)().to_dict())
+    return keys | ({"mamba_scan"} if model == "mamba" else set())
+
+
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """``["mingru.mingru_forget_bias=3.0", ...]`` -> ``{"mingru": {"mingru_forget_bias": 3.0}}``;
+    values are read as TOML values (numbers, true/false, quoted strings), else kept as text."""
+    from .presets import tomllib
+
+    out: dict[str, dict] = {}
+    for item in items:
+        target, eq, value = item.partition("=")
+        model, dot, key = target.partition(".")
+        if not (eq and dot and model and key):
+            raise CompareError(f"--set {item!r}: expected MODEL.KEY=VALUE, e.g. mingru.mingru_forget_bias=3.0")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        out.setdefault(model, {})[key] = parsed
+    return out
 
 
 def digest_of(preset: Preset) -> str:
@@ -517,6 +567,10 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     lines = [f"# {title}", "", preset.description, "",
              f"Data: {results[0]['data']}. Device: {results[0]['device']}, {results[0]['dtype']}. "
              f"Metric: validation {metric}" + ("" if task_kind else ", lower is better") + ".", ""]
+    set_options = sorted({(r["model"], k, json.dumps(v)) for r in results for k, v in r.get("options", {}).items()})
+    if set_options:
+        lines += ["Model options set on the command line (`--set`), on top of the preset's: "
+                  + ", ".join(f"{m}.{k}={v}" for m, k, v in set_options) + ".", ""]
     groups: dict[str | None, list[dict]] = {}
     for r in results:
         groups.setdefault(r["task"], []).append(r)
@@ -643,10 +697,11 @@ def compare(experiment: str, preset: str = "cpu", models: list[str] | None = Non
             steps: int | None = None, tasks: list[str] | None = None, seed: int = 0, device: str = "cpu",
             dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
             sweep: bool = True, budget_s: float | None = None, lr: float | None = None, isolate: bool = True,
-            log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None) -> Path:
+            log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None,
+            options: dict[str, dict] | None = None) -> Path:
     """Plan, train (skipping finished runs) and report; returns the path of results.md."""
     runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
-                     budget_s, lr)
+                     budget_s, lr, options)
     if threads is not None and not isolate:
         raise CompareError("threads needs isolate=True (a thread count is fixed per process)")
     results = run_all(runs, Path(out), isolate, log, progress, threads)

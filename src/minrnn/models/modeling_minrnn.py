@@ -170,7 +170,6 @@ class MinRNNBlock(GradientCheckpointingLayer):
     def __init__(self, config: MinRNNConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.conv_kernel = config.conv_kernel
         D = config.hidden_size
         # depthwise, unpadded: forward() puts the k - 1 past inputs (or zeros) in front itself
         self.conv = nn.Conv1d(D, D, config.conv_kernel, groups=D, bias=True) if config.use_conv else None

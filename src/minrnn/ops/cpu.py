@@ -17,8 +17,8 @@ float32 uses a polynomial exp (Cephes' expf: Cody-Waite range reduction, degree-
 polynomial, about 1 ulp) built from arithmetic and a bit cast, so LLVM vectorises it;
 libm's exp is a scalar call that would block vectorisation. float64 uses libm's exp.
 The one fast-math flag is "contract": a * b + c may become one fused multiply-add (one
-rounding instead of two, so no less accurate); it made the gate kernels 25-35% faster on
-this project's CPU. Nothing is reordered and inf/NaN keep their IEEE meaning.
+rounding instead of two, so no less accurate); it made the gate kernels roughly 20-35%
+faster on this project's CPU (probes and benchmarks/cpu_cell_breakdown.py; noisy). Nothing is reordered and inf/NaN keep their IEEE meaning.
 
 Gates are formed from e = exp(-|k|): sigmoid(|k|) = 1/(1+e), sigmoid(-|k|) = e/(1+e),
 so both z and 1 - z are accurate even when one of them is ~1e-30, and their product
@@ -405,7 +405,7 @@ class OutputCache:
                     break
         if block is None:
             # 64-byte aligned, as torch's own allocations are: numpy aligns to 16 bytes only,
-            # and vector stores that straddle cache lines made the kernels ~20% slower
+            # and vector stores that straddle cache lines made the kernels ~3% slower in a probe
             raw = np.empty(nbytes + _ALIGN - 1, dtype=np.uint8)
             start = -raw.ctypes.data % _ALIGN
             block = raw[start:start + nbytes]

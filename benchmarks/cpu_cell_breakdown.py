@@ -6,7 +6,9 @@
 For one layer (B = 16, input = hidden = 128 by default), median ms of:
 
     projection       nn.Linear(D, 2D) forward + backward with a fixed upstream gradient (the floor)
-    layer            minrnn.MinGRU forward + backward (the `cpu` backend)
+    matmuls alone    the three matmuls of that projection without its bias (x W^T, dY W, dY^T x)
+    layer            minrnn.MinGRU forward + backward (the `cpu` backend: the projection and the
+                     cell as one Function whose kernels add the bias and sum its gradient)
     kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation)
     cell fwd+bwd     the cell's autograd Function on fixed pre-activations, output cache on
     cell, cache off  the same with every output a fresh allocation (MINRNN_CPU_CACHE_MB=0)
@@ -67,11 +69,18 @@ def main(argv=None) -> int:
         dcols, dps = K._columns(dpre, 2)
         hs = np.array([T * D, D], dtype=np.int64)
         blk = K._block(B, D)
+        bias, dbias = proj.bias.detach().numpy(), np.empty((B, 2 * D), dtype=np.float32)
+        x2, w = x.detach().view(B * T, D), proj.weight.detach()
 
         def projection():
             x.grad = None
             proj.zero_grad(set_to_none=True)
             torch.autograd.backward(proj(x), dy2)
+
+        def matmuls():
+            torch.mm(x2, w.t())
+            torch.mm(dy2.view(B * T, 2 * D), w)
+            torch.mm(dy2.view(B * T, 2 * D).t(), x2)
 
         def whole_layer():
             x.grad = None
@@ -79,11 +88,11 @@ def main(argv=None) -> int:
             torch.autograd.backward(layer(x)[0], dy)
 
         def kernel_fwd():
-            K.mingru_fwd(cols[0], ps, cols[1], ps, start.numpy(), h.view(-1).numpy(), hs, B, T, D, blk)
+            K.mingru_fwd(cols[0], ps, cols[1], ps, bias, start.numpy(), h.view(-1).numpy(), hs, B, T, D, blk)
 
         def kernel_bwd():
-            K.mingru_bwd(cols[0], ps, cols[1], ps, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
-                         dh0.numpy(), B, T, D, blk)
+            K.mingru_bwd(cols[0], ps, cols[1], ps, bias, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
+                         dh0.numpy(), dbias, B, T, D, blk)
 
         def cell():
             pre_leaf.grad = None
@@ -99,7 +108,7 @@ def main(argv=None) -> int:
                     fn()
             return run
 
-        cases = {"projection": projection, "layer": whole_layer, "kernel fwd": kernel_fwd,
+        cases = {"projection": projection, "matmuls alone": matmuls, "layer": whole_layer, "kernel fwd": kernel_fwd,
                  "kernel bwd": kernel_bwd, "cell fwd+bwd": cell, "cell, cache off": uncached(cell),
                  "scan, cache on": scan, "scan, cache off": uncached(scan)}
         for fn in cases.values():  # warm-up (and numba compilation)

@@ -200,3 +200,74 @@ def test_bad_input():
         MF.mingru_step(x[:, 0], x[:, 0].long())
     with pytest.raises(ValueError, match=r"h must be \(batch, channels\)"):
         MF.mingru_step(x[:, 0], x[:, 0], torch.zeros(2, 4))
+
+
+# --- a layer: projection + cell (minrnn.functional.projected_cell) ------------------------
+
+
+def _projected_inputs(cell, B, T, I, C, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n = 2 if cell == "mingru" else 3
+    x = torch.randn(B, T, I, generator=gen, dtype=torch.float64)
+    w = torch.randn(n * C, I, generator=gen, dtype=torch.float64) / I ** 0.5
+    b = torch.randn(n * C, generator=gen, dtype=torch.float64) if bias else None
+    h0 = torch.randn(B, C, generator=gen, dtype=torch.float64)
+    return [None if t is None else t.to(dtype) for t in (x, w, b, h0)]
+
+
+def _projected_ref(cell, x, w, b, h0):
+    """The composition spelled out, in float64, through the step loop."""
+    n = 2 if cell == "mingru" else 3
+    pre = F.linear(x, w, b).chunk(n, dim=-1)
+    return _seq(cell, pre, h0, mode="sequential")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["auto"] + FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,B,bias,with_h0", [(1, 3, True, True), (37, 1, True, False), (64, 5, False, True),
+                                              (129, 2, True, True)])
+def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, with_h0):
+    """Value, final state and the gradients of x, weight, bias and h0 against F.linear followed
+    by the loop; B = 1 makes the CPU kernels split channels into blocks."""
+    C, I = 40, 24
+    x, w, b, h0 = _projected_inputs(cell, B, T, I, C, dtype, bias)
+    if not BACKENDS[backend].signed if backend != "auto" else False:
+        h0 = h0.abs() + 0.1  # a log-space scan holds positive states only
+    h0 = h0 if with_h0 else None
+    weight = torch.randn(B, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    normalize = cell == "minlstm"
+    name = "mingru" if cell == "mingru" else "minlstm"
+
+    def run(fn, tensors):
+        leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
+        h, last = fn(*leaves)
+        ((h.double() * weight).sum() + last.double().sum()).backward()
+        return [h.double(), last.double()] + [t.grad.double() for t in leaves if t is not None]
+
+    got = run(lambda *t: MF.projected_cell(name, *t, normalize=normalize, backend=backend), (x, w, b, h0))
+    want = run(lambda *t: _projected_ref(cell, *t), [None if t is None else t.double() for t in (x, w, b, h0)])
+    labels = ["h", "h_last", "dx", "dweight"] + (["dbias"] if bias else []) + (["dh0"] if with_h0 else [])
+    for label, g, r in zip(labels, got, want):
+        assert_close_scaled(g, r, REL[dtype], f"{label} {backend}")
+
+
+def test_projected_cell_bad_input():
+    x, w, b, h0 = _projected_inputs("mingru", 2, 5, 3, 4, torch.float32)
+    with pytest.raises(ValueError, match="cell must be 'mingru' or 'minlstm'"):
+        MF.projected_cell("gru", x, w, b)
+    with pytest.raises(ValueError, match=r"x must be \(batch, time, input_size\)"):
+        MF.projected_cell("mingru", x[0], w, b)
+    with pytest.raises(ValueError, match=r"weight must be \(2 \* hidden_size, input_size=3\)"):
+        MF.projected_cell("mingru", x, w[:, :2], b)
+    with pytest.raises(ValueError, match=r"weight must be \(3 \* hidden_size"):
+        MF.projected_cell("minlstm", x, w, b)  # 8 rows do not split into 3 chunks
+    with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
+        MF.projected_cell("mingru", x, w, b[:5])
+    with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor"):
+        MF.projected_cell("mingru", x, w.long(), b)
+    for backend in ["auto"] + FAST_BACKENDS:
+        with pytest.raises(ValueError, match=r"h0 must be \(batch, channels\) = \(2, 4\)"):
+            MF.projected_cell("mingru", x, w, b, h0[:, :3], backend=backend)
+        with pytest.raises(ValueError, match="zero time steps"):
+            MF.projected_cell("mingru", x[:, :0], w, b, backend=backend)

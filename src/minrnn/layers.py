@@ -24,6 +24,13 @@ from . import functional as MF
 from .ops import accumulation_dtype
 
 
+def is_plain_linear(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` is exactly ``cls`` with no forward hooks, so that a fused kernel may
+    use its weight and bias directly instead of calling it (a subclass, a wrapper such as a
+    LoRA adapter, or a hook could change what the call computes)."""
+    return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+
+
 class _MinRNN(nn.Module):
     n_pre: int  # pre-activations per unit
 
@@ -58,9 +65,9 @@ class _MinRNN(nn.Module):
         if self.init_state is not None:
             nn.init.zeros_(self.init_state)
 
-    # subclasses: the cell on a layer's pre-activations
-    def _cell(self, pre: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+    # subclasses: the cell's name for minrnn.functional.projected_cell, and one step of it
+    cell: str
+    normalize: bool = True
 
     def _cell_step(self, pre: Tensor, h: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -106,15 +113,26 @@ class _MinRNN(nn.Module):
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
                 seq = layer_in if d == 0 else layer_in.flip(1)
-                pre = self.proj[k](seq)
-                start = None if h0 is None else h0[k].to(accumulation_dtype(pre.dtype))
-                h, h_last = self._cell(pre, start)
+                h, h_last = self._project_and_scan(self.proj[k], seq, None if h0 is None else h0[k])
                 outs.append(h if d == 0 else h.flip(1))
                 finals.append(h_last)
             layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.dropout and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, self.training)
         return layer_in, torch.stack(finals)
+
+    def _project_and_scan(self, lin: nn.Linear, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
+        if is_plain_linear(lin, nn.Linear):
+            start = None if h0 is None else h0.to(accumulation_dtype(x.dtype))
+            return MF.projected_cell(self.cell, x, lin.weight, lin.bias, start, normalize=self.normalize,
+                                     backend=self.backend)
+        # a wrapped or hooked projection (an adapter, a quantised layer) must run as a module
+        pre = lin(x)
+        start = None if h0 is None else h0.to(accumulation_dtype(pre.dtype))
+        chunks = pre.chunk(self.n_pre, dim=-1)
+        if self.cell == "mingru":
+            return MF.mingru(*chunks, start, backend=self.backend)
+        return MF.minlstm(*chunks, start, normalize=self.normalize, backend=self.backend)
 
     def step(self, x_t: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One time step for decoding (unidirectional layers only).
@@ -165,10 +183,7 @@ class MinGRU(_MinRNN):
     """
 
     n_pre = 2
-
-    def _cell(self, pre, h0):
-        hidden, gate = pre.chunk(2, dim=-1)
-        return MF.mingru(hidden, gate, h0, backend=self.backend)
+    cell = "mingru"
 
     def _cell_step(self, pre, h):
         hidden, gate = pre.chunk(2, dim=-1)
@@ -189,6 +204,7 @@ class MinLSTM(_MinRNN):
     """
 
     n_pre = 3
+    cell = "minlstm"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
@@ -207,10 +223,6 @@ class MinLSTM(_MinRNN):
             for lin in self.proj:
                 if lin.bias is not None:
                     lin.bias[H:2 * H] += self.forget_bias
-
-    def _cell(self, pre, h0):
-        hidden, forget, input = pre.chunk(3, dim=-1)
-        return MF.minlstm(hidden, forget, input, h0, normalize=self.normalize, backend=self.backend)
 
     def _cell_step(self, pre, h):
         hidden, forget, input = pre.chunk(3, dim=-1)

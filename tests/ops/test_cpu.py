@@ -87,7 +87,7 @@ def test_fused_cell_saves_only_pre_activations_and_states():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y, _ = layer(x)
     elements = B * T * D + B * T * 2 * H + B * T * H  # x, pre-activations, h
-    weights = layer.proj[0].weight.numel()
+    weights = sum(p.numel() for p in layer.proj[0].parameters())  # held anyway, not extra memory
     assert sum(saved.values()) <= 4 * (elements + weights + B * H)
 
 
@@ -241,3 +241,72 @@ def test_normalized_minlstm_gates_hold_far_below_the_exp_range(dtype):
     for name, g, r in zip(["h", "grad hidden", "grad forget", "grad input", "grad h0"], got, ref):
         assert torch.isfinite(g).all(), name
         assert_close_scaled(g, r, 1e-5 if dtype == torch.float32 else 1e-12, name)
+
+
+def _fused_ops(t):
+    """Names of the autograd nodes that produced ``t`` (one level: the fused Function or not)."""
+    return type(t.grad_fn).__name__
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_layers_take_the_fused_projected_cell_when_they_can(cell):
+    cls = minrnn.MinGRU if cell == "mingru" else minrnn.MinLSTM
+    layer = cls(6, 5, backend="cpu")
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    y, _ = layer(x)
+    assert _fused_ops(y) == "_ProjectedCellBackward"
+    # half precision and autocast go through nn.Linear (the kernels compute float32/64 only)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto, _ = layer(x)
+    assert _fused_ops(y_auto) != "_ProjectedCellBackward"
+    assert_close_scaled(y_auto.float(), y.detach(), 2 ** -6, "autocast")
+    # a hooked projection is called as a module, so the hook still applies
+    calls = []
+    layer.proj[0].register_forward_hook(lambda m, inp, out: calls.append(1) or out * 0.5)
+    y_hooked, _ = layer(x)
+    assert calls == [1]
+    lin = layer.proj[0]
+    n = 2 if cell == "mingru" else 3
+    pre = (0.5 * torch.nn.functional.linear(x, lin.weight, lin.bias)).chunk(n, -1)
+    ref, _ = (MF.mingru(*pre) if cell == "mingru" else MF.minlstm(*pre, normalize=True))
+    assert_close_scaled(y_hooked, ref, 1e-6, "hooked")
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_projected_cell_grads_for_any_subset_of_inputs(cell):
+    """Frozen weights, an input that needs no gradient, a non-contiguous x: each gradient that
+    is asked for matches F.linear + the reference, and none is made up for the others."""
+    n = 2 if cell == "mingru" else 3
+    B, T, I, C = 3, 21, 7, 10
+    x = torch.randn(B, I, T, dtype=torch.float64).transpose(1, 2)  # non-contiguous
+    w, b, h0 = torch.randn(n * C, I, dtype=torch.float64), torch.randn(n * C, dtype=torch.float64), torch.randn(B, C, dtype=torch.float64)
+    dy = torch.randn(B, T, C, dtype=torch.float64)
+
+    def grads(fn, wanted):
+        leaves = [t.detach().clone().requires_grad_(k in wanted) for k, t in zip("xwbh", (x, w, b, h0))]
+        h, _ = fn(*leaves)
+        torch.autograd.backward(h, dy)
+        return [t.grad for t in leaves]
+
+    def ref(x_, w_, b_, h0_):
+        pre = torch.nn.functional.linear(x_, w_, b_).chunk(n, -1)
+        return MF.mingru(*pre, h0_, mode="sequential") if cell == "mingru" else MF.minlstm(*pre, h0_, mode="sequential")
+
+    for wanted in ["x", "wb", "h", "xwbh"]:
+        got = grads(lambda *t: MF.projected_cell(cell, *t, backend="cpu"), wanted)
+        want = grads(ref, wanted)
+        for k, g, r in zip("xwbh", got, want):
+            if k in wanted:
+                assert_close_scaled(g, r, 1e-12, f"{wanted}: d{k}")
+            else:
+                assert g is None
+
+
+def test_projected_cell_passes_gradcheck():
+    torch.manual_seed(3)
+    for cell, n in (("mingru", 2), ("minlstm", 3)):
+        x = torch.randn(2, 6, 3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(n * 4, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(n * 4, dtype=torch.float64, requires_grad=True)
+        h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(cell, *t), (x, w, b, h0))

@@ -38,6 +38,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .. import functional as MF
+from ..layers import is_plain_linear
 from ..ops import accumulation_dtype, scan
 from ..ops.conv import causal_conv
 from .cache_minrnn import MinRNNCache
@@ -125,8 +126,13 @@ class MinRNNMixer(nn.Module):
 
         Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
         """
-        pre = self.in_proj(x).chunk(self.n_pre, dim=-1)
         T = x.shape[1]
+        if T > 1 and mask is None and is_plain_linear(self.in_proj, MinRNNGateProj):
+            # training and prefill: projection and scan fused where the backend can
+            y, h_last = MF.projected_cell(self.cell, x, self.in_proj.weight, self.in_proj.bias, h0,
+                                          normalize=self.normalize, backend=self.backend)
+            return self.out_proj(y), h_last
+        pre = self.in_proj(x).chunk(self.n_pre, dim=-1)
         if T == 1:
             # decoding: one step, O(1) work whatever the context length
             h = self._step(tuple(p[:, 0] for p in pre), h0)

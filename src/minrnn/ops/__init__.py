@@ -41,6 +41,9 @@ class Backend:
     #: mingru(hidden, gate, h0) -> h and minlstm(hidden, forget, input, h0, normalize) -> h
     mingru: Optional[Callable] = None
     minlstm: Optional[Callable] = None
+    #: a layer's projection and cell as one Function, used by minrnn.functional.projected_cell:
+    #: projected_cell(cell, x, weight, bias, h0, normalize) -> h
+    projected_cell: Optional[Callable] = None
 
     def supports(self, device: torch.device) -> bool:
         return (self.devices is None or device.type in self.devices) and self.available()
@@ -174,7 +177,7 @@ register(Backend("sequential", sequential_scan, doc="the plain loop; the referen
 register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
 register(Backend("log", log_space_scan, signed=False, doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
-                 mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm,
+                 mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm, projected_cell=cpu.cpu_projected_cell,
                  doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
 register(Backend("triton", triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
                  available=triton_available, mingru=triton_mingru, minlstm=triton_minlstm,

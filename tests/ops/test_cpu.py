@@ -129,21 +129,49 @@ def test_cache_reuses_a_block_only_once_nothing_views_it():
     assert w.data_ptr() != ptr and w.shape == (8, 8, 16) and w.is_contiguous()
 
 
-def test_cache_holds_at_most_its_limit_drops_the_oldest_and_reuses_the_newest():
+def test_cache_holds_at_most_its_limit_keeps_what_it_holds_and_reuses_the_newest():
     block = 4 * 8 * 16 * 4
     cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0)
     ts = [cache.empty((4, 8, 16), torch.float32) for _ in range(3)]
     ptrs = [t.data_ptr() for t in ts]
     for i in range(3):  # freed in order 0, 1, 2
         ts[i] = None
-    assert cache.held_bytes == 2 * block  # block 0, freed first, was dropped
+    assert cache.held_bytes == 2 * block  # full when block 2 came back: block 2 was dropped
     first = cache.empty((4, 8, 16), torch.float32)
     second = cache.empty((4, 8, 16), torch.float32)
-    assert (first.data_ptr(), second.data_ptr()) == (ptrs[2], ptrs[1])  # the most recently freed first
+    assert (first.data_ptr(), second.data_ptr()) == (ptrs[1], ptrs[0])  # the most recently freed first
     assert cache.held_bytes == 0
     del first, second
     cache.clear()
     assert cache.held_bytes == 0
+
+
+def test_cache_drops_stale_blocks_to_make_room():
+    block = 4 * 8 * 16 * 4
+    cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0, stale_after=1)
+    ts = [cache.empty((4, 8, 16), torch.float32) for _ in range(3)]
+    ptrs = [t.data_ptr() for t in ts]
+    for i in range(3):  # block 0 has been idle for 2 returns when block 2 comes back: stale
+        ts[i] = None
+    assert cache.held_bytes == 2 * block
+    first, second = cache.empty((4, 8, 16), torch.float32), cache.empty((4, 8, 16), torch.float32)
+    assert (first.data_ptr(), second.data_ptr()) == (ptrs[2], ptrs[1])
+
+
+def test_cache_serves_a_cycle_larger_than_its_limit():
+    """Two layers of different sizes, each taking and freeing its outputs in turn, every step in
+    the same order (a training loop), with more outputs than the limit holds: the cache keeps
+    serving what it holds (dropping the oldest instead would evict each layer's blocks just
+    before that layer asks for them again)."""
+    cache = cpu.OutputCache(limit_bytes=20 << 10, min_bytes=0)
+    hits = []
+    for step in range(5):
+        for floats in (1024, 2048):  # layer A: two 4 KiB outputs, layer B: two 8 KiB ones
+            held = {b.ctypes.data for b, _ in cache._idle.values()}
+            ts = [cache.empty((floats,), torch.float32) for _ in range(2)]
+            hits.append(sum(t.data_ptr() in held for t in ts))
+            del ts
+    assert hits[:2] == [0, 0] and hits[2:] == [2, 1] * 4  # A's two and one of B's, every step
 
 
 def test_cache_blocks_are_64_byte_aligned():

@@ -146,16 +146,19 @@ def test_cache_holds_at_most_its_limit_keeps_what_it_holds_and_reuses_the_newest
     assert cache.held_bytes == 0
 
 
-def test_cache_drops_stale_blocks_to_make_room():
+def test_cache_makes_room_by_dropping_sizes_no_longer_asked_for():
     block = 4 * 8 * 16 * 4
-    cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0, stale_after=1)
-    ts = [cache.empty((4, 8, 16), torch.float32) for _ in range(3)]
-    ptrs = [t.data_ptr() for t in ts]
-    for i in range(3):  # block 0 has been idle for 2 returns when block 2 comes back: stale
-        ts[i] = None
-    assert cache.held_bytes == 2 * block
-    first, second = cache.empty((4, 8, 16), torch.float32), cache.empty((4, 8, 16), torch.float32)
-    assert (first.data_ptr(), second.data_ptr()) == (ptrs[2], ptrs[1])
+    cache = cpu.OutputCache(limit_bytes=2 * block, min_bytes=0, stale_after=3)
+    old = [cache.empty((4, 8, 16), torch.float32) for _ in range(2)]
+    old_ptrs = {t.data_ptr() for t in old}
+    del old  # the cache is full of this size
+    for _ in range(4):  # a new workload: another size, asked for more than stale_after times
+        t = cache.empty((2, 8, 16), torch.float32)
+        ptr = t.data_ptr()
+        del t
+    assert cache.held_bytes == block // 2 + block  # one old block made way for the new size
+    again = cache.empty((2, 8, 16), torch.float32)
+    assert again.data_ptr() == ptr and ptr not in old_ptrs
 
 
 def test_cache_serves_a_cycle_larger_than_its_limit():
@@ -167,7 +170,7 @@ def test_cache_serves_a_cycle_larger_than_its_limit():
     hits = []
     for step in range(5):
         for floats in (1024, 2048):  # layer A: two 4 KiB outputs, layer B: two 8 KiB ones
-            held = {b.ctypes.data for b, _ in cache._idle.values()}
+            held = {b.ctypes.data for b in cache._idle.values()}
             ts = [cache.empty((floats,), torch.float32) for _ in range(2)]
             hits.append(sum(t.data_ptr() in held for t in ts))
             del ts

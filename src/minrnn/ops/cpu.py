@@ -399,19 +399,22 @@ class OutputCache:
     handed out is built on a numpy view of the block, and that view's finalizer returns it.
     Blocks under ``min_bytes`` are left to the allocator (small ones are cheap and reused by it).
 
-    When a returned block does not fit, blocks idle for more than ``stale_after`` returns are
-    dropped (oldest first) to make room, and if that is not enough the returned block itself is
-    dropped. Why not simply drop the oldest: a training step frees its outputs in the same order
-    every step, so the oldest idle block is the next one to be asked for; with more outputs than
-    the limit holds, dropping the oldest missed on every request (a minGRU and a minLSTM layer
-    at T = 16384 in one process: 3x slower per step than with a cache that held both).
+    When a returned block does not fit, idle blocks of a size nobody has asked for in the last
+    ``stale_after`` requests are dropped (oldest first) to make room, and if that is not
+    enough the returned block itself is dropped. Why not simply drop the oldest: a training
+    step frees its outputs in the same order every step, so the oldest idle block is the next
+    one to be asked for; with more outputs than the limit holds, dropping the oldest missed on
+    every request (a minGRU and a minLSTM layer at T = 16384 in one process: 3x slower per
+    step than with a cache that held both). Sizes still being asked for are kept; sizes of a
+    finished workload make way.
     """
 
-    def __init__(self, limit_bytes: int, min_bytes: int = 1 << 20, stale_after: int = 1024):
+    def __init__(self, limit_bytes: int, min_bytes: int = 1 << 20, stale_after: int = 64):
         self.limit_bytes, self.min_bytes, self.stale_after = int(limit_bytes), int(min_bytes), int(stale_after)
-        self._idle: collections.OrderedDict = collections.OrderedDict()  # id -> (block, stamp), oldest first
+        self._idle: collections.OrderedDict = collections.OrderedDict()  # id -> block, oldest first
         self._held = 0
-        self._returns = 0  # blocks returned so far: the clock for staleness
+        self._requests = 0  # cacheable requests so far: the clock for staleness
+        self._asked: dict[int, int] = {}  # block size -> the request count when it was last asked for
         self._lock = threading.RLock()
 
     @property
@@ -428,9 +431,11 @@ class OutputCache:
             return torch.empty(shape, dtype=dtype)
         block = None
         with self._lock:
-            for key, (cand, _) in reversed(self._idle.items()):  # the most recently freed: warmest in cache
+            self._requests += 1
+            self._asked[nbytes] = self._requests
+            for key, cand in reversed(self._idle.items()):  # the most recently freed: warmest in cache
                 if cand.nbytes == nbytes:
-                    block, _ = self._idle.pop(key)
+                    block = self._idle.pop(key)
                     self._held -= nbytes
                     break
         if block is None:
@@ -445,16 +450,17 @@ class OutputCache:
 
     def _release(self, block) -> None:
         with self._lock:
-            self._returns += 1
             if block.nbytes > self.limit_bytes:
                 return
-            while self._held + block.nbytes > self.limit_bytes and self._idle:
-                old, stamp = next(iter(self._idle.values()))
-                if self._returns - stamp <= self.stale_after:
-                    return  # full of blocks still in use from step to step: keep them
-                self._idle.popitem(last=False)
-                self._held -= old.nbytes
-            self._idle[id(block)] = (block, self._returns)
+            if self._held + block.nbytes > self.limit_bytes:
+                fresh = self._requests - self.stale_after
+                for key in [k for k, b in self._idle.items() if self._asked.get(b.nbytes, 0) < fresh]:
+                    if self._held + block.nbytes <= self.limit_bytes:
+                        break
+                    self._held -= self._idle.pop(key).nbytes
+                if self._held + block.nbytes > self.limit_bytes:
+                    return  # full of sizes still asked for: keep them, drop this one
+            self._idle[id(block)] = block
             self._held += block.nbytes
 
     def clear(self) -> None:
@@ -462,6 +468,7 @@ class OutputCache:
         with self._lock:
             self._idle.clear()
             self._held = 0
+            self._asked.clear()
 
 
 def _default_limit() -> int:

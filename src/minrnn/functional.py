@@ -247,10 +247,16 @@ def projected_cell(cell: str, x: Tensor, weight: Tensor, bias: Tensor | None = N
         check_sequences(("x",), (x.new_empty(()).expand(B, T, weight.shape[0] // n),), h0)
         h = be.projected_cell(cell, x, weight, bias, h0, normalize)
         return h, h[:, -1]
-    pre = F.linear(x, weight, bias).chunk(n, dim=-1)
+    return cell_on_pre_activations(cell, F.linear(x, weight, bias), h0, normalize=normalize, backend=backend)
+
+
+def cell_on_pre_activations(cell: str, pre: Tensor, h0: Tensor | None = None, *, normalize: bool = True,
+                            backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The cell on one packed tensor of pre-activations (B, T, n*C), split into its n chunks."""
+    chunks = pre.chunk(2 if cell == "mingru" else 3, dim=-1)
     if cell == "mingru":
-        return mingru(*pre, h0, backend=backend)
-    return minlstm(*pre, h0, normalize=normalize, backend=backend)
+        return mingru(*chunks, h0, backend=backend)
+    return minlstm(*chunks, h0, normalize=normalize, backend=backend)
 
 
 # --- one step (decoding) -------------------------------------------------------------

@@ -129,10 +129,7 @@ class _MinRNN(nn.Module):
         # a wrapped or hooked projection (an adapter, a quantised layer) must run as a module
         pre = lin(x)
         start = None if h0 is None else h0.to(accumulation_dtype(pre.dtype))
-        chunks = pre.chunk(self.n_pre, dim=-1)
-        if self.cell == "mingru":
-            return MF.mingru(*chunks, start, backend=self.backend)
-        return MF.minlstm(*chunks, start, normalize=self.normalize, backend=self.backend)
+        return MF.cell_on_pre_activations(self.cell, pre, start, normalize=self.normalize, backend=self.backend)
 
     def step(self, x_t: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One time step for decoding (unidirectional layers only).

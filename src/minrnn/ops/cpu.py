@@ -625,7 +625,7 @@ def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str
 
 
 def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, dh: Tensor, kind: str, normalize: bool):
-    """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias (n*C,), dL/dh0 (B, C))."""
+    """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C))."""
     n = 2 if kind == "mingru" else 3
     B, T, C = h.shape
     dpre = OUTPUT_CACHE.empty(tuple(pre.shape), pre.dtype)
@@ -637,7 +637,7 @@ def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, d
     if kind == "minlstm":
         args.append(normalize)
     _launch(_kernels(h.dtype)[kind + "_bwd"], h.numel(), *args, *dcols, dps, dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
-    return dpre, dbias.sum(0), dh0
+    return dpre, dbias, dh0
 
 
 def _bias(bias: Tensor | None, size: int, dtype: torch.dtype):
@@ -666,7 +666,8 @@ class _ProjectedCell(torch.autograd.Function):
         dpre2 = dpre.view(B * T, -1)
         dx = torch.mm(dpre2, weight.detach()).view(B, T, I) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dpre2.t(), x.detach().reshape(B * T, I)) if ctx.needs_input_grad[1] else None
-        return dx, dw, (dbias if bias is not None and ctx.needs_input_grad[2] else None), (dh0 if ctx.has_h0 else None), None, None
+        db = dbias.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, (dh0 if ctx.has_h0 else None), None, None
 
 
 def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None) -> Tensor:

@@ -277,6 +277,9 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads per run (torch, OpenMP, numba); default: every core")
+    p.add_argument("--keep-weights", action="store_true",
+                   help="each run trained now also writes its final weights to runs/RUN/weights.pt "
+                        "(for python -m minrnn.experiments.recall)")
 
     def run(args: argparse.Namespace) -> int:
         from .experiments.compare import compare as run_compare, parse_options
@@ -285,7 +288,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
                          args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
                          not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads,
-                         options=parse_options(args.options))
+                         options=parse_options(args.options), keep_weights=args.keep_weights)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0

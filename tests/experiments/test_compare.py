@@ -40,12 +40,16 @@ def test_shakespeare_two_steps_writes_table_and_plots(tmp_path):
 
 def test_a_run_in_its_own_process_and_the_task_metric(tmp_path):
     md = compare("selective_copying", "cpu", ["mingru"], tmp_path, steps=2, eval_every=2, sweep=False,
-                 log=lambda s: None, progress=False)
+                 log=lambda s: None, progress=False, keep_weights=True)
     (r,) = _results(md)
     assert 0.0 <= r["final_val"] <= 1.0 and 0.0 <= r["final_split"]["accuracy"] <= 1.0
     assert "val_accuracy" in r["history"][0] and r["peak_memory_mib"] > 0
     assert "accuracy" in md.read_text()
-    assert not (md.parent / "runs" / "mingru" / "checkpoint.pt").exists()
+    run = md.parent / "runs" / "mingru"
+    assert not (run / "checkpoint.pt").exists()
+    # --keep-weights reaches the run's process: the trained weights, loadable by name
+    weights = torch.load(run / "weights.pt", weights_only=True)
+    assert sum(v.numel() for v in weights.values()) >= r["params"]
 
 
 def test_chomsky_reports_each_task_and_the_mean(tmp_path):

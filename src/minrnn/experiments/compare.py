@@ -13,6 +13,8 @@ process, so that its peak memory is its own and a crash loses one run, and write
                      (and accuracy for the synthetic tasks)
     checkpoint.pt    weights, optimiser and RNG state at the last evaluation (for --resume of
                      an interrupted run; removed once the run is done)
+    weights.pt       the trained model's state dict, only with --keep-weights (not committed:
+                     .gitignore)
     result.json      the finished run: parameters, final/best metrics, wall time, tokens/s,
                      peak memory
 
@@ -272,11 +274,20 @@ def run_train_settings(preset: Preset, spec: RunSpec) -> dict:
     return train
 
 
-def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-    """Train one run to ``spec.steps`` (continuing from ``run_dir/checkpoint.pt`` if there is
-    one) and write result.json; returns the result."""
+def build_run_model(spec: RunSpec, preset: Preset, work) -> torch.nn.Module:
+    """The model of a run, freshly initialised from the current RNG state (on the CPU)."""
     from .baselines import build_model
 
+    target, overrides = preset.model_settings(spec.model, work.vocab_size, **spec.sweep)
+    return build_model(spec.model, work.vocab_size, target, **{**overrides, **spec.options})
+
+
+def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, progress: bool = True,
+              keep_weights: bool = False) -> dict:
+    """Train one run to ``spec.steps`` (continuing from ``run_dir/checkpoint.pt`` if there is
+    one) and write result.json; returns the result. ``keep_weights`` also writes the trained
+    model's state dict to ``run_dir/weights.pt`` (for analyses such as
+    ``python -m minrnn.experiments.recall``)."""
     preset = load_preset(spec.experiment, spec.preset)
     train = run_train_settings(preset, spec)
     device = torch.device(spec.device)
@@ -289,8 +300,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
         autocast = contextlib.nullcontext
     work = make_workload(preset, spec)
     torch.manual_seed(spec.seed)
-    target, overrides = preset.model_settings(spec.model, work.vocab_size, **spec.sweep)
-    model = build_model(spec.model, work.vocab_size, target, **{**overrides, **spec.options}).to(device)
+    model = build_run_model(spec, preset, work).to(device)
     info = model.baseline
     opt = torch.optim.AdamW(_param_groups(model, train), lr=train["lr"],
                             betas=(train.get("beta1", 0.9), train.get("beta2", 0.999)),
@@ -387,6 +397,8 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
         "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
         "data": work.splits_note, "options": spec.options, "history": history, "spec": spec.to_json(),
     }
+    if keep_weights:  # before result.json: a finished run asked to keep its weights has them
+        write_atomic(run_dir / "weights.pt", _to_bytes(model.state_dict()))
     write_atomic(run_dir / "result.json", json.dumps(result, indent=1).encode())
     ckpt_path.unlink(missing_ok=True)
     return result
@@ -512,7 +524,7 @@ def experiment_dir(out: Path, spec: RunSpec) -> Path:
 
 
 def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[[str], None] = print,
-            progress: bool = True, threads: int | None = None) -> list[dict]:
+            progress: bool = True, threads: int | None = None, keep_weights: bool = False) -> list[dict]:
     """Train every run not already finished under ``out``; returns every result (old and new)."""
     results = []
     for i, spec in enumerate(runs, 1):
@@ -527,13 +539,16 @@ def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[
         else:
             write_atomic(spec_path, json.dumps(spec.to_json(), indent=1).encode())
         if result_path.exists():
-            log(f"[{i}/{len(runs)}] {spec.name}: done before, kept")
+            log(f"[{i}/{len(runs)}] {spec.name}: done before, kept"
+                + (" (trained without --keep-weights: no weights.pt)"
+                   if keep_weights and not (run_dir / "weights.pt").exists() else ""))
             results.append(json.loads(result_path.read_text()))
             continue
         log(f"[{i}/{len(runs)}] {spec.name}")
         if isolate:
             cmd = [sys.executable, "-m", "minrnn.experiments.compare", "--run-dir", str(run_dir),
-                   "--data-dir", spec.data_dir or ""] + ([] if progress else ["--no-progress"])
+                   "--data-dir", spec.data_dir or ""] + ([] if progress else ["--no-progress"]) \
+                + (["--keep-weights"] if keep_weights else [])
             env = dict(os.environ)
             if threads:  # torch, OpenMP and numba each keep a pool: all of them get the same size
                 env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
@@ -544,7 +559,7 @@ def run_all(runs: list[RunSpec], out: Path, isolate: bool = True, log: Callable[
                                    f"{run_dir} keeps the last checkpoint: run the same command again to continue")
             results.append(json.loads(result_path.read_text()))
         else:
-            results.append(train_run(spec, run_dir, log, progress))
+            results.append(train_run(spec, run_dir, log, progress, keep_weights))
     return results
 
 
@@ -698,13 +713,14 @@ def compare(experiment: str, preset: str = "cpu", models: list[str] | None = Non
             dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
             sweep: bool = True, budget_s: float | None = None, lr: float | None = None, isolate: bool = True,
             log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None,
-            options: dict[str, dict] | None = None) -> Path:
-    """Plan, train (skipping finished runs) and report; returns the path of results.md."""
+            options: dict[str, dict] | None = None, keep_weights: bool = False) -> Path:
+    """Plan, train (skipping finished runs) and report; returns the path of results.md.
+    ``keep_weights``: each run trained now also writes its final weights (``weights.pt``)."""
     runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
                      budget_s, lr, options)
     if threads is not None and not isolate:
         raise CompareError("threads needs isolate=True (a thread count is fixed per process)")
-    results = run_all(runs, Path(out), isolate, log, progress, threads)
+    results = run_all(runs, Path(out), isolate, log, progress, threads, keep_weights)
     folder = experiment_dir(Path(out), runs[0])
     return report(results, folder, f"{runs[0].experiment}, preset {preset}", load_preset(runs[0].experiment, preset))
 
@@ -715,12 +731,14 @@ def _child(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, required=True)
     ap.add_argument("--data-dir", default="")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--keep-weights", action="store_true")
     args = ap.parse_args(argv)
     spec_dict = json.loads((args.run_dir / "spec.json").read_text())
     spec = RunSpec(**spec_dict, data_dir=args.data_dir or None)
     if os.environ.get("MINRNN_COMPARE_THREADS"):
         torch.set_num_threads(int(os.environ["MINRNN_COMPARE_THREADS"]))
-    train_run(spec, args.run_dir, log=functools.partial(print, flush=True), progress=not args.no_progress)
+    train_run(spec, args.run_dir, log=functools.partial(print, flush=True), progress=not args.no_progress,
+              keep_weights=args.keep_weights)
     return 0
 
 

@@ -1,0 +1,90 @@
+"""The copy breakdown of a language model's loss (minrnn.experiments.recall): the classes against
+plain loops, and end to end on a 2-step compare run that kept its weights."""
+
+import json
+
+import pytest
+import torch
+
+import minrnn.experiments.compare as C
+from minrnn.experiments.compare import CompareError, compare
+from minrnn.experiments.recall import CLASSES, copy_classes, copy_classes_reference, main, recall_breakdown, to_markdown
+
+
+def test_classes_by_hand():
+    # window 5 7 5 7 9 and the token after it, 5
+    x = torch.tensor([[5, 7, 5, 7, 9]])
+    y = torch.tensor([[7, 5, 7, 9, 5]])
+    # t=0: 5->7, nothing before: new; t=1: 7->5, 5 seen: token; t=2: 5->7, bigram (5, 7) at s=0;
+    # t=3: 7->9, 9 unseen: new; t=4: 9->5, 5 seen, (9, 5) never: token
+    assert copy_classes(x, y).tolist() == [[2, 1, 0, 2, 1]]
+    assert copy_classes_reference(x, y).tolist() == [[2, 1, 0, 2, 1]]
+
+
+def test_a_bigram_ending_in_the_current_token_does_not_count():
+    # at t=1 (current 4, target 4) the pair (4, 4) is the very one being predicted
+    x, y = torch.tensor([[3, 4]]), torch.tensor([[4, 4]])
+    assert copy_classes(x, y).tolist() == [[2, 1]]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("vocab", [2, 5, 30])
+def test_classes_match_the_loops(seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(vocab, (3, 41), generator=g)
+    x, y = seq[:, :-1], seq[:, 1:]
+    assert torch.equal(copy_classes(x, y), copy_classes_reference(x, y))
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="inputs and targets"):
+        copy_classes(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.fixture
+def short_wikitext(monkeypatch):
+    """WikiText-2's files cut short: a full-split evaluation of the real test file takes
+    minutes here, and every step of this test evaluates the whole split."""
+    real = C._corpus_splits
+
+    def cut(*args):
+        splits = real(*args)
+        return {"train": splits["train"][:150_000], "eval": splits["eval"][:12_000]}
+
+    monkeypatch.setattr(C, "_corpus_splits", cut)
+
+
+def test_end_to_end_on_a_two_step_run(tmp_path, short_wikitext):
+    md = compare("wikitext2", "cpu", ["mingru", "llama"], tmp_path, steps=2, eval_every=2, isolate=False,
+                 log=lambda s: None, progress=False, keep_weights=True)
+    runs = md.parent / "runs"
+    out = tmp_path / "recall.md"
+    assert main([str(runs / "mingru"), str(runs / "llama"), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["run"] for r in rows] == ["mingru", "llama"]
+    for row in rows:
+        result = json.loads((runs / row["run"] / "result.json").read_text())
+        # the same windows as the run's final whole-split loss
+        assert row["overall_loss"] == pytest.approx(result["final_split"]["loss"], rel=1e-5)
+        shares = [row["classes"][c]["share"] for c in CLASSES]
+        assert sum(shares) == pytest.approx(1.0) and all(s > 0 for s in shares)
+        assert sum(row["classes"][c]["share"] * row["classes"][c]["loss"] for c in CLASSES) == \
+            pytest.approx(row["overall_loss"], rel=1e-9)
+    text = out.read_text()
+    assert text == to_markdown(rows)
+    assert "Loss difference to mingru" in text and "| llama |" in text
+    # the per-class differences add up to the overall one
+    d = {c: rows[0]["classes"][c]["share"] * (rows[1]["classes"][c]["loss"] - rows[0]["classes"][c]["loss"])
+         for c in CLASSES}
+    assert sum(d.values()) == pytest.approx(rows[1]["overall_loss"] - rows[0]["overall_loss"], rel=1e-6)
+
+
+def test_a_run_without_weights_is_refused_with_the_fix(tmp_path, capsys, short_wikitext):
+    md = compare("wikitext2", "cpu", ["lstm"], tmp_path, steps=1, eval_every=1, isolate=False,
+                 log=lambda s: None, progress=False)
+    run = md.parent / "runs" / "lstm"
+    with pytest.raises(CompareError, match="--keep-weights"):
+        recall_breakdown(run)
+    assert main([str(run)]) == 2 and "--keep-weights" in capsys.readouterr().err
+    with pytest.raises(CompareError, match="no spec.json"):
+        recall_breakdown(tmp_path)

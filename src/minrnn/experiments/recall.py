@@ -115,7 +115,7 @@ def recall_breakdown(run_dir: Path, data_dir: str | None = None) -> dict:
         x, y = windows(toks, offsets[i:i + work.batch_size], work.seq_len)
         nll = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         cls = copy_classes(x, y)
-        sums += torch.zeros(len(CLASSES), dtype=torch.float64).index_add_(0, cls.flatten(), nll.flatten().double())
+        sums.index_add_(0, cls.flatten(), nll.flatten().double())
         counts += torch.bincount(cls.flatten(), minlength=len(CLASSES))
     total = int(counts.sum())
     out = {"run": spec.name, "model": spec.model, "tokens": total,

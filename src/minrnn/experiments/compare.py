@@ -135,15 +135,20 @@ class TextWorkload:
     def loss(self, logits, targets, reduction: str = "mean"):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
-    @torch.no_grad()
-    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+    def eval_batches(self, full: bool = False):
+        """(inputs, targets) batches of the evaluation split: ``eval_windows`` windows spread
+        over it, or with ``full`` every non-overlapping window."""
         from ..data.text import eval_offsets, windows
         toks = self.tokens["eval"]
         count = toks.numel() // self.seq_len if full else self.eval_windows
         offsets = eval_offsets(toks.numel(), self.seq_len, count)
-        total, n = 0.0, 0
         for i in range(0, offsets.numel(), self.batch_size):
-            x, y = windows(toks, offsets[i:i + self.batch_size], self.seq_len)
+            yield windows(toks, offsets[i:i + self.batch_size], self.seq_len)
+
+    @torch.no_grad()
+    def evaluate(self, model, device, autocast, full: bool = False) -> dict:
+        total, n = 0.0, 0
+        for x, y in self.eval_batches(full):
             with autocast():
                 logits = model(x.to(device))
             total += self.loss(logits, y.to(device), "sum").item()

@@ -104,15 +104,10 @@ def recall_breakdown(run_dir: Path, data_dir: str | None = None) -> dict:
     Scores the windows of the run's final whole-split loss, so ``overall_loss`` reproduces that
     figure (result.json ``final_split``) up to float32 summation order.
     """
-    from ..data.text import eval_offsets, windows
-
     spec, _, work, model = load_run(run_dir, data_dir)
-    toks = work.tokens["eval"]
-    offsets = eval_offsets(toks.numel(), work.seq_len, toks.numel() // work.seq_len)
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.long)
-    for i in range(0, offsets.numel(), work.batch_size):
-        x, y = windows(toks, offsets[i:i + work.batch_size], work.seq_len)
+    for x, y in work.eval_batches(full=True):
         nll = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         cls = copy_classes(x, y)
         sums.index_add_(0, cls.flatten(), nll.flatten().double())

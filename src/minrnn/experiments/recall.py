@@ -74,8 +74,8 @@ def copy_classes_reference(inputs: torch.Tensor, targets: torch.Tensor) -> torch
     return out
 
 
-def load_run(run_dir: Path, data_dir: str | None = None):
-    """(spec, preset, workload, model) of a finished run that kept its weights."""
+def load_compare_run(run_dir: Path, data_dir: str | None = None):
+    """(spec, workload, model) of a finished run that kept its weights."""
     from .compare import CompareError, RunSpec, build_run_model, make_workload
     from .presets import load_preset
 
@@ -94,7 +94,7 @@ def load_run(run_dir: Path, data_dir: str | None = None):
         raise CompareError(f"{run_dir}: a {spec.experiment} run; the copy breakdown is for language models")
     model = build_run_model(spec, preset, work)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return spec, preset, work, model.eval()
+    return spec, work, model.eval()
 
 
 @torch.no_grad()
@@ -104,7 +104,7 @@ def recall_breakdown(run_dir: Path, data_dir: str | None = None) -> dict:
     Scores the windows of the run's final whole-split loss, so ``overall_loss`` reproduces that
     figure (result.json ``final_split``) up to float32 summation order.
     """
-    spec, _, work, model = load_run(run_dir, data_dir)
+    spec, work, model = load_compare_run(run_dir, data_dir)
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.long)
     for x, y in work.eval_batches(full=True):

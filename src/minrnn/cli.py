@@ -268,6 +268,9 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="options",
                    help="a build option for one model's runs on top of the preset's, e.g. "
                         "mingru.mingru_forget_bias=3.0 (repeatable); use another --out")
+    p.add_argument("--optim", action="append", default=[], metavar="KEY=VALUE",
+                   help="an optimiser setting for every run on top of the preset's: weight_decay, beta1, beta2, "
+                        "grad_clip, warmup_steps, min_lr or decay_recurrence (repeatable); use another --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"), help="default: results/")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
@@ -282,13 +285,14 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                         "(for python -m minrnn.experiments.recall)")
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.compare import compare as run_compare, parse_options
+        from .experiments.compare import compare as run_compare, parse_optim, parse_options
 
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
         md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
                          args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
                          not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads,
-                         options=parse_options(args.options), keep_weights=args.keep_weights)
+                         options=parse_options(args.options), keep_weights=args.keep_weights,
+                         optim=parse_optim(args.optim))
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0

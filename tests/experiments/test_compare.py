@@ -200,6 +200,60 @@ def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
     assert torch.all(proj.bias[proj.rnn_hidden_size:] == -3.0)
 
 
+def test_optim_parses_checks_and_applies_on_top_of_the_preset():
+    assert C.parse_optim(["weight_decay=0.3", "decay_recurrence=true", "warmup_steps=10"]) == {
+        "weight_decay": 0.3, "decay_recurrence": True, "warmup_steps": 10}
+    for bad in ("weight_decay", "=0.3"):
+        with pytest.raises(CompareError, match="expected KEY=VALUE"):
+            C.parse_optim([bad])
+    for optim, message in [({"batch_size": 8}, "batch_size: not an optimiser setting"),
+                           ({"lr": 1e-3}, "the learning rate has --lr"),
+                           ({"weight_decay": -0.1}, "expected a finite number >= 0"),
+                           ({"weight_decay": float("nan")}, "expected a finite number >= 0"),
+                           ({"weight_decay": "lots"}, "expected a finite number >= 0"),
+                           ({"warmup_steps": 2.5}, "expected a whole number >= 0"),
+                           ({"decay_recurrence": 1}, "expected true or false")]:
+        with pytest.raises(CompareError, match=message):
+            plan_runs("selective_copying", "cpu", ["lstm"], steps=2, sweep=False, optim=optim)
+    preset = C.load_preset("selective_copying", "cpu")
+    base = preset.train_settings("mingru")
+    (spec,) = plan_runs("selective_copying", "cpu", ["mingru"], steps=2, sweep=False, lr=1e-2,
+                        optim={"weight_decay": 1, "min_lr": 5e-4})
+    train = C.run_train_settings(preset, spec)
+    # an int is taken for a float; an explicit floor wins over the one scaled with --lr
+    assert train["weight_decay"] == 1.0 and isinstance(train["weight_decay"], float)
+    assert train["lr"] == 1e-2 and train["min_lr"] == 5e-4
+    assert {k: v for k, v in train.items() if k not in ("lr", "min_lr", "weight_decay")} == \
+        {k: v for k, v in base.items() if k not in ("lr", "min_lr", "weight_decay")}
+    (plain,) = plan_runs("selective_copying", "cpu", ["mingru"], steps=2, sweep=False)
+    assert "optim" not in plain.to_json()  # specs without --optim read as before it existed
+
+
+def test_optim_reaches_the_optimiser_and_is_reported(tmp_path):
+    """One step each: with the preset's decay_recurrence = false, a larger weight decay moves the
+    decayed matrices but leaves the recurrent projection exactly where the preset's run puts it;
+    decay_recurrence = true moves that too."""
+    def weights(optim, name):
+        md = compare("selective_copying", "cpu", ["mingru"], tmp_path / name, steps=1, eval_every=1,
+                     sweep=False, isolate=False, log=lambda s: None, progress=False, keep_weights=True,
+                     optim=optim)
+        return md, torch.load(md.parent / "runs" / "mingru" / "weights.pt")
+
+    _, base = weights({}, "base")
+    md, decayed = weights({"weight_decay": 5.0}, "wd")
+    _, all_decayed = weights({"weight_decay": 5.0, "decay_recurrence": True}, "wd_rec")
+    recurrent = [k for k in base if "mixer.in_proj.weight" in k]
+    others = [k for k in base if k.endswith("weight") and base[k].dim() == 2 and k not in recurrent]
+    assert recurrent and others
+    assert all(torch.equal(decayed[k], base[k]) for k in recurrent)
+    assert all(not torch.equal(decayed[k], base[k]) for k in others)
+    assert all(not torch.equal(all_decayed[k], base[k]) for k in recurrent)
+    assert "`--optim`" in md.read_text() and "weight_decay=5.0" in md.read_text()
+    assert _results(md)[0]["optim"] == {"weight_decay": 5.0}
+    assert main(["compare", "selective_copying", "--models", "mingru", "--optim", "batch_size=3",
+                 "--out", str(tmp_path / "cli")]) == 2
+
+
 def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_path):
     md = compare("selective_copying", "cpu", ["mingru", "llama"], tmp_path, steps=1, eval_every=1,
                  isolate=False, log=lambda s: None, progress=False)

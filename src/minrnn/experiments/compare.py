@@ -81,6 +81,7 @@ class RunSpec:
     preset_digest: str = ""                     # the preset's content: an edited preset is a new run
     lr: float | None = None                     # the peak learning rate instead of the preset's (min_lr alike)
     options: dict = field(default_factory=dict)  # model options on top of the preset's (--set)
+    optim: dict = field(default_factory=dict)    # optimiser settings on top of the preset's (--optim)
 
     @property
     def name(self) -> str:
@@ -92,8 +93,9 @@ class RunSpec:
         d.pop("data_dir")  # where the data lives does not change the run
         if d["lr"] is None:
             d.pop("lr")  # so the specs of runs made before --lr existed still match
-        if not d["options"]:
-            d.pop("options")  # likewise for --set
+        for key in ("options", "optim"):  # likewise for --set and --optim
+            if not d[key]:
+                d.pop(key)
         return d
 
 
@@ -268,14 +270,22 @@ def _peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# What --optim may change: settings read only by the optimiser and its schedule. Batch size and
+# context stay the preset's, since they also decide the data a run sees and its token count.
+OPTIM_KEYS = {"weight_decay": float, "beta1": float, "beta2": float, "grad_clip": float,
+              "warmup_steps": int, "min_lr": float, "decay_recurrence": bool}
+
+
 def run_train_settings(preset: Preset, spec: RunSpec) -> dict:
     """The model's optimiser settings from the preset, with ``spec.lr`` as the peak learning rate
-    if given (the floor of the schedule, min_lr, keeps its ratio to the peak)."""
+    if given (the floor of the schedule, min_lr, keeps its ratio to the peak), then ``spec.optim``
+    on top (an explicit min_lr there wins)."""
     train = dict(preset.train_settings(spec.model))
     if spec.lr is not None:
         if "min_lr" in train:
             train["min_lr"] = train["min_lr"] * spec.lr / train["lr"]
         train["lr"] = spec.lr
+    train.update(spec.optim)
     return train
 
 
@@ -400,7 +410,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
         "best_step": best["step"],
         "final_split": final, "wall_s": wall, "tokens_per_s": step * work.tokens_per_step / wall,
         "peak_memory_mib": _peak_memory_mib(device), "device": _device_name(device), "dtype": spec.dtype,
-        "data": work.splits_note, "options": spec.options, "history": history, "spec": spec.to_json(),
+        "data": work.splits_note, "options": spec.options, "optim": spec.optim, "history": history, "spec": spec.to_json(),
     }
     if keep_weights:  # before result.json: a finished run asked to keep its weights has them
         write_atomic(run_dir / "weights.pt", _to_bytes(model.state_dict()))
@@ -430,9 +440,11 @@ def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None
               tasks: list[str] | None = None, seed: int = 0, device: str = "cpu", dtype: str = "float32",
               data_dir: str | None = None, eval_every: int | None = None, sweep: bool = True,
               budget_s: float | None = None, lr: float | None = None,
-              options: dict[str, dict] | None = None) -> list[RunSpec]:
+              options: dict[str, dict] | None = None, optim: dict | None = None) -> list[RunSpec]:
     """The runs ``minrnn compare`` makes, in order: models x Chomsky tasks x sweep values.
-    ``options`` maps a model name to build options on top of the preset's (``--set``)."""
+    ``options`` maps a model name to build options on top of the preset's (``--set``);
+    ``optim`` holds optimiser settings for every run on top of the preset's (``--optim``,
+    keys in ``OPTIM_KEYS``)."""
     experiment = experiment.replace("-", "_")
     if experiment not in EXPERIMENTS:
         raise CompareError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
@@ -475,9 +487,10 @@ def plan_runs(experiment: str, preset_name: str, models: list[str] | None = None
         if unknown:
             raise CompareError(f"--set {m}.{unknown[0]}: {m} has no option {unknown[0]!r} (transformers configs "
                                "would keep a misspelt key silently, so only known ones are taken)")
+    optim = check_optim(optim or {})
     digest = digest_of(preset)
     return [RunSpec(experiment, preset_name, m, steps, t, s, seed, device, dtype, data_dir, eval_every, budget_s,
-                    digest, lr, dict(options.get(m, {})))
+                    digest, lr, dict(options.get(m, {})), dict(optim))
             for t in run_tasks for s in sweeps for m in models]
 
 
@@ -514,6 +527,42 @@ def parse_options(items: list[str]) -> dict[str, dict]:
         except tomllib.TOMLDecodeError:
             parsed = value
         out.setdefault(model, {})[key] = parsed
+    return out
+
+
+def check_optim(optim: dict) -> dict:
+    """``--optim`` settings checked against ``OPTIM_KEYS``: a known key, a value of its type
+    (an int is taken for a float), nothing negative; returns them with floats as floats."""
+    out = {}
+    for key, value in optim.items():
+        kind = OPTIM_KEYS.get(key)
+        if kind is None:
+            raise CompareError(f"--optim {key}: not an optimiser setting; known: {', '.join(sorted(OPTIM_KEYS))} "
+                               "(the learning rate has --lr, the step count --steps)")
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+        if not ok or (kind is not bool and value < 0):
+            expected = {bool: "true or false", int: "a whole number >= 0", float: "a finite number >= 0"}[kind]
+            raise CompareError(f"--optim {key}={value!r}: expected {expected}")
+        out[key] = float(value) if kind is float else value
+    return out
+
+
+def parse_optim(items: list[str]) -> dict:
+    """``["weight_decay=0.3", ...]`` -> ``{"weight_decay": 0.3}`` (values read as TOML values);
+    checked by ``check_optim`` when the runs are planned."""
+    from .presets import tomllib
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not (eq and key):
+            raise CompareError(f"--optim {item!r}: expected KEY=VALUE, e.g. weight_decay=0.3")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
     return out
 
 
@@ -591,6 +640,10 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     if set_options:
         lines += ["Model options set on the command line (`--set`), on top of the preset's: "
                   + ", ".join(f"{m}.{k}={v}" for m, k, v in set_options) + ".", ""]
+    set_optim = sorted({(k, json.dumps(v)) for r in results for k, v in r.get("optim", {}).items()})
+    if set_optim:
+        lines += ["Optimiser settings from the command line (`--optim`), on top of the preset's: "
+                  + ", ".join(f"{k}={v}" for k, v in set_optim) + ".", ""]
     groups: dict[str | None, list[dict]] = {}
     for r in results:
         groups.setdefault(r["task"], []).append(r)
@@ -718,11 +771,13 @@ def compare(experiment: str, preset: str = "cpu", models: list[str] | None = Non
             dtype: str = "float32", data_dir: str | None = None, eval_every: int | None = None,
             sweep: bool = True, budget_s: float | None = None, lr: float | None = None, isolate: bool = True,
             log: Callable[[str], None] = print, progress: bool = True, threads: int | None = None,
-            options: dict[str, dict] | None = None, keep_weights: bool = False) -> Path:
+            options: dict[str, dict] | None = None, keep_weights: bool = False,
+            optim: dict | None = None) -> Path:
     """Plan, train (skipping finished runs) and report; returns the path of results.md.
-    ``keep_weights``: each run trained now also writes its final weights (``weights.pt``)."""
+    ``keep_weights``: each run trained now also writes its final weights (``weights.pt``).
+    ``optim``: optimiser settings for every run on top of the preset's (see ``OPTIM_KEYS``)."""
     runs = plan_runs(experiment, preset, models, steps, tasks, seed, device, dtype, data_dir, eval_every, sweep,
-                     budget_s, lr, options)
+                     budget_s, lr, options, optim)
     if threads is not None and not isolate:
         raise CompareError("threads needs isolate=True (a thread count is fixed per process)")
     results = run_all(runs, Path(out), isolate, log, progress, threads, keep_weights)

@@ -8,7 +8,8 @@ import torch
 
 import minrnn.experiments.compare as C
 from minrnn.experiments.compare import CompareError, compare
-from minrnn.experiments.recall import CLASSES, copy_classes, copy_classes_reference, main, recall_breakdown, to_markdown
+from minrnn.experiments.recall import (CLASSES, copy_classes, copy_classes_reference, copying_answers,
+                                      copying_to_markdown, main, recall_breakdown, to_markdown)
 
 
 def test_classes_by_hand():
@@ -88,3 +89,54 @@ def test_a_run_without_weights_is_refused_with_the_fix(tmp_path, capsys, short_w
     assert main([str(run)]) == 2 and "--keep-weights" in capsys.readouterr().err
     with pytest.raises(CompareError, match="no spec.json"):
         recall_breakdown(tmp_path)
+
+
+# --- selective copying ---------------------------------------------------------------------------
+
+
+def test_copying_answers_by_hand():
+    B_ = 15  # BLANK
+    # span of 6 with data tokens 3, 5, 3 at positions 0, 2, 5; then 3 markers (id 0)
+    x = torch.tensor([[3, B_, 5, B_, B_, 3, 0, 0, 0]])
+    # answer 1 right; answer 2 says 3 (a neighbour of 5: both sides hold 3); answer 3 says 9 (absent)
+    correct, kind, distance = copying_answers(x, torch.tensor([[3, 3, 9]]), 3)
+    assert correct.tolist() == [[True, False, False]]
+    assert kind.tolist() == [[-1, 0, 2]]
+    assert distance.tolist() == [[6, 5, 3]]   # markers at 6, 7, 8; tokens at 0, 2, 5
+    # four tokens 1 2 3 4: at the 1st marker "3" is elsewhere (not next to 1), "2" a neighbour
+    x = torch.tensor([[1, 2, 3, 4, 0, 0, 0, 0]])
+    _, kind, _ = copying_answers(x, torch.tensor([[3, 1, 1, 15]]), 4)
+    assert kind.tolist() == [[1, 0, 1, 2]]
+
+
+def test_copying_answers_checks_its_input():
+    with pytest.raises(ValueError, match=r"predictions \(B, 3\)"):
+        copying_answers(torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="3 data tokens"):
+        copying_answers(torch.tensor([[1, 15, 15, 15, 15, 15, 0, 0, 0]]), torch.zeros(1, 3, dtype=torch.long), 3)
+
+
+def test_copying_breakdown_end_to_end(tmp_path, capsys, short_wikitext):
+    md = compare("selective_copying", "cpu", ["mingru", "lstm"], tmp_path, steps=2, eval_every=2, sweep=False,
+                 isolate=False, log=lambda s: None, progress=False, keep_weights=True)
+    runs = md.parent / "runs"
+    out = tmp_path / "copying.md"
+    assert main([str(runs / "mingru"), str(runs / "lstm"), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    for row in rows:
+        result = json.loads((runs / row["run"] / "result.json").read_text())
+        assert row["accuracy"] == pytest.approx(result["final_split"]["accuracy"], abs=1e-12)
+        assert row["answers"] == 8 * 64 * 16   # eval_batches x eval_batch_size x num_tokens
+        wrong = sum(v["count"] for v in row["wrong"].values())
+        assert wrong == round((1 - row["accuracy"]) * row["answers"]) and wrong > 0
+        assert sum(row["by_index"]) / 16 == pytest.approx(row["accuracy"])
+        assert sum(b["answers"] for b in row["by_distance"]) == row["answers"]
+        assert row["by_distance"][0]["from"] == 1 and row["by_distance"][-1]["to"] == 64 + 16 - 1
+    assert out.read_text() == copying_to_markdown(rows)
+    # one table holds one kind of run
+    lm = compare("wikitext2", "cpu", ["lstm"], tmp_path / "lm", steps=1, eval_every=1, isolate=False,
+                 log=lambda s: None, progress=False, keep_weights=True)
+    assert main([str(runs / "mingru"), str(lm.parent / "runs" / "lstm")]) == 2
+    assert "cannot share one table" in capsys.readouterr().err
+    with pytest.raises(CompareError, match="use copying_breakdown"):
+        recall_breakdown(runs / "mingru")

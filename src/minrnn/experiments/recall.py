@@ -16,6 +16,14 @@ Attention can look such repeats up exactly; a recurrent model must have kept the
 fixed-size state. Arora et al. 2023 ("Zoology", arXiv 2312.04927) found that most of the
 perplexity gap between attention and gated-convolution / linear-recurrent language models sits
 on the first class; this measures the same thing for the runs of ``minrnn compare``.
+
+For a selective-copying run the same command breaks the test accuracy down instead: by answer
+index (the i-th marker asks for the i-th data token), by how far back the asked token lies,
+and by what a wrong answer is (``copying_answers``):
+
+    neighbour  the data token just before or after the asked one: the order slipped by one
+    elsewhere  another data token of the same sequence
+    absent     a token the sequence never held (a blank, a marker or an unseen symbol)
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 CLASSES = ("bigram", "token", "new")
+WRONG = ("neighbour", "elsewhere", "absent")
 
 
 def copy_classes(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -75,7 +84,8 @@ def copy_classes_reference(inputs: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 def load_compare_run(run_dir: Path, data_dir: str | None = None):
-    """(spec, workload, model) of a finished run that kept its weights."""
+    """(spec, workload, model) of a finished run that kept its weights (a language model or a
+    synthetic task: ``workload.kind`` is "text" or "task")."""
     from .compare import CompareError, RunSpec, build_run_model, make_workload
     from .presets import load_preset
 
@@ -90,8 +100,9 @@ def load_compare_run(run_dir: Path, data_dir: str | None = None):
     spec = RunSpec(**json.loads((run_dir / "spec.json").read_text()), data_dir=data_dir)
     preset = load_preset(spec.experiment, spec.preset)
     work = make_workload(preset, spec)
-    if work.kind != "text":
-        raise CompareError(f"{run_dir}: a {spec.experiment} run; the copy breakdown is for language models")
+    if work.kind != "text" and spec.experiment != "selective_copying":
+        raise CompareError(f"{run_dir}: a {spec.experiment} run; the breakdown is for language models and "
+                           "selective copying")
     model = build_run_model(spec, preset, work)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return spec, work, model.eval()
@@ -105,6 +116,9 @@ def recall_breakdown(run_dir: Path, data_dir: str | None = None) -> dict:
     figure (result.json ``final_split``) up to float32 summation order.
     """
     spec, work, model = load_compare_run(run_dir, data_dir)
+    if work.kind != "text":
+        from .compare import CompareError
+        raise CompareError(f"{run_dir}: a {spec.experiment} run; use copying_breakdown")
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.long)
     for x, y in work.eval_batches(full=True):
@@ -122,6 +136,94 @@ def recall_breakdown(run_dir: Path, data_dir: str | None = None) -> dict:
                                 "ppl": math.exp(loss) if n else float("nan"),
                                 "share_of_total_loss": float(sums[k] / sums.sum())}
     return out
+
+
+def copying_answers(input_ids: torch.Tensor, predictions: torch.Tensor, num_tokens: int):
+    """What each answer of a selective-copying batch is.
+
+    input_ids: (B, L + n) as the task draws them (n = ``num_tokens`` data tokens among blanks in
+    the first L positions, then n answer markers); predictions: (B, n) token ids output at the
+    markers. Returns (correct, wrong_kind, distance), each (B, n): correct bool; wrong_kind -1
+    for a right answer, else the index in ``WRONG`` (see the module docstring; a token that is
+    both a neighbour and elsewhere counts as a neighbour); distance, the positions from the
+    asked data token to the marker that asks for it (1 .. L + n - 1).
+    """
+    from ..data.tasks.selective_copying import BLANK
+
+    n = num_tokens
+    if input_ids.dim() != 2 or input_ids.shape[1] <= n or predictions.shape != (input_ids.shape[0], n):
+        raise ValueError(f"input_ids (B, L + {n}) and predictions (B, {n}) expected, got "
+                         f"{tuple(input_ids.shape)} and {tuple(predictions.shape)}")
+    B, length = input_ids.shape[0], input_ids.shape[1] - n
+    span = input_ids[:, :length]
+    held = span != BLANK
+    if not torch.all(held.sum(1) == n):
+        raise ValueError(f"input_ids: every row must hold {n} data tokens before its markers")
+    positions = held.nonzero()[:, 1].view(B, n)           # nonzero() is row-major: in order per row
+    data = span.gather(1, positions)
+    correct = predictions == data
+    before = torch.cat([torch.full_like(data[:, :1], -1), data[:, :-1]], 1)
+    after = torch.cat([data[:, 1:], torch.full_like(data[:, :1], -1)], 1)
+    neighbour = (predictions == before) | (predictions == after)
+    elsewhere = (predictions[:, :, None] == data[:, None, :]).any(-1)
+    kind = torch.where(neighbour, 0, torch.where(elsewhere, 1, 2))
+    kind = torch.where(correct, -1, kind)
+    distance = length + torch.arange(n) - positions
+    return correct, kind, distance
+
+
+@torch.no_grad()
+def copying_breakdown(run_dir: Path, data_dir: str | None = None, distance_bins: int = 5) -> dict:
+    """A selective-copying run's test accuracy (the run's own test set) by answer index, by
+    distance to the asked token (``distance_bins`` equal bins over 1 .. L + n - 1), and its
+    wrong answers by kind; ``accuracy`` reproduces the run's test accuracy (result.json
+    ``final_split``)."""
+    from ..data.tasks import eval_set
+    from .compare import CompareError
+
+    spec, work, model = load_compare_run(run_dir, data_dir)
+    if spec.experiment != "selective_copying":
+        raise CompareError(f"{run_dir}: a {spec.experiment} run; copying_breakdown is for selective copying")
+    (length,) = work.eval_lengths
+    n = work.options["num_tokens"]
+    right, kinds, dists = [], [], []
+    sets = eval_set(work.task, [length], work.eval_batch_size, work.eval_batches, seed=work.test_seed, **work.options)
+    for b in sets[length]:
+        pred = model(b.input_ids)[:, length:].argmax(-1)
+        correct, kind, distance = copying_answers(b.input_ids, pred, n)
+        right.append(correct), kinds.append(kind), dists.append(distance)
+    right, kinds, dists = torch.cat(right).float(), torch.cat(kinds), torch.cat(dists)
+    wrong = int((kinds >= 0).sum())
+    edges = torch.linspace(0, length + n - 1, distance_bins + 1).round().long()
+    by_distance = []
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        inside = (dists > lo) & (dists <= hi)
+        by_distance.append({"from": lo + 1, "to": hi, "answers": int(inside.sum()),
+                            "accuracy": float(right[inside].mean()) if inside.any() else float("nan")})
+    return {"run": spec.name, "model": spec.model, "answers": right.numel(), "accuracy": float(right.mean()),
+            "wrong": {k: {"count": int((kinds == i).sum()), "share": int((kinds == i).sum()) / wrong if wrong else 0.0}
+                      for i, k in enumerate(WRONG)},
+            "by_index": right.mean(0).tolist(), "by_distance": by_distance}
+
+
+def copying_to_markdown(rows: list[dict]) -> str:
+    n = len(rows[0]["by_index"])
+    lines = ["| run | answers | test accuracy | wrong | " + " | ".join(WRONG) + " |", "|" + "---|" * (4 + len(WRONG))]
+    for r in rows:
+        wrong = sum(v["count"] for v in r["wrong"].values())
+        lines.append(f"| {r['run']} | {r['answers']:,} | {r['accuracy']:.4f} | {wrong} | "
+                     + " | ".join(f"{r['wrong'][k]['count']} ({r['wrong'][k]['share']:.0%})" for k in WRONG) + " |")
+    lines += ["", "Accuracy by answer index (the i-th marker asks for the i-th data token):", "",
+              "| run | " + " | ".join(str(i + 1) for i in range(n)) + " |", "|" + "---|" * (n + 1)]
+    for r in rows:
+        lines.append(f"| {r['run']} | " + " | ".join(f"{a:.3f}" for a in r["by_index"]) + " |")
+    bins = rows[0]["by_distance"]
+    lines += ["", "Accuracy by distance from the asked token to its marker (positions):", "",
+              "| run | " + " | ".join(f"{b['from']}-{b['to']}" for b in bins) + " |", "|" + "---|" * (len(bins) + 1)]
+    for r in rows:
+        lines.append(f"| {r['run']} | " + " | ".join(f"{b['accuracy']:.3f} ({b['answers']})" for b in r["by_distance"])
+                     + " |")
+    return "\n".join(lines) + "\n"
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -158,11 +260,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from .compare import CompareError
     try:
-        rows = [recall_breakdown(r, args.data_dir) for r in args.runs]
+        kinds = {json.loads((r / "spec.json").read_text())["experiment"] == "selective_copying"
+                 for r in args.runs if (r / "spec.json").exists()}
+        if len(kinds) > 1:
+            raise CompareError("selective-copying runs and language-model runs cannot share one table")
+        copying = kinds == {True}
+        rows = [(copying_breakdown if copying else recall_breakdown)(r, args.data_dir) for r in args.runs]
     except (CompareError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = to_markdown(rows)
+    md = (copying_to_markdown if copying else to_markdown)(rows)
     print(md)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -259,6 +259,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write this Markdown file and a .json beside it")
     args = ap.parse_args(argv)
     from .compare import CompareError
+    from .sweeps import emit_table
     try:
         kinds = {json.loads((r / "spec.json").read_text())["experiment"] == "selective_copying"
                  for r in args.runs if (r / "spec.json").exists()}
@@ -269,12 +270,7 @@ def main(argv=None) -> int:
     except (CompareError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = (copying_to_markdown if copying else to_markdown)(rows)
-    print(md)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(md)
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    emit_table((copying_to_markdown if copying else to_markdown)(rows), rows, args.out)
     return 0
 
 

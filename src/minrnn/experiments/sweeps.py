@@ -68,7 +68,6 @@ def group_by_seed(results: list[dict]) -> list[dict]:
     """Rows of runs equal in everything but the seed, each with per-seed and mean figures."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        s = r["_spec"]
         key = (r["model"], _settings(r.get("options", {})), r["lr"], _settings(r.get("optim", {})),
                _settings(r.get("sweep", {})), r.get("task") or "", r["steps"])
         groups.setdefault(key, []).append(r)

@@ -32,7 +32,7 @@ def test_every_experiment_has_its_presets():
     for experiment in ("chomsky", "shakespeare_char"):
         assert set(presets[experiment]) == {"paper", "cpu"}
     assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv", "cpu_decay_init"}  # the last two: ablations
-    assert set(presets["wikitext2"]) == {"full", "cpu"}  # the paper has no WikiText experiment
+    assert set(presets["wikitext2"]) == {"full", "cpu", "cpu_tuned"}  # the paper has no WikiText experiment
 
 
 @pytest.mark.parametrize("experiment,name", ALL)
@@ -65,6 +65,17 @@ def test_paper_presets_hold_the_papers_numbers():
     assert load_preset("chomsky", "cpu").eval_lengths()[-1] == 256
     sh = load_preset("shakespeare_char", "paper")
     assert (sh.train["seq_len"], sh.train["batch_size"], sh.train["steps"], sh.common["dropout"]) == (256, 64, 5000, 0.2)
+
+
+def test_wikitext2_cpu_tuned_is_the_cpu_preset_but_for_the_tuned_settings():
+    cpu, tuned = load_preset("wikitext2", "cpu"), load_preset("wikitext2", "cpu_tuned")
+    assert (tuned.data, tuned.common, tuned.train, tuned.target_params) == (cpu.data, cpu.common, cpu.train,
+                                                                           cpu.target_params)
+    assert tuned.models == ("mingru", "llama") and tuned.per_model == {"mingru": {"num_layers": 2, "expansion_factor": 4}}
+    assert {m: tuned.train_settings(m)["weight_decay"] for m in tuned.models} == {"mingru": 1.25, "llama": 0.75}
+    for model in tuned.models:  # the floor at 1% of the peak
+        settings = tuned.train_settings(model)
+        assert settings["min_lr"] == pytest.approx(settings["lr"] / 100)
 
 
 def test_budget_follows_the_reference_and_the_sweep():

@@ -1,6 +1,6 @@
 """One table over many ``minrnn compare`` outputs: a sweep's runs side by side, seeds averaged.
 
-    python -m minrnn.experiments.sweeps results/sweeps/wikitext2-* \\
+    python -m minrnn.experiments.sweeps results/sweeps/wikitext2-*/ \\
         --out results/sweeps/wikitext2-tuning.md
 
 Each ``compare --out`` folder holds only the runs of its own command, so a sweep over learning
@@ -25,6 +25,8 @@ import json
 import math
 import sys
 from pathlib import Path
+
+from .presets import load_preset
 
 
 class SweepError(ValueError):
@@ -54,7 +56,6 @@ def load_results(folders: list[Path]) -> list[dict]:
             spec = r.get("spec") or json.loads((path.parent / "spec.json").read_text())
             r["_spec"], r["_path"] = spec, str(path.parent)
             if "lr" not in r:  # results from before "lr" was recorded ran at their preset's
-                from .presets import load_preset
                 r["lr"] = load_preset(spec["experiment"], spec["preset"]).train_settings(r["model"])["lr"]
             results.append(r)
     kinds = {(r["_spec"]["experiment"], r["_spec"]["preset"]) for r in results}

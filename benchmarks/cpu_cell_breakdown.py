@@ -9,7 +9,10 @@ For one layer (B = 16, input = hidden = 128 by default), median ms of:
     matmuls alone    the three matmuls of that projection without its bias (x W^T, dY W, dY^T x)
     layer            minrnn.MinGRU forward + backward (the `cpu` backend: the projection and the
                      cell as one Function whose kernels add the bias and sum its gradient)
-    kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation)
+    kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation),
+                     recomputing the exps in the backward (the cell Function's way)
+    kernel fwd/bwd, kept  the same as the layer runs them: the forward leaves its exps in the
+                     pre-activations and the backward reads them
     cell fwd+bwd     the cell's autograd Function on fixed pre-activations, output cache on
     cell, cache off  the same with every output a fresh allocation (MINRNN_CPU_CACHE_MB=0)
     scan, cache on/off  the bare scan's forward + backward, both ways
@@ -60,6 +63,7 @@ def main(argv=None) -> int:
         dy, dy2 = torch.randn(B, T, D), torch.randn(B, T, 2 * D)
         pre = torch.randn(B, T, 2 * D)
         pre_leaf = pre.clone().requires_grad_()
+        pre_kept = pre.clone()  # overwritten by the first kept forward, as the layer's are
         a = torch.rand(B, T, D, requires_grad=True)
         b = torch.randn(B, T, D, requires_grad=True)
         # preallocated outputs for the bare kernels
@@ -87,11 +91,15 @@ def main(argv=None) -> int:
             layer.zero_grad(set_to_none=True)
             torch.autograd.backward(layer(x)[0], dy)
 
-        def kernel_fwd():
-            K.mingru_fwd(cols[0], ps, cols[1], ps, bias, start.numpy(), h.view(-1).numpy(), hs, B, T, D, blk)
+        kcols, _ = K._columns(pre_kept, 2)
 
-        def kernel_bwd():
-            K.mingru_bwd(cols[0], ps, cols[1], ps, bias, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
+        def kernel_fwd(keep=False):
+            c = kcols if keep else cols
+            K.mingru_fwd(c[0], ps, c[1], ps, bias, start.numpy(), keep, h.view(-1).numpy(), hs, B, T, D, blk)
+
+        def kernel_bwd(kept=False):
+            c = kcols if kept else cols
+            K.mingru_bwd(c[0], ps, c[1], ps, bias, kept, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
                          dh0.numpy(), dbias, B, T, D, blk)
 
         def cell():
@@ -109,7 +117,8 @@ def main(argv=None) -> int:
             return run
 
         cases = {"projection": projection, "matmuls alone": matmuls, "layer": whole_layer, "kernel fwd": kernel_fwd,
-                 "kernel bwd": kernel_bwd, "cell fwd+bwd": cell, "cell, cache off": uncached(cell),
+                 "kernel bwd": kernel_bwd, "kernel fwd, kept": lambda: kernel_fwd(True),
+                 "kernel bwd, kept": lambda: kernel_bwd(True), "cell fwd+bwd": cell, "cell, cache off": uncached(cell),
                  "scan, cache on": scan, "scan, cache off": uncached(scan)}
         for fn in cases.values():  # warm-up (and numba compilation)
             for _ in range(2):

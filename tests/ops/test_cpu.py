@@ -341,3 +341,44 @@ def test_projected_cell_passes_gradcheck():
         b = torch.randn(n * 4, dtype=torch.float64, requires_grad=True)
         h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(cell, *t), (x, w, b, h0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("C", [1, 19, 128])
+def test_mingru_backward_from_kept_exps_equals_recomputing_them(dtype, C):
+    """The layer's minGRU forward leaves its exps in the pre-activations and the backward reads
+    them; that must give bit for bit what recomputing from the inputs gives, also where the
+    exps underflow (float64 past ~745, where the kept value is -0.0), at +-0 and at subnormals."""
+    B, T = 3, 29
+    pre = torch.randn(B, T, 2 * C, dtype=dtype) * 4
+    flat = pre.view(-1)
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 30.0, -30.0, 90.0, -90.0, 800.0, -800.0, 1e5, -1e5], dtype=dtype)
+    idx = torch.randperm(flat.numel())[: 4 * special.numel()]
+    flat[idx] = special.repeat(4)
+    bias = torch.randn(2 * C, dtype=dtype)
+    h0 = torch.randn(B, C, dtype=dtype)
+    dh = torch.randn(B, T, C, dtype=dtype)
+
+    def run(keep):
+        p = pre.clone()
+        h, start = cpu._cell_forward(p, bias, h0, "mingru", False, keep=keep)
+        changed = not torch.equal(p, pre)
+        return (h, *cpu._cell_backward(p, bias, h, start, dh, "mingru", False, kept=keep)), changed
+
+    (recomputed, untouched), (kept, overwritten) = run(False), run(True)
+    assert not untouched and overwritten  # the kept path really took the other branch
+    for name, r, k in zip(["h", "dpre", "dbias", "dh0"], recomputed, kept):
+        assert torch.isfinite(k).all(), name
+        assert torch.equal(r, k), f"{name}: max difference {(r - k).abs().max().item():.3e}"
+
+
+def test_projected_cell_backward_twice_with_retain_graph():
+    """The kept exps are written once, by the forward: a second backward reads the same."""
+    layer = minrnn.MinGRU(6, 5, backend="cpu").double()
+    x = torch.randn(2, 11, 6, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    dy = torch.randn_like(y)
+    first = torch.autograd.grad(y, [x, *layer.parameters()], dy, retain_graph=True)
+    second = torch.autograd.grad(y, [x, *layer.parameters()], dy)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

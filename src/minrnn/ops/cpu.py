@@ -9,7 +9,9 @@ the gates on the fly. Saved for backward: the pre-activations and h, nothing els
 A layer goes one step further (``cpu_projected_cell``): its matmul runs without the bias,
 the kernels add the bias as they read each pre-activation and sum dL/dbias as they write
 dL/dpre, so neither costs a pass of its own (nn.Linear spends one writing the bias into
-its output and one summing the gradient).
+its output and one summing the gradient). Its minGRU forward also overwrites the
+pre-activations, which it owns, with their exps, so that the backward recomputes no exp
+(see kept_g; minLSTM's normalised gates need more values than there are slots).
 
 Layout: (B, T, C) with C contiguous. Parallel over batch x channel blocks (prange),
 sequential in time, and the inner loop over a block of channels is what LLVM
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import threading
 import weakref
@@ -122,24 +125,53 @@ if HAVE_NUMBA:
         return (lambda like, value: np.float32(value)) if like == types.float32 else (lambda like, value: np.float64(value))
 
     @njit(inline="always", **_jit)
-    def sigmoid_pair(k):
-        """(sigmoid(k), sigmoid(-k)), each accurate to its own relative precision."""
+    def _sign_clear(v):
+        """v's sign bit is clear: v >= 0 except that -0.0 counts as negative (see kept_gate)."""
+        return math.copysign(_const(v, 1.0), v) > _const(v, 0.0)
+
+    @njit(inline="always", **_jit)
+    def sigmoid_pair_of(k, e):
+        """(sigmoid(k), sigmoid(-k)) given e = exp(-|k|); of k only its sign is read."""
         one = _const(k, 1.0)
-        e = _exp(-abs(k))
         s = one / (one + e)
-        if k >= 0:
+        if _sign_clear(k):
             return s, e * s
         return e * s, s
 
     @njit(inline="always", **_jit)
+    def sigmoid_pair(k):
+        """(sigmoid(k), sigmoid(-k)), each accurate to its own relative precision."""
+        return sigmoid_pair_of(k, _exp(-abs(k)))
+
+    @njit(inline="always", **_jit)
+    def g_slope_below(e):
+        """g(x) and g'(x) for x < 0 given e = exp(x): sigmoid(x) and sigmoid(x)(1 - sigmoid(x))."""
+        s = e / (_const(e, 1.0) + e)
+        return s, s * (_const(e, 1.0) - s)
+
+    @njit(inline="always", **_jit)
     def g_and_slope(x):
         """g(x) and g'(x): x + 1/2 and 1 for x >= 0; sigmoid(x) and sigmoid(x)(1 - sigmoid(x)) below."""
-        one = _const(x, 1.0)
-        e = _exp(min(x, _const(x, 0.0)))
-        s = e / (one + e)
+        s, slope = g_slope_below(_exp(min(x, _const(x, 0.0))))
         if x >= 0:
-            return x + _const(x, 0.5), one
-        return s, s * (one - s)
+            return x + _const(x, 0.5), _const(x, 1.0)
+        return s, slope
+
+    # What a layer's forward leaves in its pre-activations for the backward (cpu_projected_cell
+    # owns them, so they may be overwritten): the exps, which are most of the backward's work
+    # (its kernel ran about 1.8x faster without them in a probe). The gate slot gets
+    # copysign(exp(-|k|), k), which sigmoid_pair_of decodes; the hidden slot gets g(x) where
+    # x >= 0 (at least 1/2: positive) and -exp(x) below (sign bit set). Reading the sign bit
+    # rather than comparing with 0 keeps the branch where exp underflowed to 0 (float64, |k|
+    # or -x past ~745: the value is then -0.0). The backward's values are then exactly those
+    # a recomputation gives.
+
+    @njit(inline="always", **_jit)
+    def kept_g(v):
+        """g(x) and g'(x) from what the forward kept of x."""
+        if _sign_clear(v):
+            return v, _const(v, 1.0)
+        return g_slope_below(-v)
 
     @njit(inline="always", **_jit)
     def _work_item(job, nblk, blk, C):
@@ -192,8 +224,10 @@ if HAVE_NUMBA:
             dh0[i, c0:c0 + n] = carry
 
     @njit(**_pjit)
-    def mingru_fwd(x, xs, k, ks, bias, h0, out, os_, B, T, C, blk):
+    def mingru_fwd(x, xs, k, ks, bias, h0, keep, out, os_, B, T, C, blk):
+        """keep: overwrite x and k with what mingru_bwd(kept=True) reads (see kept_g)."""
         nblk = (C + blk - 1) // blk
+        zero = _const(bias[0], 0.0)
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
             h = h0[i, c0:c0 + n].copy()
@@ -201,14 +235,22 @@ if HAVE_NUMBA:
             for t in range(T):
                 xr, kr, orow = _row(x, xs, i, t, c0, n), _row(k, ks, i, t, c0, n), _row(out, os_, i, t, c0, n)
                 for c in range(n):
-                    z, a = sigmoid_pair(kr[c] + bk[c])
-                    gx, _ = g_and_slope(xr[c] + bx[c])
+                    kc, xc = kr[c] + bk[c], xr[c] + bx[c]
+                    ek, ex = _exp(-abs(kc)), _exp(min(xc, zero))
+                    z, a = sigmoid_pair_of(kc, ek)
+                    gx, _ = g_slope_below(ex)
+                    if xc >= zero:
+                        gx = xc + _const(xc, 0.5)
                     v = a * h[c] + z * gx
                     h[c] = v
                     orow[c] = v
+                    if keep:
+                        kr[c] = math.copysign(ek, kc)
+                        xr[c] = gx if xc >= zero else -ex
 
     @njit(**_pjit)
-    def mingru_bwd(x, xs, k, ks, bias, h, hs, h0, dh, dhs, dx, dk, os_, dh0, dbias, B, T, C, blk):
+    def mingru_bwd(x, xs, k, ks, bias, kept, h, hs, h0, dh, dhs, dx, dk, os_, dh0, dbias, B, T, C, blk):
+        """kept: x and k hold what mingru_fwd(keep=True) left there (bias included), not inputs."""
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
@@ -222,9 +264,13 @@ if HAVE_NUMBA:
                 kr, xr = _row(k, ks, i, t, c0, n), _row(x, xs, i, t, c0, n)
                 dxr, dkr = _row(dx, os_, i, t, c0, n), _row(dk, os_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                for c in range(n):  # gates recomputed; d/d(pre) per unit of G
-                    z, a = sigmoid_pair(kr[c] + bk[c])
-                    gx, slope = g_and_slope(xr[c] + bx[c])
+                for c in range(n):  # gates recomputed (or decoded); d/d(pre) per unit of G
+                    if kept:
+                        z, a = sigmoid_pair_of(kr[c], abs(kr[c]))
+                        gx, slope = kept_g(xr[c])
+                    else:
+                        z, a = sigmoid_pair(kr[c] + bk[c])
+                        gx, slope = g_and_slope(xr[c] + bx[c])
                     dkr[c] = z * a * (gx - prev[c])  # da/dk = -z a, db/dk = g z a
                     dxr[c] = z * slope
                     A[c] = a
@@ -513,10 +559,12 @@ def _flat(x: Tensor):
     CPU tensor whose channel stride is 1 (copied once if it is not)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
+    strides = np.array(x.stride()[:2], dtype=np.int64)
+    if x.is_contiguous():  # the common case, and the cheaper view (this runs on every call)
+        return x.detach().view(-1).numpy(), strides
     B, T, C = x.shape
     span = (B - 1) * x.stride(0) + (T - 1) * x.stride(1) + C
-    flat = torch.as_strided(x.detach(), (span,), (1,), x.storage_offset())
-    return flat.numpy(), np.array([x.stride(0), x.stride(1)], dtype=np.int64)
+    return torch.as_strided(x.detach(), (span,), (1,), x.storage_offset()).numpy(), strides
 
 
 def _launch(kernel, numel: int, *args) -> None:
@@ -595,7 +643,7 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre, h0, kind, normalize):
-        h, start = _cell_forward(pre, None, h0, kind, normalize)
+        h, start = _cell_forward(pre, None, h0, kind, normalize, keep=False)
         ctx.save_for_backward(pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -603,13 +651,14 @@ class _Cell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         pre, h, start = ctx.saved_tensors
-        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.kind, ctx.normalize)
+        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.kind, ctx.normalize, kept=False)
         return dpre, (dh0 if ctx.has_h0 else None), None, None
 
 
-def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str, normalize: bool):
+def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str, normalize: bool, keep: bool):
     """The forward kernel on packed pre-activations (B, T, n*C) plus ``bias`` (n*C,) or None:
-    (h (B, T, C), the start state it used (B, C))."""
+    (h (B, T, C), the start state it used (B, C)). ``keep`` (minGRU only): overwrite ``pre``
+    with what ``_cell_backward(kept=True)`` reads instead of recomputing."""
     n = 2 if kind == "mingru" else 3
     B, T, nC = pre.shape
     C = nC // n
@@ -617,14 +666,14 @@ def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str
     h = OUTPUT_CACHE.empty((B, T, C), pre.dtype)
     cols, ps = _columns(pre, n)
     args = [a for col in cols for a in (col, ps)] + [_bias(bias, nC, pre.dtype), start.numpy()]
-    if kind == "minlstm":
-        args.append(normalize)
+    args.append(bool(normalize) if kind == "minlstm" else bool(keep))
     _launch(_kernels(pre.dtype)[kind + "_fwd"], h.numel(), *args, h.view(-1).numpy(),
             np.array([T * C, C], dtype=np.int64), B, T, C, _block(B, C))
     return h, start
 
 
-def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, dh: Tensor, kind: str, normalize: bool):
+def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, dh: Tensor, kind: str, normalize: bool,
+                   kept: bool):
     """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C))."""
     n = 2 if kind == "mingru" else 3
     B, T, C = h.shape
@@ -633,7 +682,10 @@ def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, d
     dcols, dps = _columns(dpre, n)
     cols, ps = _columns(pre, n)
     dh0 = torch.empty_like(start)
-    args = [a for col in cols for a in (col, ps)] + [_bias(bias, n * C, pre.dtype), *_flat(h), start.numpy(), *_flat(dh)]
+    args = [a for col in cols for a in (col, ps)] + [_bias(bias, n * C, pre.dtype)]
+    if kind == "mingru":
+        args.append(bool(kept))
+    args += [*_flat(h), start.numpy(), *_flat(dh)]
     if kind == "minlstm":
         args.append(normalize)
     _launch(_kernels(h.dtype)[kind + "_bwd"], h.numel(), *args, *dcols, dps, dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
@@ -653,7 +705,9 @@ class _ProjectedCell(torch.autograd.Function):
         x2 = x.detach().reshape(B * T, I)
         pre = OUTPUT_CACHE.empty((B, T, weight.shape[0]), x.dtype)
         torch.mm(x2, weight.detach().t(), out=pre.view(B * T, -1))  # no bias here: the kernels add it
-        h, start = _cell_forward(pre, bias, h0, kind, normalize)
+        # pre is this Function's own: the minGRU kernel leaves its exps there for the backward
+        ctx.kept = kind == "mingru"
+        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.kept)
         ctx.save_for_backward(x, weight, bias, pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -661,7 +715,7 @@ class _ProjectedCell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x, weight, bias, pre, h, start = ctx.saved_tensors
-        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize)
+        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, kept=ctx.kept)
         B, T, I = x.shape
         dpre2 = dpre.view(B * T, -1)
         dx = torch.mm(dpre2, weight.detach()).view(B, T, I) if ctx.needs_input_grad[0] else None

@@ -18,7 +18,10 @@ For one layer (B = 16, input = hidden = 128 by default), median ms of:
     scan, cache on/off  the bare scan's forward + backward, both ways
 
 All candidates are timed in one process, their repeats interleaved, after warm-up, with the
-garbage collector paused. `minrnn bench` is the benchmark of record; this script splits the
+garbage collector paused. ``--between flush`` writes a 64 MiB buffer before every timed call
+(each part starts with cold caches, as after a candidate that churns through memory in
+`minrnn bench`); ``--between idle`` sleeps 30 ms before each (the thread pools fall asleep
+and the cores go idle, so each part pays for waking them). `minrnn bench` is the benchmark of record; this script splits the
 layer's cost into its parts when working on the kernels.
 """
 
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch and numba threads (default: every core)")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", default=None, help="also write the medians here")
+    ap.add_argument("--between", choices=["nothing", "flush", "idle"], default="nothing",
+                    help="untimed, before every timed call: nothing, a 64 MiB write (cold caches) or a 30 ms sleep")
     args = ap.parse_args(argv)
     if not K.available():
         raise SystemExit("numba is not installed: the cpu backend is unavailable")
@@ -124,10 +129,15 @@ def main(argv=None) -> int:
             for _ in range(2):
                 fn()
         times = {name: [] for name in cases}
+        flush = torch.empty(16 << 20) if args.between == "flush" else None
         gc.disable()
         try:
             for _ in range(args.repeats):
                 for name, fn in cases.items():
+                    if flush is not None:
+                        flush.fill_(1.0)
+                    elif args.between == "idle":
+                        time.sleep(0.03)
                     t0 = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - t0)
@@ -135,7 +145,8 @@ def main(argv=None) -> int:
             gc.enable()
         med = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         out[T] = med
-        print(f"B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}:")
+        between = "" if args.between == "nothing" else f", {args.between} before each"
+        print(f"B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}{between}:")
         for name, ms in med.items():
             print(f"  {name:16s} {ms:9.3f}" + (f"   ({ms / med['projection']:.2f}x projection)"
                                                if name == "layer" else ""))

@@ -32,6 +32,16 @@ def test_cell_breakdown_times_every_part(tmp_path, capsys):
     assert "x projection" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+@pytest.mark.parametrize("between", ["flush", "idle"])
+def test_cell_breakdown_can_time_each_part_after_a_flush_or_a_pause(between, capsys):
+    mod = _load("cpu_cell_breakdown")
+    assert mod.main(["--lengths", "5", "--batch", "2", "--width", "8", "--repeats", "1", "--between", between]) == 0
+    assert f"{between} before each" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        mod.main(["--between", "sideways"])
+
+
 def test_lm_step_profile_times_models_side_by_side_and_profiles_them(capsys):
     mod = _load("lm_step_profile")
     assert mod.parse_model("mingru:width=24,use_conv=False,cell_note=x") == (

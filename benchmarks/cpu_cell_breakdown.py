@@ -11,8 +11,9 @@ For one layer (B = 16, input = hidden = 128 by default), median ms of:
                      cell as one Function whose kernels add the bias and sum its gradient)
     kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation),
                      recomputing the exps in the backward (the cell Function's way)
-    kernel fwd/bwd, kept  the same as the layer runs them: the forward leaves its exps in the
-                     pre-activations and the backward reads them
+    kernel fwd, kept / kernel bwd, in place   the same as the layer runs them: the forward
+                     leaves its exps in the pre-activations, the backward reads them and writes
+                     dL/dpre over them (restored, untimed, before each call)
     cell fwd+bwd     the cell's autograd Function on fixed pre-activations, output cache on
     cell, cache off  the same with every output a fresh allocation (MINRNN_CPU_CACHE_MB=0)
     scan, cache on/off  the bare scan's forward + backward, both ways
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         dy, dy2 = torch.randn(B, T, D), torch.randn(B, T, 2 * D)
         pre = torch.randn(B, T, 2 * D)
         pre_leaf = pre.clone().requires_grad_()
-        pre_kept = pre.clone()  # overwritten by the first kept forward, as the layer's are
+        pre_kept = pre.clone()  # overwritten by the kept forward, as the layer's are
         a = torch.rand(B, T, D, requires_grad=True)
         b = torch.randn(B, T, D, requires_grad=True)
         # preallocated outputs for the bare kernels
@@ -102,10 +103,19 @@ def main(argv=None) -> int:
             c = kcols if keep else cols
             K.mingru_fwd(c[0], ps, c[1], ps, bias, start.numpy(), keep, h.view(-1).numpy(), hs, B, T, D, blk)
 
-        def kernel_bwd(kept=False):
-            c = kcols if kept else cols
-            K.mingru_bwd(c[0], ps, c[1], ps, bias, kept, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
+        def kernel_bwd():
+            K.mingru_bwd(cols[0], ps, cols[1], ps, bias, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
                          dh0.numpy(), dbias, B, T, D, blk)
+
+        kernel_fwd(True)
+        kept_state = pre_kept.clone()
+
+        def restore_kept():
+            pre_kept.copy_(kept_state)
+
+        def kernel_bwd_in_place():
+            K.mingru_bwd_in_place(kcols[0], ps, kcols[1], ps, *K._flat(h), start.numpy(), *K._flat(dy), dh0.numpy(),
+                                  dbias, B, T, D, blk)
 
         def cell():
             pre_leaf.grad = None
@@ -121,19 +131,25 @@ def main(argv=None) -> int:
                     fn()
             return run
 
+        # name -> the timed call, or (an untimed preparation, the timed call)
         cases = {"projection": projection, "matmuls alone": matmuls, "layer": whole_layer, "kernel fwd": kernel_fwd,
                  "kernel bwd": kernel_bwd, "kernel fwd, kept": lambda: kernel_fwd(True),
-                 "kernel bwd, kept": lambda: kernel_bwd(True), "cell fwd+bwd": cell, "cell, cache off": uncached(cell),
-                 "scan, cache on": scan, "scan, cache off": uncached(scan)}
-        for fn in cases.values():  # warm-up (and numba compilation)
+                 "kernel bwd, in place": (restore_kept, kernel_bwd_in_place), "cell fwd+bwd": cell,
+                 "cell, cache off": uncached(cell), "scan, cache on": scan, "scan, cache off": uncached(scan)}
+        cases = {name: c if isinstance(c, tuple) else (None, c) for name, c in cases.items()}
+        for prepare, fn in cases.values():  # warm-up (and numba compilation)
             for _ in range(2):
+                if prepare:
+                    prepare()
                 fn()
         times = {name: [] for name in cases}
         flush = torch.empty(16 << 20) if args.between == "flush" else None
         gc.disable()
         try:
             for _ in range(args.repeats):
-                for name, fn in cases.items():
+                for name, (prepare, fn) in cases.items():
+                    if prepare:
+                        prepare()
                     if flush is not None:
                         flush.fill_(1.0)
                     elif args.between == "idle":
@@ -148,7 +164,7 @@ def main(argv=None) -> int:
         between = "" if args.between == "nothing" else f", {args.between} before each"
         print(f"B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}{between}:")
         for name, ms in med.items():
-            print(f"  {name:16s} {ms:9.3f}" + (f"   ({ms / med['projection']:.2f}x projection)"
+            print(f"  {name:20s} {ms:9.3f}" + (f"   ({ms / med['projection']:.2f}x projection)"
                                                if name == "layer" else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -26,7 +26,7 @@ def test_cell_breakdown_times_every_part(tmp_path, capsys):
                                              "--repeats", "2", "--json", str(out)]) == 0
     med = json.loads(out.read_text())["median_ms"]["5"]
     assert set(med) == {"projection", "matmuls alone", "layer", "kernel fwd", "kernel bwd", "kernel fwd, kept",
-                        "kernel bwd, kept", "cell fwd+bwd", "cell, cache off",
+                        "kernel bwd, in place", "cell fwd+bwd", "cell, cache off",
                         "scan, cache on", "scan, cache off"}
     assert all(v > 0 for v in med.values())
     assert "x projection" in capsys.readouterr().out

@@ -363,7 +363,9 @@ def test_mingru_backward_from_kept_exps_equals_recomputing_them(dtype, C):
         p = pre.clone()
         h, start = cpu._cell_forward(p, bias, h0, "mingru", False, keep=keep)
         changed = not torch.equal(p, pre)
-        return (h, *cpu._cell_backward(p, bias, h, start, dh, "mingru", False, kept=keep)), changed
+        dpre, dbias, dh0 = cpu._cell_backward(p, bias, h, start, dh, "mingru", False, in_place=keep)
+        assert (dpre.data_ptr() == p.data_ptr()) == keep  # in place: dL/dpre written over the kept exps
+        return (h, dpre.clone(), dbias, dh0), changed
 
     (recomputed, untouched), (kept, overwritten) = run(False), run(True)
     assert not untouched and overwritten  # the kept path really took the other branch
@@ -372,13 +374,21 @@ def test_mingru_backward_from_kept_exps_equals_recomputing_them(dtype, C):
         assert torch.equal(r, k), f"{name}: max difference {(r - k).abs().max().item():.3e}"
 
 
-def test_projected_cell_backward_twice_with_retain_graph():
-    """The kept exps are written once, by the forward: a second backward reads the same."""
-    layer = minrnn.MinGRU(6, 5, backend="cpu").double()
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_projected_cell_backward_again_with_retain_graph(cell):
+    """The first backward writes dL/dpre over the saved pre-activations (minGRU); each later
+    one through the same graph recomputes them, and every one gives the reference's grads."""
+    cls = minrnn.MinGRU if cell == "mingru" else minrnn.MinLSTM
+    layer = cls(6, 5, backend="cpu").double()
+    ref_layer = cls(6, 5, backend="sequential").double()
+    ref_layer.load_state_dict(layer.state_dict())
     x = torch.randn(2, 11, 6, dtype=torch.float64, requires_grad=True)
-    y, _ = layer(x)
-    dy = torch.randn_like(y)
-    first = torch.autograd.grad(y, [x, *layer.parameters()], dy, retain_graph=True)
-    second = torch.autograd.grad(y, [x, *layer.parameters()], dy)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    h0 = torch.randn(1, 2, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x, h0)
+    dys = [torch.randn_like(y) for _ in range(3)]
+    y_ref, _ = ref_layer(x, h0)
+    for i, dy in enumerate(dys):
+        got = torch.autograd.grad(y, [x, h0, *layer.parameters()], dy, retain_graph=i < 2)
+        want = torch.autograd.grad(y_ref, [x, h0, *ref_layer.parameters()], dy, retain_graph=True)
+        for name, g, r in zip(["x", "h0", "weight", "bias"], got, want):
+            assert_close_scaled(g, r, 1e-12, f"backward {i + 1}: d{name}")

@@ -9,9 +9,11 @@ the gates on the fly. Saved for backward: the pre-activations and h, nothing els
 A layer goes one step further (``cpu_projected_cell``): its matmul runs without the bias,
 the kernels add the bias as they read each pre-activation and sum dL/dbias as they write
 dL/dpre, so neither costs a pass of its own (nn.Linear spends one writing the bias into
-its output and one summing the gradient). Its minGRU forward also overwrites the
-pre-activations, which it owns, with their exps, so that the backward recomputes no exp
-(see kept_g; minLSTM's normalised gates need more values than there are slots).
+its output and one summing the gradient). For minGRU the pre-activations, which it owns,
+are its only (B, T, 2C) buffer: the forward kernel overwrites them with their exps, so that
+the backward recomputes no exp (see kept_g), and the backward kernel writes dL/dpre over
+those (mingru_bwd_in_place). minLSTM's normalised gates need more values than there are
+slots, so its backward recomputes them and writes a new buffer.
 
 Layout: (B, T, C) with C contiguous. Parallel over batch x channel blocks (prange),
 sequential in time, and the inner loop over a block of channels is what LLVM
@@ -126,7 +128,7 @@ if HAVE_NUMBA:
 
     @njit(inline="always", **_jit)
     def _sign_clear(v):
-        """v's sign bit is clear: v >= 0 except that -0.0 counts as negative (see kept_gate)."""
+        """v's sign bit is clear: v >= 0 except that -0.0 counts as negative (see kept_g)."""
         return math.copysign(_const(v, 1.0), v) > _const(v, 0.0)
 
     @njit(inline="always", **_jit)
@@ -225,7 +227,7 @@ if HAVE_NUMBA:
 
     @njit(**_pjit)
     def mingru_fwd(x, xs, k, ks, bias, h0, keep, out, os_, B, T, C, blk):
-        """keep: overwrite x and k with what mingru_bwd(kept=True) reads (see kept_g)."""
+        """keep: overwrite x and k with what mingru_bwd_in_place reads (see kept_g)."""
         nblk = (C + blk - 1) // blk
         zero = _const(bias[0], 0.0)
         for job in prange(B * nblk):
@@ -249,8 +251,7 @@ if HAVE_NUMBA:
                         xr[c] = gx if xc >= zero else -ex
 
     @njit(**_pjit)
-    def mingru_bwd(x, xs, k, ks, bias, kept, h, hs, h0, dh, dhs, dx, dk, os_, dh0, dbias, B, T, C, blk):
-        """kept: x and k hold what mingru_fwd(keep=True) left there (bias included), not inputs."""
+    def mingru_bwd(x, xs, k, ks, bias, h, hs, h0, dh, dhs, dx, dk, os_, dh0, dbias, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
@@ -264,13 +265,9 @@ if HAVE_NUMBA:
                 kr, xr = _row(k, ks, i, t, c0, n), _row(x, xs, i, t, c0, n)
                 dxr, dkr = _row(dx, os_, i, t, c0, n), _row(dk, os_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                for c in range(n):  # gates recomputed (or decoded); d/d(pre) per unit of G
-                    if kept:
-                        z, a = sigmoid_pair_of(kr[c], abs(kr[c]))
-                        gx, slope = kept_g(xr[c])
-                    else:
-                        z, a = sigmoid_pair(kr[c] + bk[c])
-                        gx, slope = g_and_slope(xr[c] + bx[c])
+                for c in range(n):  # gates recomputed; d/d(pre) per unit of G
+                    z, a = sigmoid_pair(kr[c] + bk[c])
+                    gx, slope = g_and_slope(xr[c] + bx[c])
                     dkr[c] = z * a * (gx - prev[c])  # da/dk = -z a, db/dk = g z a
                     dxr[c] = z * slope
                     A[c] = a
@@ -283,6 +280,39 @@ if HAVE_NUMBA:
                 for c in range(n):  # this row's share of dL/dbias
                     sx[c] += dxr[c]
                     sk[c] += dkr[c]
+            dh0[i, c0:c0 + n] = carry
+
+    @njit(**_pjit)
+    def mingru_bwd_in_place(x, xs, k, ks, h, hs, h0, dh, dhs, dh0, dbias, B, T, C, blk):
+        """mingru_bwd on what mingru_fwd(keep=True) left in x and k, writing dL/dx and dL/dk
+        over it. Its own kernel: with outputs passed as aliases of the inputs, LLVM's run-time
+        overlap checks fail and mingru_bwd runs unvectorised (5x slower in a probe)."""
+        nblk = (C + blk - 1) // blk
+        for job in prange(B * nblk):
+            i, c0, n = _work_item(job, nblk, blk, C)
+            carry = np.zeros(n, dtype=x.dtype)
+            A = np.empty(n, dtype=x.dtype)
+            sx, sk = dbias[i, c0:c0 + n], dbias[i, C + c0:C + c0 + n]
+            sx[:] = 0
+            sk[:] = 0
+            for t in range(T - 1, -1, -1):
+                kr, xr = _row(k, ks, i, t, c0, n), _row(x, xs, i, t, c0, n)
+                prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                for c in range(n):
+                    z, a = sigmoid_pair_of(kr[c], abs(kr[c]))
+                    gx, slope = kept_g(xr[c])
+                    kr[c] = z * a * (gx - prev[c])
+                    xr[c] = z * slope
+                    A[c] = a
+                dhr = _row(dh, dhs, i, t, c0, n)
+                for c in range(n):
+                    G = dhr[c] + carry[c]
+                    kr[c] *= G
+                    xr[c] *= G
+                    carry[c] = A[c] * G
+                for c in range(n):
+                    sx[c] += xr[c]
+                    sk[c] += kr[c]
             dh0[i, c0:c0 + n] = carry
 
     @njit(inline="always", **_jit)
@@ -421,6 +451,7 @@ if HAVE_NUMBA:
                         dwr[c] += dyr[c] * xr[c]
 
     _KERNELS = dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
+                    mingru_bwd_in_place=mingru_bwd_in_place,
                     minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd, conv_fwd=conv_fwd, conv_bwd=conv_bwd)
 
 
@@ -643,7 +674,7 @@ class _Cell(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre, h0, kind, normalize):
-        h, start = _cell_forward(pre, None, h0, kind, normalize, keep=False)
+        h, start = _cell_forward(pre, None, h0, kind, normalize, keep=False)  # pre is the caller's: kept intact
         ctx.save_for_backward(pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -651,19 +682,22 @@ class _Cell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         pre, h, start = ctx.saved_tensors
-        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.kind, ctx.normalize, kept=False)
+        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.kind, ctx.normalize)
         return dpre, (dh0 if ctx.has_h0 else None), None, None
 
 
-def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str, normalize: bool, keep: bool):
+def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str, normalize: bool, keep: bool,
+                  h: Tensor | None = None):
     """The forward kernel on packed pre-activations (B, T, n*C) plus ``bias`` (n*C,) or None:
     (h (B, T, C), the start state it used (B, C)). ``keep`` (minGRU only): overwrite ``pre``
-    with what ``_cell_backward(kept=True)`` reads instead of recomputing."""
+    with what ``_cell_backward(in_place=True)`` reads instead of recomputing. ``h``: a
+    buffer to write h into (a new one when None)."""
     n = 2 if kind == "mingru" else 3
     B, T, nC = pre.shape
     C = nC // n
     start = _start(h0, pre[..., :C])
-    h = OUTPUT_CACHE.empty((B, T, C), pre.dtype)
+    if h is None:
+        h = OUTPUT_CACHE.empty((B, T, C), pre.dtype)
     cols, ps = _columns(pre, n)
     args = [a for col in cols for a in (col, ps)] + [_bias(bias, nC, pre.dtype), start.numpy()]
     args.append(bool(normalize) if kind == "minlstm" else bool(keep))
@@ -673,19 +707,23 @@ def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str
 
 
 def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, dh: Tensor, kind: str, normalize: bool,
-                   kept: bool):
-    """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C))."""
+                   in_place: bool = False):
+    """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C)).
+
+    ``in_place`` (minGRU only): ``pre`` holds what ``_cell_forward(keep=True)`` left there,
+    and dL/dpre is written over it (the returned dL/dpre is ``pre``)."""
     n = 2 if kind == "mingru" else 3
     B, T, C = h.shape
-    dpre = OUTPUT_CACHE.empty(tuple(pre.shape), pre.dtype)
     dbias = torch.empty(B, n * C, dtype=pre.dtype)  # one row per batch row: no two threads share one
-    dcols, dps = _columns(dpre, n)
     cols, ps = _columns(pre, n)
     dh0 = torch.empty_like(start)
-    args = [a for col in cols for a in (col, ps)] + [_bias(bias, n * C, pre.dtype)]
-    if kind == "mingru":
-        args.append(bool(kept))
-    args += [*_flat(h), start.numpy(), *_flat(dh)]
+    if in_place:
+        _launch(_kernels(h.dtype)["mingru_bwd_in_place"], h.numel(), *[a for col in cols for a in (col, ps)],
+                *_flat(h), start.numpy(), *_flat(dh), dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
+        return pre, dbias, dh0
+    dpre = OUTPUT_CACHE.empty(tuple(pre.shape), pre.dtype)
+    dcols, dps = _columns(dpre, n)
+    args = [a for col in cols for a in (col, ps)] + [_bias(bias, n * C, pre.dtype), *_flat(h), start.numpy(), *_flat(dh)]
     if kind == "minlstm":
         args.append(normalize)
     _launch(_kernels(h.dtype)[kind + "_bwd"], h.numel(), *args, *dcols, dps, dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
@@ -697,17 +735,20 @@ def _bias(bias: Tensor | None, size: int, dtype: torch.dtype):
 
 
 class _ProjectedCell(torch.autograd.Function):
-    """A whole layer, x -> Linear -> fused cell, as one Function (see ``cpu_projected_cell``)."""
+    """A whole layer, x -> Linear -> fused cell, as one Function (see ``cpu_projected_cell``).
+
+    For minGRU the pre-activations are this Function's own buffer, used three times: the
+    forward kernel leaves its exps there, the backward kernel reads them and writes dL/dpre
+    over them, and the matmuls of the backward read that. No second (B, T, 2C) buffer is
+    touched. A second backward through the same graph (retain_graph=True) finds them
+    consumed and first recomputes them from the saved x and weight.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, h0, kind, normalize):
-        B, T, I = x.shape
-        x2 = x.detach().reshape(B * T, I)
-        pre = OUTPUT_CACHE.empty((B, T, weight.shape[0]), x.dtype)
-        torch.mm(x2, weight.detach().t(), out=pre.view(B * T, -1))  # no bias here: the kernels add it
-        # pre is this Function's own: the minGRU kernel leaves its exps there for the backward
-        ctx.kept = kind == "mingru"
-        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.kept)
+        pre = _projection(x, weight)
+        ctx.in_place, ctx.consumed = kind == "mingru", False
+        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.in_place)
         ctx.save_for_backward(x, weight, bias, pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -715,13 +756,25 @@ class _ProjectedCell(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         x, weight, bias, pre, h, start = ctx.saved_tensors
-        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, kept=ctx.kept)
+        if ctx.consumed:  # an earlier backward wrote its gradient over them: the forward again
+            pre = _projection(x, weight)
+            _cell_forward(pre, bias, start, ctx.kind, ctx.normalize, keep=True, h=OUTPUT_CACHE.empty(h.shape, h.dtype))
+        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, in_place=ctx.in_place)
+        ctx.consumed = ctx.in_place
         B, T, I = x.shape
         dpre2 = dpre.view(B * T, -1)
         dx = torch.mm(dpre2, weight.detach()).view(B, T, I) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dpre2.t(), x.detach().reshape(B * T, I)) if ctx.needs_input_grad[1] else None
         db = dbias.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, (dh0 if ctx.has_h0 else None), None, None
+
+
+def _projection(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T into a new (B, T, n*C) buffer, without the bias (the kernels add it)."""
+    B, T, I = x.shape
+    pre = OUTPUT_CACHE.empty((B, T, weight.shape[0]), x.dtype)
+    torch.mm(x.detach().reshape(B * T, I), weight.detach().t(), out=pre.view(B * T, -1))
+    return pre
 
 
 def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None) -> Tensor:

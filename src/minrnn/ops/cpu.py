@@ -250,6 +250,19 @@ if HAVE_NUMBA:
                         kr[c] = math.copysign(ek, kc)
                         xr[c] = gx if xc >= zero else -ex
 
+    @njit(inline="always", **_jit)
+    def _mingru_reverse_step(dhr, carry, A, dkr, dxr, sk, sx):
+        """One step of the reverse recurrence on a row whose dkr, dxr hold d/d(pre) per unit
+        of G: G = dh + carry, scale them by G, carry = a G, and add them to the bias sums."""
+        for c in range(carry.size):
+            G = dhr[c] + carry[c]
+            dkr[c] *= G
+            dxr[c] *= G
+            carry[c] = A[c] * G
+        for c in range(carry.size):  # this row's share of dL/dbias
+            sx[c] += dxr[c]
+            sk[c] += dkr[c]
+
     @njit(**_pjit)
     def mingru_bwd(x, xs, k, ks, bias, h, hs, h0, dh, dhs, dx, dk, os_, dh0, dbias, B, T, C, blk):
         nblk = (C + blk - 1) // blk
@@ -271,15 +284,7 @@ if HAVE_NUMBA:
                     dkr[c] = z * a * (gx - prev[c])  # da/dk = -z a, db/dk = g z a
                     dxr[c] = z * slope
                     A[c] = a
-                dhr = _row(dh, dhs, i, t, c0, n)
-                for c in range(n):  # the reverse recurrence
-                    G = dhr[c] + carry[c]
-                    dkr[c] *= G
-                    dxr[c] *= G
-                    carry[c] = A[c] * G
-                for c in range(n):  # this row's share of dL/dbias
-                    sx[c] += dxr[c]
-                    sk[c] += dkr[c]
+                _mingru_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, dkr, dxr, sk, sx)
             dh0[i, c0:c0 + n] = carry
 
     @njit(**_pjit)
@@ -304,15 +309,7 @@ if HAVE_NUMBA:
                     kr[c] = z * a * (gx - prev[c])
                     xr[c] = z * slope
                     A[c] = a
-                dhr = _row(dh, dhs, i, t, c0, n)
-                for c in range(n):
-                    G = dhr[c] + carry[c]
-                    kr[c] *= G
-                    xr[c] *= G
-                    carry[c] = A[c] * G
-                for c in range(n):
-                    sx[c] += xr[c]
-                    sk[c] += kr[c]
+                _mingru_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, kr, xr, sk, sx)
             dh0[i, c0:c0 + n] = carry
 
     @njit(inline="always", **_jit)

@@ -343,33 +343,36 @@ def test_projected_cell_passes_gradcheck():
         assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(cell, *t), (x, w, b, h0))
 
 
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("C", [1, 19, 128])
-def test_mingru_backward_from_kept_exps_equals_recomputing_them(dtype, C):
-    """The layer's minGRU forward leaves its exps in the pre-activations and the backward reads
-    them; that must give bit for bit what recomputing from the inputs gives, also where the
-    exps underflow (float64 past ~745, where the kept value is -0.0), at +-0 and at subnormals."""
+def test_layer_backward_in_place_equals_the_separate_buffer_one(cell, dtype, C):
+    """A layer's kernels reuse its pre-activations: the minGRU forward leaves its exps there,
+    and the backward (both cells) writes dL/dpre over them. That must give bit for bit what
+    recomputing into a new buffer gives, also where the exps underflow (float64 past ~745,
+    where the kept value is -0.0), at +-0 and at subnormals."""
+    n = 2 if cell == "mingru" else 3
     B, T = 3, 29
-    pre = torch.randn(B, T, 2 * C, dtype=dtype) * 4
+    pre = torch.randn(B, T, n * C, dtype=dtype) * 4
     flat = pre.view(-1)
     special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 30.0, -30.0, 90.0, -90.0, 800.0, -800.0, 1e5, -1e5], dtype=dtype)
     idx = torch.randperm(flat.numel())[: 4 * special.numel()]
     flat[idx] = special.repeat(4)
-    bias = torch.randn(2 * C, dtype=dtype)
+    bias = torch.randn(n * C, dtype=dtype)
     h0 = torch.randn(B, C, dtype=dtype)
     dh = torch.randn(B, T, C, dtype=dtype)
 
-    def run(keep):
+    def run(reuse):
         p = pre.clone()
-        h, start = cpu._cell_forward(p, bias, h0, "mingru", False, keep=keep)
-        changed = not torch.equal(p, pre)
-        dpre, dbias, dh0 = cpu._cell_backward(p, bias, h, start, dh, "mingru", False, in_place=keep)
-        assert (dpre.data_ptr() == p.data_ptr()) == keep  # in place: dL/dpre written over the kept exps
-        return (h, dpre.clone(), dbias, dh0), changed
+        h, start = cpu._cell_forward(p, bias, h0, cell, True, keep=reuse)
+        kept = not torch.equal(p, pre)
+        dpre, dbias, dh0 = cpu._cell_backward(p, bias, h, start, dh, cell, True, in_place=reuse)
+        assert (dpre.data_ptr() == p.data_ptr()) == reuse  # in place: dL/dpre written over pre
+        return (h, dpre.clone(), dbias, dh0), kept
 
-    (recomputed, untouched), (kept, overwritten) = run(False), run(True)
-    assert not untouched and overwritten  # the kept path really took the other branch
-    for name, r, k in zip(["h", "dpre", "dbias", "dh0"], recomputed, kept):
+    (separate, kept_before), (in_place, kept) = run(False), run(True)
+    assert not kept_before and kept == (cell == "mingru")  # only minGRU keeps its exps
+    for name, r, k in zip(["h", "dpre", "dbias", "dh0"], separate, in_place):
         assert torch.isfinite(k).all(), name
         assert torch.equal(r, k), f"{name}: max difference {(r - k).abs().max().item():.3e}"
 

@@ -12,8 +12,8 @@ dL/dpre, so neither costs a pass of its own (nn.Linear spends one writing the bi
 its output and one summing the gradient). For minGRU the pre-activations, which it owns,
 are its only (B, T, 2C) buffer: the forward kernel overwrites them with their exps, so that
 the backward recomputes no exp (see kept_g), and the backward kernel writes dL/dpre over
-those (mingru_bwd_in_place). minLSTM's normalised gates need more values than there are
-slots, so its backward recomputes them and writes a new buffer.
+those (mingru_bwd_in_place). minLSTM's backward writes over its pre-activations too, but
+recomputes its gates: the normalised gates need more values than there are slots.
 
 Layout: (B, T, C) with C contiguous. Parallel over batch x channel blocks (prange),
 sequential in time, and the inner loop over a block of channels is what LLVM
@@ -363,46 +363,75 @@ if HAVE_NUMBA:
                     h[c] = v
                     orow[c] = v
 
+    @njit(inline="always", **_jit)
+    def _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, dxr, dfr, dir_, A):
+        """A row's d/d(pre) per unit of G (gates recomputed from the pre-activations plus bias),
+        and its decays a into A. The outputs may be the inputs themselves (in place)."""
+        for c in range(A.size):
+            a, ip, nf, ni = lstm_gates(fr[c] + bf[c], ir_[c] + bi[c], normalize)
+            gx, slope = g_and_slope(xr[c] + bx[c])
+            if normalize:
+                # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
+                w = (prev[c] - gx) * a * ip
+                dfr[c] = w * nf
+                dir_[c] = -w * ni
+            else:
+                dfr[c] = prev[c] * a * nf
+                dir_[c] = gx * ip * ni
+            dxr[c] = ip * slope
+            A[c] = a
+
+    @njit(inline="always", **_jit)
+    def _minlstm_reverse_step(dhr, carry, A, dxr, dfr, dir_, sx, sf, si):
+        """_mingru_reverse_step for minLSTM's three pre-activations."""
+        for c in range(carry.size):
+            G = dhr[c] + carry[c]
+            dfr[c] *= G
+            dir_[c] *= G
+            dxr[c] *= G
+            carry[c] = A[c] * G
+        for c in range(carry.size):
+            sx[c] += dxr[c]
+            sf[c] += dfr[c]
+            si[c] += dir_[c]
+
+    @njit(inline="always", **_jit)
+    def _minlstm_work_item_state(x, bias, dbias, i, c0, n, C):
+        """A backward work item's carry (a_{t+1} G_{t+1}, zeros), decay row, bias slices and
+        its zeroed dL/dbias slices."""
+        bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
+        sx, sf, si = dbias[i, c0:c0 + n], dbias[i, C + c0:C + c0 + n], dbias[i, 2 * C + c0:2 * C + c0 + n]
+        sx[:] = 0
+        sf[:] = 0
+        si[:] = 0
+        return np.zeros(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), bx, bf, bi, sx, sf, si
+
     @njit(**_pjit)
     def minlstm_bwd(x, xs, f, fs, ig, is_, bias, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, dbias, B, T, C, blk):
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
-            carry = np.zeros(n, dtype=x.dtype)
-            A = np.empty(n, dtype=x.dtype)
-            bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
-            sx, sf, si = dbias[i, c0:c0 + n], dbias[i, C + c0:C + c0 + n], dbias[i, 2 * C + c0:2 * C + c0 + n]
-            sx[:] = 0
-            sf[:] = 0
-            si[:] = 0
+            carry, A, bx, bf, bi, sx, sf, si = _minlstm_work_item_state(x, bias, dbias, i, c0, n, C)
             for t in range(T - 1, -1, -1):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
                 dxr, dfr, dir_ = _row(dx, os_, i, t, c0, n), _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                for c in range(n):
-                    a, ip, nf, ni = lstm_gates(fr[c] + bf[c], ir_[c] + bi[c], normalize)
-                    gx, slope = g_and_slope(xr[c] + bx[c])
-                    if normalize:
-                        # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
-                        w = (prev[c] - gx) * a * ip
-                        dfr[c] = w * nf
-                        dir_[c] = -w * ni
-                    else:
-                        dfr[c] = prev[c] * a * nf
-                        dir_[c] = gx * ip * ni
-                    dxr[c] = ip * slope
-                    A[c] = a
-                dhr = _row(dh, dhs, i, t, c0, n)
-                for c in range(n):
-                    G = dhr[c] + carry[c]
-                    dfr[c] *= G
-                    dir_[c] *= G
-                    dxr[c] *= G
-                    carry[c] = A[c] * G
-                for c in range(n):
-                    sx[c] += dxr[c]
-                    sf[c] += dfr[c]
-                    si[c] += dir_[c]
+                _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, dxr, dfr, dir_, A)
+                _minlstm_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, dxr, dfr, dir_, sx, sf, si)
+            dh0[i, c0:c0 + n] = carry
+
+    @njit(**_pjit)
+    def minlstm_bwd_in_place(x, xs, f, fs, ig, is_, bias, h, hs, h0, dh, dhs, normalize, dh0, dbias, B, T, C, blk):
+        """minlstm_bwd writing dL/d(pre) over the pre-activations (see mingru_bwd_in_place)."""
+        nblk = (C + blk - 1) // blk
+        for job in prange(B * nblk):
+            i, c0, n = _work_item(job, nblk, blk, C)
+            carry, A, bx, bf, bi, sx, sf, si = _minlstm_work_item_state(x, bias, dbias, i, c0, n, C)
+            for t in range(T - 1, -1, -1):
+                xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
+                prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
+                _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, xr, fr, ir_, A)
+                _minlstm_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, xr, fr, ir_, sx, sf, si)
             dh0[i, c0:c0 + n] = carry
 
     # The causal depthwise conv of the LM block (kernel K along time, one filter per channel),
@@ -448,7 +477,7 @@ if HAVE_NUMBA:
                         dwr[c] += dyr[c] * xr[c]
 
     _KERNELS = dict(scan_fwd=scan_fwd, scan_bwd=scan_bwd, mingru_fwd=mingru_fwd, mingru_bwd=mingru_bwd,
-                    mingru_bwd_in_place=mingru_bwd_in_place,
+                    mingru_bwd_in_place=mingru_bwd_in_place, minlstm_bwd_in_place=minlstm_bwd_in_place,
                     minlstm_fwd=minlstm_fwd, minlstm_bwd=minlstm_bwd, conv_fwd=conv_fwd, conv_bwd=conv_bwd)
 
 
@@ -707,16 +736,20 @@ def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, d
                    in_place: bool = False):
     """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C)).
 
-    ``in_place`` (minGRU only): ``pre`` holds what ``_cell_forward(keep=True)`` left there,
-    and dL/dpre is written over it (the returned dL/dpre is ``pre``)."""
+    ``in_place``: dL/dpre is written over ``pre`` (and returned), which for minGRU holds
+    what ``_cell_forward(keep=True)`` left there."""
     n = 2 if kind == "mingru" else 3
     B, T, C = h.shape
     dbias = torch.empty(B, n * C, dtype=pre.dtype)  # one row per batch row: no two threads share one
     cols, ps = _columns(pre, n)
     dh0 = torch.empty_like(start)
     if in_place:
-        _launch(_kernels(h.dtype)["mingru_bwd_in_place"], h.numel(), *[a for col in cols for a in (col, ps)],
-                *_flat(h), start.numpy(), *_flat(dh), dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
+        args = [a for col in cols for a in (col, ps)]
+        if kind == "minlstm":
+            args += [_bias(bias, n * C, pre.dtype), *_flat(h), start.numpy(), *_flat(dh), normalize]
+        else:
+            args += [*_flat(h), start.numpy(), *_flat(dh)]
+        _launch(_kernels(h.dtype)[kind + "_bwd_in_place"], h.numel(), *args, dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
         return pre, dbias, dh0
     dpre = OUTPUT_CACHE.empty(tuple(pre.shape), pre.dtype)
     dcols, dps = _columns(dpre, n)
@@ -734,18 +767,18 @@ def _bias(bias: Tensor | None, size: int, dtype: torch.dtype):
 class _ProjectedCell(torch.autograd.Function):
     """A whole layer, x -> Linear -> fused cell, as one Function (see ``cpu_projected_cell``).
 
-    For minGRU the pre-activations are this Function's own buffer, used three times: the
-    forward kernel leaves its exps there, the backward kernel reads them and writes dL/dpre
-    over them, and the matmuls of the backward read that. No second (B, T, 2C) buffer is
-    touched. A second backward through the same graph (retain_graph=True) finds them
-    consumed and first recomputes them from the saved x and weight.
+    The pre-activations are this Function's own buffer and the only (B, T, n*C) one it
+    touches: the backward kernel writes dL/dpre over them, which the backward's matmuls then
+    read (for minGRU the forward kernel has left its exps there, which the backward reads
+    instead of the pre-activations). A second backward through the same graph
+    (retain_graph=True) finds them consumed and first recomputes them from x and weight.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, h0, kind, normalize):
         pre = _projection(x, weight)
-        ctx.in_place, ctx.consumed = kind == "mingru", False
-        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.in_place)
+        ctx.keep, ctx.consumed = kind == "mingru", False
+        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.keep)
         ctx.save_for_backward(x, weight, bias, pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -755,9 +788,10 @@ class _ProjectedCell(torch.autograd.Function):
         x, weight, bias, pre, h, start = ctx.saved_tensors
         if ctx.consumed:  # an earlier backward wrote its gradient over them: the forward again
             pre = _projection(x, weight)
-            _cell_forward(pre, bias, start, ctx.kind, ctx.normalize, keep=True, h=OUTPUT_CACHE.empty(h.shape, h.dtype))
-        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, in_place=ctx.in_place)
-        ctx.consumed = ctx.in_place
+            if ctx.keep:
+                _cell_forward(pre, bias, start, ctx.kind, ctx.normalize, keep=True, h=OUTPUT_CACHE.empty(h.shape, h.dtype))
+        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, in_place=True)
+        ctx.consumed = True
         B, T, I = x.shape
         dpre2 = dpre.view(B * T, -1)
         dx = torch.mm(dpre2, weight.detach()).view(B, T, I) if ctx.needs_input_grad[0] else None

@@ -81,6 +81,9 @@ def bench(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default benchmarks/results, or benchmarks/results/quick with --quick)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
+    p.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                   help="retain (default): keep freed memory mapped (glibc mallopt), so that one candidate's "
+                        "frees are not the next one's page faults; system: the C library's defaults")
 
     def run(args: argparse.Namespace) -> int:
         import dataclasses
@@ -91,7 +94,7 @@ def bench(p: argparse.ArgumentParser) -> Runner:
             quick=args.quick, lengths=args.lengths, widths=args.widths, batches=args.batches,
             decode_contexts=args.contexts, threads=args.threads, device=args.device,
             out=args.out or Path("benchmarks/results/quick" if args.quick else "benchmarks/results"),
-            plots=not args.no_plot,
+            plots=not args.no_plot, malloc=args.malloc,
         )
         s.budget = dataclasses.replace(s.budget, **{k: v for k, v in (
             ("repeats", args.repeats), ("max_step_s", args.max_step_s), ("budget_s", args.budget_s)) if v is not None})

@@ -44,8 +44,9 @@ def test_quick_writes_json_png_and_prints_tables(quick_run):
         doc = _load(out, suite)
         assert doc["meta"]["command"].startswith("minrnn bench --quick")
         assert doc["meta"]["threads"] == 1 and doc["meta"]["quick"] is True
+        assert doc["meta"]["malloc"].startswith("retain")  # glibc here (the default policy)
         assert (out / f"{suite}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for heading in ("### Layers, B=", "### Scan alone", "### Decoding", "### Targets", "| candidate "):
+    for heading in ("### Layers, B=", "malloc retain", "### Scan alone", "### Decoding", "### Targets", "| candidate "):
         assert heading in stdout
 
 

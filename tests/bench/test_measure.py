@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minrnn.bench.measure import (copy_bandwidth, num_threads, peak_from_events, peak_memory, saved_tensor_bytes,
-                                  scan_bytes)
+                                  scan_bytes, set_malloc_policy)
 
 MiB = 2**20
 F32 = 4  # bytes
@@ -103,3 +103,18 @@ def test_num_threads_sets_and_restores():
     with pytest.raises(ValueError, match="threads"):
         with num_threads(0):
             pass
+
+
+def test_malloc_policy_retain_sets_glibc_thresholds_and_system_leaves_them():
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param, value))
+        return 1
+
+    assert set_malloc_policy("system", mallopt).startswith("system") and calls == []
+    assert set_malloc_policy("retain", mallopt).startswith("retain")
+    assert calls == [(-3, 32 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert set_malloc_policy("retain", lambda p, v: 0) == "system (mallopt refused)"
+    with pytest.raises(ValueError, match="retain"):
+        set_malloc_policy("jemalloc")

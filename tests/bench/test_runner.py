@@ -94,3 +94,27 @@ def test_scan_targets_judge_the_numbers():
 def test_markdown_table_aligns_columns():
     t = markdown_table(["a", "bbb"], [["xx", "y"]]).splitlines()
     assert t == ["| a  | bbb |", "|----|-----|", "| xx | y   |"]
+
+
+def test_run_cases_counts_the_page_faults_of_each_step():
+    """A step that touches fresh pages faults them in; one that reuses its buffer does not."""
+    import mmap
+
+    pages = 64
+
+    def fresh_pages():  # an anonymous mapping, touched once per page, then unmapped
+        m = mmap.mmap(-1, pages * mmap.PAGESIZE)
+        for i in range(pages):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    buf = bytearray(pages * mmap.PAGESIZE)
+
+    def reused():
+        for i in range(pages):
+            buf[i * mmap.PAGESIZE] = 1
+
+    res = run_cases([Case("fresh", fresh_pages), Case("reused", reused)], CPU,
+                    Budget(repeats=5, measure_memory=False, min_repeat_s=0))
+    fresh, kept = res["fresh"].fields()["page_faults"], res["reused"].fields()["page_faults"]
+    assert fresh >= pages and kept < pages / 8

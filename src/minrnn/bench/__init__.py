@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple, Optional, TextIO
 import torch
 
 from . import decode, layers, report, scan
-from .measure import num_threads
+from .measure import num_threads, set_malloc_policy
 from .runner import progress
 from .settings import Settings
 
@@ -98,9 +98,11 @@ def run(suites: list[str], settings: Settings, command: str = "minrnn bench",
     out = Path(settings.out)
     written: dict[str, dict] = {}
     all_targets: list[dict] = []
+    malloc = set_malloc_policy(settings.malloc)
     with num_threads(settings.threads) as n:
         settings.threads = n
         meta = run_meta(settings, command)
+        meta["malloc"] = malloc
         for name in names:
             suite = SUITES[name]
             result = suite.run(settings)

@@ -25,6 +25,7 @@ Memory, two measures (both in bytes, both deterministic for a given step):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import os
 import statistics
@@ -56,6 +57,51 @@ def num_threads(n: int | None) -> Iterator[int]:
         yield n
     finally:
         torch.set_num_threads(before)
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: what "retain" sets: blocks up to 32 MiB (glibc's largest allowed threshold) come from the
+#: heap, and up to 1 GiB of freed heap stays mapped
+RETAIN_MMAP_THRESHOLD, RETAIN_TRIM_THRESHOLD = 32 << 20, 1 << 30
+
+
+def _libc_mallopt():
+    """glibc's mallopt, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def set_malloc_policy(policy: str, mallopt=None) -> str:
+    """Apply ``policy`` ("retain" or "system") to this process's C allocator; returns what
+    was done, for the run's metadata.
+
+    Why "retain": with glibc's defaults, a candidate that allocates and frees a lot (the
+    log-space and autograd forms: ~40,000 page faults per step at T = 256) has its freed
+    memory handed back to the OS and faulted in again, and the candidate timed after it ran
+    up to 40% slower in some rounds (probes with ``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_`` set and unset). Keeping freed memory mapped, as jemalloc and
+    tcmalloc do and as PyTorch's CUDA allocator does, makes each candidate's time its own.
+    The setting lasts for the process (glibc cannot be handed back its dynamic thresholds).
+    """
+    if policy not in ("retain", "system"):
+        raise ValueError(f"malloc policy must be 'retain' or 'system', got {policy!r}")
+    if policy == "system":
+        return "system (the C library's defaults)"
+    mallopt = _libc_mallopt() if mallopt is None else mallopt
+    if mallopt is None:
+        return "system (no glibc mallopt here)"
+    ok = mallopt(_M_MMAP_THRESHOLD, RETAIN_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD)
+    if not ok:
+        return "system (mallopt refused)"
+    return (f"retain (glibc mallopt: mmap threshold {RETAIN_MMAP_THRESHOLD >> 20} MiB, "
+            f"trim threshold {RETAIN_TRIM_THRESHOLD >> 20} MiB)")
 
 
 def synchronize(device: torch.device) -> None:

@@ -89,8 +89,9 @@ def layers_tables(result: dict, meta: dict) -> str:
     for i, cfg in enumerate(result["configs"]):
         b, w, lengths = cfg["batch"], cfg["width"], cfg["lengths"]
         rows = [r for r in result["rows"] if r["batch"] == b and r["width"] == w]
+        malloc = f", malloc {meta['malloc'].split()[0]}" if meta.get("malloc") else ""
         parts.append(f"### Layers, B={b}, D=H={w}: forward + backward, {meta['dtype']}, "
-                     f"{threads(meta['threads'])}, {meta['device']}")
+                     f"{threads(meta['threads'])}, {meta['device']}{malloc}")
         for title, cell, main_only in LAYER_METRICS:
             if main_only and i > 0:
                 continue

@@ -62,6 +62,9 @@ class Result:
     peak_bytes: Optional[int] = None
     saved_bytes: Optional[int] = None
     steps_per_repeat: int = 1
+    #: minor page faults of the process per step, one value per timed repeat (None where
+    #: the platform cannot count them)
+    faults: list[Optional[float]] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -72,7 +75,21 @@ class Result:
         """The row fields every suite reports for a measured case."""
         return {"ms": self.ms, "times_ms": self.times_ms, "repeats": len(self.times_ms),
                 "steps_per_repeat": self.steps_per_repeat, "peak_bytes": self.peak_bytes,
-                "saved_bytes": self.saved_bytes, "note": self.note}
+                "saved_bytes": self.saved_bytes, "page_faults": _median_or_none(self.faults), "note": self.note}
+
+
+def _median_or_none(xs: list[Optional[float]]) -> Optional[float]:
+    known = [x for x in xs if x is not None]
+    return median(known) if known else None
+
+
+def minor_page_faults() -> Optional[int]:
+    """Minor page faults of this process so far (None where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def progress(msg: str) -> None:
@@ -151,8 +168,11 @@ def run_cases(cases: list[Case], device: torch.device, budget: Budget,
         for case in cases:
             if planned.get(case.name, 0) > r:
                 res = results[case.name]
+                f0 = minor_page_faults()
                 res.times_ms.append(time_once(_repeat(case, res.steps_per_repeat), device) * 1e3
                                     / res.steps_per_repeat)
+                f1 = minor_page_faults()
+                res.faults.append(None if f0 is None else (f1 - f0) / res.steps_per_repeat)
     for name, res in results.items():
         if res.times_ms:
             res.ms = median(res.times_ms)

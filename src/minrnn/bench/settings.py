@@ -33,6 +33,8 @@ class Settings:
     out: Path = Path("benchmarks/results")
     plots: bool = True
     seed: int = 0
+    #: the C allocator's policy for the run (see bench.measure.set_malloc_policy)
+    malloc: str = "retain"
     budget: Budget = field(default_factory=lambda: Budget(repeats=7, max_step_s=20.0, budget_s=10.0,
                                                           max_bytes=_half_of_ram()))
     # layers: the first batch and width are the main configuration, run at every length;

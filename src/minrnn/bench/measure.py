@@ -83,10 +83,9 @@ def set_malloc_policy(policy: str, mallopt=None) -> str:
     was done, for the run's metadata.
 
     Why "retain": with glibc's defaults, a candidate that allocates and frees a lot (the
-    log-space and autograd forms: ~40,000 page faults per step at T = 256) has its freed
-    memory handed back to the OS and faulted in again, and the candidate timed after it ran
-    up to 40% slower in some rounds (probes with ``MALLOC_MMAP_THRESHOLD_`` /
-    ``MALLOC_TRIM_THRESHOLD_`` set and unset). Keeping freed memory mapped, as jemalloc and
+    ``log`` backend's layers: about 20,000 page faults per step at T = 256, B = 16, D = 128) has its
+    freed memory handed back to the OS and faulted in again, and the candidate timed after
+    it ran up to ~40% slower in some rounds. Keeping freed memory mapped, as jemalloc and
     tcmalloc do and as PyTorch's CUDA allocator does, makes each candidate's time its own.
     The setting lasts for the process (glibc cannot be handed back its dynamic thresholds).
     """

@@ -274,6 +274,43 @@ def test_normalized_minlstm_gates_hold_far_below_the_exp_range(dtype):
         assert_close_scaled(g, r, 1e-5 if dtype == torch.float32 else 1e-12, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("one_row", [True, False], ids=["mixed-row", "row-each"])
+def test_minlstm_gates_elementwise_on_both_sides_of_the_raw_threshold(dtype, one_row):
+    """Every (forget, input) pair of a grid straddling cpu.RAW_BELOW (where the kernels stop
+    keeping the exps and keep the pre-activations instead), alone in its row (which then takes
+    the loop without lstm_gates) or all in one row (which has raw elements): h and every
+    gradient elementwise against the float64 loop, relative, down to the subnormals. Through
+    the cell Function and through a layer (identity projection, so pre = x exactly)."""
+    ks = torch.tensor([-100.0, -87.0, -75.0, -61.0, -60.5, -59.5, -45.0, -20.0, -1.0, 0.0, 3.0, 30.0], dtype=torch.float64)
+    f, i = ks.repeat_interleave(len(ks)), ks.repeat(len(ks))
+    n = f.numel()
+    shape = (1, 1, n) if one_row else (n, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=gen, dtype=torch.float64).view(shape)
+    f, i = f.view(shape), i.view(shape)
+    h0 = torch.randn(shape[0], shape[2], generator=gen, dtype=torch.float64)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x, h0, w = (t.to(dtype).double() for t in (x, h0, w))  # the reference sees the same inputs
+    ref = run_with_grads(lambda *a: MF.minlstm(*a[:3], a[3], normalize=True, mode="sequential")[0], (x, f, i, h0), w)
+    # A gradient is a product of about six factors, each to ~2 ulp (exp32's error is up to
+    # 2.5e-7) and rounded again as they are multiplied: ~2e-6 in float32 at worst. And float32's
+    # exp stops at exp(-87) ~ 1.6e-38 rather than going subnormal (cpu.exp32), so a value that
+    # small may be off by about that much.
+    rtol, atol = (4e-6, 1e-36) if dtype == torch.float32 else (1e-13, 1e-300)
+    names = ["h", "grad hidden", "grad forget", "grad input", "grad h0"]
+    got = run_with_grads(lambda *a: cpu.cpu_minlstm(*a, True), [t.to(dtype) for t in (x, f, i, h0)], w)
+    for name, g, r in zip(names, got, ref):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"cell, {name}: {m}")
+    C = shape[2]
+    eye = torch.eye(3 * C, dtype=dtype)
+    got = run_with_grads(lambda p, h: cpu.cpu_projected_cell("minlstm", p, eye, None, h),
+                         [torch.cat([x, f, i], -1).to(dtype), h0.to(dtype)], w)
+    dpre = got[1].split(C, -1)
+    for name, g, r in zip(names, [got[0], *dpre, got[2]], ref):
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"layer, {name}: {m}")
+
+
 def _fused_ops(t):
     """Names of the autograd nodes that produced ``t`` (one level: the fused Function or not)."""
     return type(t.grad_fn).__name__
@@ -347,10 +384,10 @@ def test_projected_cell_passes_gradcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("C", [1, 19, 128])
 def test_layer_backward_in_place_equals_the_separate_buffer_one(cell, dtype, C):
-    """A layer's kernels reuse its pre-activations: the minGRU forward leaves its exps there,
-    and the backward (both cells) writes dL/dpre over them. That must give bit for bit what
-    recomputing into a new buffer gives, also where the exps underflow (float64 past ~745,
-    where the kept value is -0.0), at +-0 and at subnormals."""
+    """A layer's kernels reuse its pre-activations: the forward leaves its exps there, and
+    the backward writes dL/dpre over them. That must give bit for bit what recomputing into
+    a new buffer gives, also where the exps underflow (float64 past ~745, where the kept
+    value is -0.0), at +-0, at subnormals and for minLSTM elements kept raw (below -60)."""
     n = 2 if cell == "mingru" else 3
     B, T = 3, 29
     pre = torch.randn(B, T, n * C, dtype=dtype) * 4
@@ -371,7 +408,7 @@ def test_layer_backward_in_place_equals_the_separate_buffer_one(cell, dtype, C):
         return (h, dpre.clone(), dbias, dh0), kept
 
     (separate, kept_before), (in_place, kept) = run(False), run(True)
-    assert not kept_before and kept == (cell == "mingru")  # only minGRU keeps its exps
+    assert not kept_before and kept
     for name, r, k in zip(["h", "dpre", "dbias", "dh0"], separate, in_place):
         assert torch.isfinite(k).all(), name
         assert torch.equal(r, k), f"{name}: max difference {(r - k).abs().max().item():.3e}"

@@ -9,11 +9,10 @@ the gates on the fly. Saved for backward: the pre-activations and h, nothing els
 A layer goes one step further (``cpu_projected_cell``): its matmul runs without the bias,
 the kernels add the bias as they read each pre-activation and sum dL/dbias as they write
 dL/dpre, so neither costs a pass of its own (nn.Linear spends one writing the bias into
-its output and one summing the gradient). For minGRU the pre-activations, which it owns,
-are its only (B, T, 2C) buffer: the forward kernel overwrites them with their exps, so that
-the backward recomputes no exp (see kept_g), and the backward kernel writes dL/dpre over
-those (mingru_bwd_in_place). minLSTM's backward writes over its pre-activations too, but
-recomputes its gates: the normalised gates need more values than there are slots.
+its output and one summing the gradient). The pre-activations, which the layer owns, are
+its only (B, T, n*C) buffer: the forward kernel overwrites them with their exps, so that
+the backward recomputes no exp (see kept_g and lstm_keep), and the backward kernel writes
+dL/dpre over those (mingru_bwd_in_place, minlstm_bwd_in_place).
 
 Layout: (B, T, C) with C contiguous. Parallel over batch x channel blocks (prange),
 sequential in time, and the inner loop over a block of channels is what LLVM
@@ -23,7 +22,10 @@ vectorises. The backward is the reverse recurrence
 
 float32 uses a polynomial exp (Cephes' expf: Cody-Waite range reduction, degree-5
 polynomial, about 1 ulp) built from arithmetic and a bit cast, so LLVM vectorises it;
-libm's exp is a scalar call that would block vectorisation. float64 uses libm's exp.
+libm's exp is a scalar call that would block vectorisation. Its argument is clamped to
+[-87, 88], so below -87 it returns exp(-87) ~ 1.6e-38 instead of a subnormal or 0: a value
+that small (a saturated gate, its derivative) may be off by about that much, absolutely.
+float64 uses libm's exp.
 The one fast-math flag is "contract": a * b + c may become one fused multiply-add (one
 rounding instead of two, so no less accurate); it made the gate kernels roughly 20-35%
 faster on this project's CPU (probes and benchmarks/cpu_cell_breakdown.py; noisy). Nothing is reordered and inf/NaN keep their IEEE meaning.
@@ -69,6 +71,10 @@ MIN_BLOCK = 16
 # pool costs more than the work, and on a busy machine numba's and torch's OpenMP pools
 # spinning against each other made small calls many times slower.
 SERIAL_BELOW = 1 << 16
+# A minLSTM element whose forget or input pre-activation is below -RAW_BELOW is kept as it
+# is rather than as its exps (see lstm_keep): exp(-60) ~ 9e-27 leaves the kept form's
+# products far inside the normal range of float32.
+RAW_BELOW = 60.0
 
 
 def available() -> bool:
@@ -346,40 +352,130 @@ if HAVE_NUMBA:
         si, ni = sigmoid_pair(ig)
         return sf, si, nf, ni
 
+    # What minLSTM's forward leaves in its three slots, and what its backward reads: per
+    # element (f, i, x, bias added), the forget and input slots get copysign(exp(-|k|), k)
+    # and the hidden slot g's kept form (kept_g). From those two exps alone the gates are
+    #
+    #     a = P / (P + Q),  i' = Q / (P + Q),  P = s_f u_i,  Q = s_i u_f
+    #
+    # with u = 1 + exp(-|k|) and s = 1 for k >= 0, exp(-|k|) below (sigmoid(k) = s / u), and
+    # sigmoid(-k) is likewise a quotient by u: no exp, three divisions. P and Q are normal
+    # numbers, hence the quotients accurate, as long as neither f nor i is below -RAW_BELOW
+    # (exp(-60) ~ 9e-27). An element past that keeps f and i as they are ("raw": then one
+    # of the two slots holds a value of magnitude > 60, which no kept exp can be) and is
+    # decoded by lstm_gates, whose third exp keeps the ratio of two underflowing sigmoids
+    # accurate. Raw elements are rare (no gate pre-activation is ever that negative in a
+    # sane training run), so a row of channels is checked first and takes the loop without
+    # lstm_gates in it whenever it has none: the exps that loop would otherwise compute for
+    # every lane (LLVM evaluates both sides of a branch to vectorise it) are what the kept
+    # form saves.
+
+    @njit(inline="always", **_jit)
+    def lstm_keep(x, f, ig, normalize):
+        """(kept x, kept f, kept i) for one element, bias added (see above). Not normalised,
+        the sigmoids' exps are all the gates need at any k, and no element is raw."""
+        zero = _const(f, 0.0)
+        ex, ef, ei = _exp(min(x, zero)), _exp(-abs(f)), _exp(-abs(ig))
+        kx = x + _const(x, 0.5) if x >= zero else -ex
+        if normalize and min(f, ig) < _const(f, -RAW_BELOW):
+            return kx, f, ig
+        return kx, math.copysign(ef, f), math.copysign(ei, ig)
+
+    @njit(inline="always", **_jit)
+    def lstm_gates_kept(kf, ki, normalize):
+        """lstm_gates' (a, i', sigmoid(-f), sigmoid(-i)) from kept, not raw, slots."""
+        one = _const(kf, 1.0)
+        ef, ei = abs(kf), abs(ki)
+        uf, ui = one + ef, one + ei
+        f_pos, i_pos = _sign_clear(kf), _sign_clear(ki)
+        sf, nf = (one, ef) if f_pos else (ef, one)  # sigmoid(+-f) times u_f
+        si, ni = (one, ei) if i_pos else (ei, one)
+        if normalize:
+            p, q = sf * ui, si * uf
+            inv = one / (p + q)
+            return p * inv, q * inv, nf / uf, ni / ui
+        rf, ri = one / uf, one / ui
+        return sf * rf, si * ri, nf * rf, ni * ri
+
+    @njit(inline="always", **_jit)
+    def lstm_gates_any(kf, ki, normalize):
+        """lstm_gates_kept, or lstm_gates for a raw element. Only for rows that have one: a
+        loop over this computes lstm_gates' exps for every lane (a loop-invariant flag
+        choosing between the two per element measured as slow: LLVM did not split the loop)."""
+        if max(abs(kf), abs(ki)) > _const(kf, 1.0):
+            return lstm_gates(kf, ki, normalize)
+        return lstm_gates_kept(kf, ki, normalize)
+
+    @njit(inline="always", **_jit)
+    def _minlstm_advance(a, ip, kx, h, orow, c):
+        """h[c] <- a h[c] + i' g(x) and into the output row, x given in its kept form."""
+        gx, _ = kept_g(kx)
+        v = a * h[c] + ip * gx
+        h[c] = v
+        orow[c] = v
+
+    @njit(inline="always", **_jit)
+    def _minlstm_keep_row(xr, fr, ir_, bx, bf, bi, normalize, kx, kf, ki):
+        """Kept forms of a row (plus bias) into kx, kf, ki; returns how many are raw."""
+        for c in range(kx.size):
+            kx[c], kf[c], ki[c] = lstm_keep(xr[c] + bx[c], fr[c] + bf[c], ir_[c] + bi[c], normalize)
+        return _minlstm_raw_in_row(kf, ki)
+
+    @njit(inline="always", **_jit)
+    def _minlstm_raw_in_row(kf, ki):
+        """How many elements of a row of kept forms are raw."""
+        raw = 0
+        for c in range(kf.size):
+            raw += max(abs(kf[c]), abs(ki[c])) > _const(kf[c], 1.0)
+        return raw
+
     @njit(**_pjit)
-    def minlstm_fwd(x, xs, f, fs, ig, is_, bias, h0, normalize, out, os_, B, T, C, blk):
+    def minlstm_fwd(x, xs, f, fs, ig, is_, bias, h0, normalize, keep, out, os_, B, T, C, blk):
+        """keep: overwrite x, f and ig with their kept forms (what minlstm_bwd_in_place reads)."""
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
             h = h0[i, c0:c0 + n].copy()
+            kx, kf, ki = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
             bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
             for t in range(T):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
                 orow = _row(out, os_, i, t, c0, n)
-                for c in range(n):
-                    a, ip, _, _ = lstm_gates(fr[c] + bf[c], ir_[c] + bi[c], normalize)
-                    gx, _ = g_and_slope(xr[c] + bx[c])
-                    v = a * h[c] + ip * gx
-                    h[c] = v
-                    orow[c] = v
+                if _minlstm_keep_row(xr, fr, ir_, bx, bf, bi, normalize, kx, kf, ki) == 0:
+                    for c in range(n):  # the common row: no lstm_gates, no exp
+                        a, ip, _, _ = lstm_gates_kept(kf[c], ki[c], normalize)
+                        _minlstm_advance(a, ip, kx[c], h, orow, c)
+                else:
+                    for c in range(n):
+                        a, ip, _, _ = lstm_gates_any(kf[c], ki[c], normalize)
+                        _minlstm_advance(a, ip, kx[c], h, orow, c)
+                if keep:
+                    xr[:] = kx
+                    fr[:] = kf
+                    ir_[:] = ki
 
     @njit(inline="always", **_jit)
-    def _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, dxr, dfr, dir_, A):
-        """A row's d/d(pre) per unit of G (gates recomputed from the pre-activations plus bias),
-        and its decays a into A. The outputs may be the inputs themselves (in place)."""
-        for c in range(A.size):
-            a, ip, nf, ni = lstm_gates(fr[c] + bf[c], ir_[c] + bi[c], normalize)
-            gx, slope = g_and_slope(xr[c] + bx[c])
-            if normalize:
-                # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
-                w = (prev[c] - gx) * a * ip
-                dfr[c] = w * nf
-                dir_[c] = -w * ni
-            else:
-                dfr[c] = prev[c] * a * nf
-                dir_[c] = gx * ip * ni
-            dxr[c] = ip * slope
-            A[c] = a
+    def _minlstm_grads(a, ip, nf, ni, kx, prev, normalize):
+        """(dh/dx, dh/df, dh/di, a) of h = a prev + i' g(x) for one element, x in its kept form."""
+        gx, slope = kept_g(kx)
+        if normalize:
+            # a = sf/(sf+si): da/df = a i' sigmoid(-f), da/di = -a i' sigmoid(-i); i' = 1 - a
+            w = (prev - gx) * a * ip
+            return ip * slope, w * nf, -w * ni, a
+        return ip * slope, prev * a * nf, gx * ip * ni, a
+
+    @njit(inline="always", **_jit)
+    def _minlstm_grad_row(kx, kf, ki, prev, normalize, raw, dxr, dfr, dir_, A):
+        """A row's d/d(pre) per unit of G from its kept forms, and its decays a into A. The
+        outputs may be the inputs themselves (in place). ``raw``: the row has raw elements."""
+        if raw:
+            for c in range(A.size):
+                a, ip, nf, ni = lstm_gates_any(kf[c], ki[c], normalize)
+                dxr[c], dfr[c], dir_[c], A[c] = _minlstm_grads(a, ip, nf, ni, kx[c], prev[c], normalize)
+        else:  # the common row: no lstm_gates, no exp
+            for c in range(A.size):
+                a, ip, nf, ni = lstm_gates_kept(kf[c], ki[c], normalize)
+                dxr[c], dfr[c], dir_[c], A[c] = _minlstm_grads(a, ip, nf, ni, kx[c], prev[c], normalize)
 
     @njit(inline="always", **_jit)
     def _minlstm_reverse_step(dhr, carry, A, dxr, dfr, dir_, sx, sf, si):
@@ -396,41 +492,47 @@ if HAVE_NUMBA:
             si[c] += dir_[c]
 
     @njit(inline="always", **_jit)
-    def _minlstm_work_item_state(x, bias, dbias, i, c0, n, C):
-        """A backward work item's carry (a_{t+1} G_{t+1}, zeros), decay row, bias slices and
-        its zeroed dL/dbias slices."""
-        bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
+    def _minlstm_work_item_state(x, dbias, i, c0, n, C):
+        """A backward work item's carry (a_{t+1} G_{t+1}, zeros), decay row and its zeroed
+        dL/dbias slices."""
         sx, sf, si = dbias[i, c0:c0 + n], dbias[i, C + c0:C + c0 + n], dbias[i, 2 * C + c0:2 * C + c0 + n]
         sx[:] = 0
         sf[:] = 0
         si[:] = 0
-        return np.zeros(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), bx, bf, bi, sx, sf, si
+        return np.zeros(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), sx, sf, si
 
     @njit(**_pjit)
     def minlstm_bwd(x, xs, f, fs, ig, is_, bias, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, dbias, B, T, C, blk):
+        """From the pre-activations (left intact): their kept forms per row, then the kept
+        forms' backward, so that it equals minlstm_bwd_in_place bit for bit."""
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
-            carry, A, bx, bf, bi, sx, sf, si = _minlstm_work_item_state(x, bias, dbias, i, c0, n, C)
+            carry, A, sx, sf, si = _minlstm_work_item_state(x, dbias, i, c0, n, C)
+            kx, kf, ki = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
+            bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
             for t in range(T - 1, -1, -1):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
                 dxr, dfr, dir_ = _row(dx, os_, i, t, c0, n), _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, dxr, dfr, dir_, A)
+                raw = _minlstm_keep_row(xr, fr, ir_, bx, bf, bi, normalize, kx, kf, ki) > 0
+                _minlstm_grad_row(kx, kf, ki, prev, normalize, raw, dxr, dfr, dir_, A)
                 _minlstm_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, dxr, dfr, dir_, sx, sf, si)
             dh0[i, c0:c0 + n] = carry
 
     @njit(**_pjit)
-    def minlstm_bwd_in_place(x, xs, f, fs, ig, is_, bias, h, hs, h0, dh, dhs, normalize, dh0, dbias, B, T, C, blk):
-        """minlstm_bwd writing dL/d(pre) over the pre-activations (see mingru_bwd_in_place)."""
+    def minlstm_bwd_in_place(x, xs, f, fs, ig, is_, h, hs, h0, dh, dhs, normalize, dh0, dbias, B, T, C, blk):
+        """minlstm_bwd on what minlstm_fwd(keep=True) left in x, f and ig, writing dL/d(pre)
+        over it (its own kernel for the reason given at mingru_bwd_in_place)."""
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
-            carry, A, bx, bf, bi, sx, sf, si = _minlstm_work_item_state(x, bias, dbias, i, c0, n, C)
+            carry, A, sx, sf, si = _minlstm_work_item_state(x, dbias, i, c0, n, C)
             for t in range(T - 1, -1, -1):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                _minlstm_grad_row(xr, fr, ir_, bx, bf, bi, prev, normalize, xr, fr, ir_, A)
+                raw = _minlstm_raw_in_row(fr, ir_) > 0
+                _minlstm_grad_row(xr, fr, ir_, prev, normalize, raw, xr, fr, ir_, A)
                 _minlstm_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, xr, fr, ir_, sx, sf, si)
             dh0[i, c0:c0 + n] = carry
 
@@ -715,8 +817,8 @@ class _Cell(torch.autograd.Function):
 def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str, normalize: bool, keep: bool,
                   h: Tensor | None = None):
     """The forward kernel on packed pre-activations (B, T, n*C) plus ``bias`` (n*C,) or None:
-    (h (B, T, C), the start state it used (B, C)). ``keep`` (minGRU only): overwrite ``pre``
-    with what ``_cell_backward(in_place=True)`` reads instead of recomputing. ``h``: a
+    (h (B, T, C), the start state it used (B, C)). ``keep``: overwrite ``pre`` with what
+    ``_cell_backward(in_place=True)`` reads instead of recomputing (the exps, bias added). ``h``: a
     buffer to write h into (a new one when None)."""
     n = 2 if kind == "mingru" else 3
     B, T, nC = pre.shape
@@ -726,7 +828,7 @@ def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, kind: str
         h = OUTPUT_CACHE.empty((B, T, C), pre.dtype)
     cols, ps = _columns(pre, n)
     args = [a for col in cols for a in (col, ps)] + [_bias(bias, nC, pre.dtype), start.numpy()]
-    args.append(bool(normalize) if kind == "minlstm" else bool(keep))
+    args += [bool(normalize), bool(keep)] if kind == "minlstm" else [bool(keep)]
     _launch(_kernels(pre.dtype)[kind + "_fwd"], h.numel(), *args, h.view(-1).numpy(),
             np.array([T * C, C], dtype=np.int64), B, T, C, _block(B, C))
     return h, start
@@ -736,19 +838,17 @@ def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, d
                    in_place: bool = False):
     """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C)).
 
-    ``in_place``: dL/dpre is written over ``pre`` (and returned), which for minGRU holds
-    what ``_cell_forward(keep=True)`` left there."""
+    ``in_place``: dL/dpre is written over ``pre`` (and returned), which holds what
+    ``_cell_forward(keep=True)`` left there (``bias`` is then already in it, and unused)."""
     n = 2 if kind == "mingru" else 3
     B, T, C = h.shape
     dbias = torch.empty(B, n * C, dtype=pre.dtype)  # one row per batch row: no two threads share one
     cols, ps = _columns(pre, n)
     dh0 = torch.empty_like(start)
     if in_place:
-        args = [a for col in cols for a in (col, ps)]
+        args = [a for col in cols for a in (col, ps)] + [*_flat(h), start.numpy(), *_flat(dh)]
         if kind == "minlstm":
-            args += [_bias(bias, n * C, pre.dtype), *_flat(h), start.numpy(), *_flat(dh), normalize]
-        else:
-            args += [*_flat(h), start.numpy(), *_flat(dh)]
+            args.append(normalize)
         _launch(_kernels(h.dtype)[kind + "_bwd_in_place"], h.numel(), *args, dh0.numpy(), dbias.numpy(), B, T, C, _block(B, C))
         return pre, dbias, dh0
     dpre = OUTPUT_CACHE.empty(tuple(pre.shape), pre.dtype)
@@ -769,16 +869,16 @@ class _ProjectedCell(torch.autograd.Function):
 
     The pre-activations are this Function's own buffer and the only (B, T, n*C) one it
     touches: the backward kernel writes dL/dpre over them, which the backward's matmuls then
-    read (for minGRU the forward kernel has left its exps there, which the backward reads
-    instead of the pre-activations). A second backward through the same graph
+    read (the forward kernel has left its exps there, which the backward reads instead of
+    the pre-activations). A second backward through the same graph
     (retain_graph=True) finds them consumed and first recomputes them from x and weight.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, h0, kind, normalize):
         pre = _projection(x, weight)
-        ctx.keep, ctx.consumed = kind == "mingru", False
-        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=ctx.keep)
+        ctx.consumed = False
+        h, start = _cell_forward(pre, bias, h0, kind, normalize, keep=True)
         ctx.save_for_backward(x, weight, bias, pre, h, start)
         ctx.kind, ctx.normalize, ctx.has_h0 = kind, normalize, h0 is not None
         return h
@@ -788,8 +888,7 @@ class _ProjectedCell(torch.autograd.Function):
         x, weight, bias, pre, h, start = ctx.saved_tensors
         if ctx.consumed:  # an earlier backward wrote its gradient over them: the forward again
             pre = _projection(x, weight)
-            if ctx.keep:
-                _cell_forward(pre, bias, start, ctx.kind, ctx.normalize, keep=True, h=OUTPUT_CACHE.empty(h.shape, h.dtype))
+            _cell_forward(pre, bias, start, ctx.kind, ctx.normalize, keep=True, h=OUTPUT_CACHE.empty(h.shape, h.dtype))
         dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.kind, ctx.normalize, in_place=True)
         ctx.consumed = True
         B, T, I = x.shape

@@ -28,7 +28,7 @@ def test_run_cases_skips_by_prediction_and_repeats_the_rest():
     assert res["was_skipped"].skipped and "smaller size" in res["was_skipped"].note
     assert not res["ok"].skipped and len(res["ok"].times_ms) == 4 and res["ok"].note == ""
     assert res["ok"].peak_bytes == 16 and res["ok"].saved_bytes == 0
-    assert calls.count("ok") == 2 + 1 + 4  # two warm-ups, the memory probe, four repeats
+    assert calls.count("ok") == 2 + 1 + 4 * 2  # two warm-ups, the memory probe, four (warm step, repeat)
     assert set(calls) == {"ok"}
 
 
@@ -42,11 +42,16 @@ def test_run_cases_records_a_failing_candidate_and_goes_on():
     assert len(res["ok"].times_ms) == 2
 
 
-def test_run_cases_interleaves_repeats():
+def test_run_cases_interleaves_repeats_each_after_a_warm_step():
     calls = []
     cases = [_case(n, calls) for n in ("a", "b")]
-    run_cases(cases, CPU, Budget(repeats=3, measure_memory=False, min_repeat_s=0))
-    assert calls[-6:] == ["a", "b"] * 3
+    res = run_cases(cases, CPU, Budget(repeats=3, measure_memory=False, min_repeat_s=0))
+    assert calls[-12:] == ["a", "a", "b", "b"] * 3  # each candidate's warm step, then its timed one
+    assert len(res["a"].cold_ms) == 3 and res["a"].fields()["cold_ms"] is not None
+    calls.clear()
+    res = run_cases(cases, CPU, Budget(repeats=3, measure_memory=False, min_repeat_s=0, warm_below_s=0))
+    assert calls[-6:] == ["a", "b"] * 3  # steps this long (any, here) go without
+    assert res["a"].cold_ms == [] and res["a"].fields()["cold_ms"] is None
 
 
 def test_run_cases_repeats_tiny_steps_within_a_repeat():
@@ -54,7 +59,7 @@ def test_run_cases_repeats_tiny_steps_within_a_repeat():
     res = run_cases([_case("tiny", calls)], CPU, Budget(repeats=3, measure_memory=False, min_repeat_s=1.0,
                                                         max_steps_per_repeat=7))["tiny"]
     assert res.steps_per_repeat == 7 and len(res.times_ms) == 3
-    assert len(calls) == 2 + 3 * 7  # two warm-ups, then 3 repeats of 7 steps
+    assert len(calls) == 2 + 3 * (1 + 7)  # two warm-ups, then 3 times a warm step and a repeat of 7
 
 
 def test_run_cases_cuts_repeats_to_the_budget():

@@ -9,6 +9,15 @@ A repeat of a step shorter than ``min_repeat_s`` runs it k times back to back (i
 untimed-elsewhere reset, a few attribute stores, included) and reports the mean of
 the k, so the median is over repeats of at least ~10 ms.
 
+Warm steps: interleaving means a candidate's repeat starts where another candidate left
+the caches, the allocator and the thread pools. A step shorter than ``warm_below_s``
+therefore runs once more, timed on its own, right before each timed repeat, so that every
+timed step is the candidate's second or later in a row. Without it the first, colder step
+made all of a one-step repeat but half of a two-step one: a layer just over
+``min_repeat_s`` was timed cold and its projection, just under, half warm (minLSTM at
+T = 256: 1.48x its projection one way, 1.33x with every repeat warm). The cold steps'
+times are kept too (``cold_ms``).
+
 Budget: a candidate is skipped when its step, predicted from the previous (smaller)
 size by linear scaling, or measured in warm-up, would take longer than
 ``max_step_s``, or its peak memory, predicted the same way, would exceed
@@ -53,6 +62,9 @@ class Budget:
     #: divides, so that timer resolution and per-call jitter do not dominate tiny sizes
     min_repeat_s: float = 0.01
     max_steps_per_repeat: int = 100
+    #: a step shorter than this runs once, untimed for the median, before each timed repeat
+    #: (see "Warm steps" above); a longer one is not affected by where it starts
+    warm_below_s: float = 1.0
 
 
 @dataclass
@@ -65,6 +77,9 @@ class Result:
     #: minor page faults of the process per step, one value per timed repeat (None where
     #: the platform cannot count them)
     faults: list[Optional[float]] = field(default_factory=list)
+    #: the warm step before each timed repeat, timed alone (empty for a step of at least
+    #: Budget.warm_below_s): the first step after the other candidates
+    cold_ms: list[float] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -75,7 +90,8 @@ class Result:
         """The row fields every suite reports for a measured case."""
         return {"ms": self.ms, "times_ms": self.times_ms, "repeats": len(self.times_ms),
                 "steps_per_repeat": self.steps_per_repeat, "peak_bytes": self.peak_bytes,
-                "saved_bytes": self.saved_bytes, "page_faults": _median_or_none(self.faults), "note": self.note}
+                "saved_bytes": self.saved_bytes, "page_faults": _median_or_none(self.faults),
+                "cold_ms": _median_or_none(self.cold_ms), "note": self.note}
 
 
 def _median_or_none(xs: list[Optional[float]]) -> Optional[float]:
@@ -123,6 +139,7 @@ def run_cases(cases: list[Case], device: torch.device, budget: Budget,
     previous = previous or {}
     results: dict[str, Result] = {}
     planned: dict[str, int] = {}
+    warms: dict[str, bool] = {}
     for case in cases:
         res = results[case.name] = Result()
         prev = previous.get(case.name)
@@ -157,17 +174,23 @@ def run_cases(cases: list[Case], device: torch.device, budget: Budget,
             continue
         if budget.measure_memory:
             res.peak_bytes, res.saved_bytes = _memory(case, device)
+        res.steps_per_repeat = max(1, min(budget.max_steps_per_repeat, int(budget.min_repeat_s / max(est, 1e-9))))
+        warm = est < budget.warm_below_s
+        per_repeat = est * (res.steps_per_repeat + warm)
         n = budget.repeats
-        if est * n > budget.budget_s:
-            n = max(1, int(budget.budget_s // est))
+        if per_repeat * n > budget.budget_s:
+            n = max(1, int(budget.budget_s // per_repeat))
             res.note = f"{n} repeat{'s' if n > 1 else ''} (time budget)"
         planned[case.name] = n
-        res.steps_per_repeat = max(1, min(budget.max_steps_per_repeat, int(budget.min_repeat_s / max(est, 1e-9))))
+        warms[case.name] = warm
     rounds = max(planned.values(), default=0)
     for r in range(rounds):
         for case in cases:
             if planned.get(case.name, 0) > r:
                 res = results[case.name]
+                if warms[case.name]:
+                    case.reset()
+                    res.cold_ms.append(time_once(case.step, device) * 1e3)
                 f0 = minor_page_faults()
                 res.times_ms.append(time_once(_repeat(case, res.steps_per_repeat), device) * 1e3
                                     / res.steps_per_repeat)

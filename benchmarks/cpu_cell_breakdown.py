@@ -1,14 +1,15 @@
-"""Where a minGRU layer's training step goes on CPU, beside its input projection (issue 3).
+"""Where a minGRU or minLSTM layer's training step goes on CPU, beside its input projection (issue 3).
 
-    python benchmarks/cpu_cell_breakdown.py                    # T = 256 and 4096, every core
-    python benchmarks/cpu_cell_breakdown.py --lengths 256 --threads 1 --repeats 31
+    python benchmarks/cpu_cell_breakdown.py                    # minGRU, T = 256 and 4096, every core
+    python benchmarks/cpu_cell_breakdown.py --cell minlstm --lengths 256 --threads 1 --repeats 31
 
 For one layer (B = 16, input = hidden = 128 by default), median ms of:
 
-    projection       nn.Linear(D, 2D) forward + backward with a fixed upstream gradient (the floor)
+    projection       nn.Linear(D, nD) forward + backward with a fixed upstream gradient (the floor;
+                     n = 2 pre-activations per unit for minGRU, 3 for minLSTM)
     matmuls alone    the three matmuls of that projection without its bias (x W^T, dY W, dY^T x)
-    layer            minrnn.MinGRU forward + backward (the `cpu` backend: the projection and the
-                     cell as one Function whose kernels add the bias and sum its gradient)
+    layer            minrnn.MinGRU / MinLSTM forward + backward (the `cpu` backend: the projection
+                     and the cell as one Function whose kernels add the bias and sum its gradient)
     kernel fwd/bwd   the fused cell's numba kernels alone, outputs preallocated (no allocation),
                      recomputing the exps in the backward (the cell Function's way)
     kernel fwd, kept / kernel bwd, in place   the same as the layer runs them: the forward
@@ -43,6 +44,8 @@ from minrnn.ops import cpu as K
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cell", choices=["mingru", "minlstm"], default="mingru",
+                    help="which layer (minLSTM with its normalised gates, the layer's default)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--width", type=int, default=128)
@@ -60,26 +63,33 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         numba.set_num_threads(args.threads)
     B, D = args.batch, args.width
+    kind = args.cell
+    n = 2 if kind == "mingru" else 3
+    normalize = [True] if kind == "minlstm" else []  # the minLSTM kernels' extra argument
     out = {}
     for T in args.lengths:
         torch.manual_seed(0)
         x = torch.randn(B, T, D, requires_grad=True)
-        layer = minrnn.MinGRU(D, D, backend="cpu")
+        layer = (minrnn.MinGRU if kind == "mingru" else minrnn.MinLSTM)(D, D, backend="cpu")
         proj = layer.proj[0]
-        dy, dy2 = torch.randn(B, T, D), torch.randn(B, T, 2 * D)
-        pre = torch.randn(B, T, 2 * D)
+        dy, dy2 = torch.randn(B, T, D), torch.randn(B, T, n * D)
+        pre = torch.randn(B, T, n * D)
         pre_leaf = pre.clone().requires_grad_()
         pre_kept = pre.clone()  # overwritten by the kept forward, as the layer's are
         a = torch.rand(B, T, D, requires_grad=True)
         b = torch.randn(B, T, D, requires_grad=True)
         # preallocated outputs for the bare kernels
-        h, dpre = torch.empty(B, T, D), torch.empty(B, T, 2 * D)
+        h, dpre = torch.empty(B, T, D), torch.empty(B, T, n * D)
         start, dh0 = torch.zeros(B, D), torch.empty(B, D)
-        cols, ps = K._columns(pre, 2)
-        dcols, dps = K._columns(dpre, 2)
+        cols, ps = K._columns(pre, n)
+        dcols, dps = K._columns(dpre, n)
         hs = np.array([T * D, D], dtype=np.int64)
         blk = K._block(B, D)
-        bias, dbias = proj.bias.detach().numpy(), np.empty((B, 2 * D), dtype=np.float32)
+        bias, dbias = proj.bias.detach().numpy(), np.empty((B, n * D), dtype=np.float32)
+        kernels = K._kernels(torch.float32)
+
+        def col_args(c):  # each column block with its strides, as the kernels take them
+            return [a for col in c for a in (col, ps)]
         x2, w = x.detach().view(B * T, D), proj.weight.detach()
 
         def projection():
@@ -89,23 +99,23 @@ def main(argv=None) -> int:
 
         def matmuls():
             torch.mm(x2, w.t())
-            torch.mm(dy2.view(B * T, 2 * D), w)
-            torch.mm(dy2.view(B * T, 2 * D).t(), x2)
+            torch.mm(dy2.view(B * T, n * D), w)
+            torch.mm(dy2.view(B * T, n * D).t(), x2)
 
         def whole_layer():
             x.grad = None
             layer.zero_grad(set_to_none=True)
             torch.autograd.backward(layer(x)[0], dy)
 
-        kcols, _ = K._columns(pre_kept, 2)
+        kcols, _ = K._columns(pre_kept, n)
 
         def kernel_fwd(keep=False):
-            c = kcols if keep else cols
-            K.mingru_fwd(c[0], ps, c[1], ps, bias, start.numpy(), keep, h.view(-1).numpy(), hs, B, T, D, blk)
+            kernels[kind + "_fwd"](*col_args(kcols if keep else cols), bias, start.numpy(), *normalize, keep,
+                                   h.view(-1).numpy(), hs, B, T, D, blk)
 
         def kernel_bwd():
-            K.mingru_bwd(cols[0], ps, cols[1], ps, bias, *K._flat(h), start.numpy(), *K._flat(dy), *dcols, dps,
-                         dh0.numpy(), dbias, B, T, D, blk)
+            kernels[kind + "_bwd"](*col_args(cols), bias, *K._flat(h), start.numpy(), *K._flat(dy), *normalize,
+                                   *dcols, dps, dh0.numpy(), dbias, B, T, D, blk)
 
         kernel_fwd(True)
         kept_state = pre_kept.clone()
@@ -114,12 +124,12 @@ def main(argv=None) -> int:
             pre_kept.copy_(kept_state)
 
         def kernel_bwd_in_place():
-            K.mingru_bwd_in_place(kcols[0], ps, kcols[1], ps, *K._flat(h), start.numpy(), *K._flat(dy), dh0.numpy(),
-                                  dbias, B, T, D, blk)
+            kernels[kind + "_bwd_in_place"](*col_args(kcols), *K._flat(h), start.numpy(), *K._flat(dy), *normalize,
+                                            dh0.numpy(), dbias, B, T, D, blk)
 
         def cell():
             pre_leaf.grad = None
-            torch.autograd.backward(K._Cell.apply(pre_leaf, None, "mingru", False), dy)
+            torch.autograd.backward(K._Cell.apply(pre_leaf, None, kind, bool(normalize)), dy)
 
         def scan():
             a.grad = b.grad = None
@@ -162,7 +172,7 @@ def main(argv=None) -> int:
         med = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         out[T] = med
         between = "" if args.between == "nothing" else f", {args.between} before each"
-        print(f"B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}{between}:")
+        print(f"{kind}, B={B} D={D} T={T}, {torch.get_num_threads()} threads, median ms of {args.repeats}{between}:")
         for name, ms in med.items():
             print(f"  {name:20s} {ms:9.3f}" + (f"   ({ms / med['projection']:.2f}x projection)"
                                                if name == "layer" else ""))

@@ -20,16 +20,18 @@ def _load(name):
 
 
 @pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
-def test_cell_breakdown_times_every_part(tmp_path, capsys):
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_cell_breakdown_times_every_part(cell, tmp_path, capsys):
     out = tmp_path / "bd.json"
-    assert _load("cpu_cell_breakdown").main(["--lengths", "5", "--batch", "2", "--width", "8",
+    assert _load("cpu_cell_breakdown").main(["--cell", cell, "--lengths", "5", "--batch", "2", "--width", "8",
                                              "--repeats", "2", "--json", str(out)]) == 0
     med = json.loads(out.read_text())["median_ms"]["5"]
     assert set(med) == {"projection", "matmuls alone", "layer", "kernel fwd", "kernel bwd", "kernel fwd, kept",
                         "kernel bwd, in place", "cell fwd+bwd", "cell, cache off",
                         "scan, cache on", "scan, cache off"}
     assert all(v > 0 for v in med.values())
-    assert "x projection" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "x projection" in printed and printed.startswith(f"{cell}, B=2")
 
 
 @pytest.mark.skipif(not cpu.available(), reason="numba is not installed")

@@ -503,20 +503,20 @@ if HAVE_NUMBA:
 
     @njit(**_pjit)
     def minlstm_bwd(x, xs, f, fs, ig, is_, bias, h, hs, h0, dh, dhs, normalize, dx, df, di, os_, dh0, dbias, B, T, C, blk):
-        """From the pre-activations (left intact): their kept forms per row, then the kept
-        forms' backward, so that it equals minlstm_bwd_in_place bit for bit."""
+        """From the pre-activations (left intact): a row's kept forms, written into its rows
+        of dx, df, di, then minlstm_bwd_in_place's backward on those, so that the two agree
+        bit for bit (and with as few distinct arrays per loop as it has)."""
         nblk = (C + blk - 1) // blk
         for job in prange(B * nblk):
             i, c0, n = _work_item(job, nblk, blk, C)
             carry, A, sx, sf, si = _minlstm_work_item_state(x, dbias, i, c0, n, C)
-            kx, kf, ki = np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), np.empty(n, dtype=x.dtype)
             bx, bf, bi = bias[c0:c0 + n], bias[C + c0:C + c0 + n], bias[2 * C + c0:2 * C + c0 + n]
             for t in range(T - 1, -1, -1):
                 xr, fr, ir_ = _row(x, xs, i, t, c0, n), _row(f, fs, i, t, c0, n), _row(ig, is_, i, t, c0, n)
                 dxr, dfr, dir_ = _row(dx, os_, i, t, c0, n), _row(df, os_, i, t, c0, n), _row(di, os_, i, t, c0, n)
                 prev = _row(h, hs, i, t - 1, c0, n) if t > 0 else h0[i, c0:c0 + n]
-                raw = _minlstm_keep_row(xr, fr, ir_, bx, bf, bi, normalize, kx, kf, ki) > 0
-                _minlstm_grad_row(kx, kf, ki, prev, normalize, raw, dxr, dfr, dir_, A)
+                raw = _minlstm_keep_row(xr, fr, ir_, bx, bf, bi, normalize, dxr, dfr, dir_) > 0
+                _minlstm_grad_row(dxr, dfr, dir_, prev, normalize, raw, dxr, dfr, dir_, A)
                 _minlstm_reverse_step(_row(dh, dhs, i, t, c0, n), carry, A, dxr, dfr, dir_, sx, sf, si)
             dh0[i, c0:c0 + n] = carry
 

@@ -13,10 +13,9 @@ Warm steps: interleaving means a candidate's repeat starts where another candida
 the caches, the allocator and the thread pools. A step shorter than ``warm_below_s``
 therefore runs once more, timed on its own, right before each timed repeat, so that every
 timed step is the candidate's second or later in a row. Without it the first, colder step
-made all of a one-step repeat but half of a two-step one: a layer just over
-``min_repeat_s`` was timed cold and its projection, just under, half warm (minLSTM at
-T = 256: 1.48x its projection one way, 1.33x with every repeat warm). The cold steps'
-times are kept too (``cold_ms``).
+made all of a one-step repeat but half of a two-step one: minLSTM's layer at T = 256
+(~8 ms, one step per repeat) was timed cold and its projection (~5 ms, two) half warm.
+The cold steps' times are kept too (``cold_ms``).
 
 Budget: a candidate is skipped when its step, predicted from the previous (smaller)
 size by linear scaling, or measured in warm-up, would take longer than

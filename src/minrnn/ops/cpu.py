@@ -175,6 +175,11 @@ if HAVE_NUMBA:
     # a recomputation gives.
 
     @njit(inline="always", **_jit)
+    def keep_g(x, ex):
+        """What kept_g reads for x, given ex = exp(min(x, 0))."""
+        return x + _const(x, 0.5) if x >= _const(x, 0.0) else -ex
+
+    @njit(inline="always", **_jit)
     def kept_g(v):
         """g(x) and g'(x) from what the forward kept of x."""
         if _sign_clear(v):
@@ -254,7 +259,7 @@ if HAVE_NUMBA:
                     orow[c] = v
                     if keep:
                         kr[c] = math.copysign(ek, kc)
-                        xr[c] = gx if xc >= zero else -ex
+                        xr[c] = keep_g(xc, ex)
 
     @njit(inline="always", **_jit)
     def _mingru_reverse_step(dhr, carry, A, dkr, dxr, sk, sx):
@@ -376,7 +381,7 @@ if HAVE_NUMBA:
         the sigmoids' exps are all the gates need at any k, and no element is raw."""
         zero = _const(f, 0.0)
         ex, ef, ei = _exp(min(x, zero)), _exp(-abs(f)), _exp(-abs(ig))
-        kx = x + _const(x, 0.5) if x >= zero else -ex
+        kx = keep_g(x, ex)
         if normalize and min(f, ig) < _const(f, -RAW_BELOW):
             return kx, f, ig
         return kx, math.copysign(ef, f), math.copysign(ei, ig)
@@ -398,11 +403,17 @@ if HAVE_NUMBA:
         return sf * rf, si * ri, nf * rf, ni * ri
 
     @njit(inline="always", **_jit)
+    def lstm_is_raw(kf, ki):
+        """Whether an element's kept forget and input slots hold f and i themselves: a kept
+        exp is at most 1 in magnitude, a raw element has one below -RAW_BELOW."""
+        return max(abs(kf), abs(ki)) > _const(kf, 1.0)
+
+    @njit(inline="always", **_jit)
     def lstm_gates_any(kf, ki, normalize):
         """lstm_gates_kept, or lstm_gates for a raw element. Only for rows that have one: a
         loop over this computes lstm_gates' exps for every lane (a loop-invariant flag
         choosing between the two per element measured as slow: LLVM did not split the loop)."""
-        if max(abs(kf), abs(ki)) > _const(kf, 1.0):
+        if lstm_is_raw(kf, ki):
             return lstm_gates(kf, ki, normalize)
         return lstm_gates_kept(kf, ki, normalize)
 
@@ -426,7 +437,7 @@ if HAVE_NUMBA:
         """How many elements of a row of kept forms are raw."""
         raw = 0
         for c in range(kf.size):
-            raw += max(abs(kf[c]), abs(ki[c])) > _const(kf[c], 1.0)
+            raw += lstm_is_raw(kf[c], ki[c])
         return raw
 
     @njit(**_pjit)

@@ -59,49 +59,9 @@ def _device(text: str):
 @subcommand("bench", "time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
                      "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
 def bench(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--suite", nargs="+", default=["all"], choices=["layers", "scan", "decode", "all"],
-                   help="which suites to run (default: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="tiny sizes, a few seconds: checks that everything runs, numbers mean nothing")
-    p.add_argument("--lengths", nargs="+", type=_positive_int, metavar="T",
-                   help="sequence lengths for the layers and scan suites (default 16 64 256 1024 4096 16384)")
-    p.add_argument("--widths", nargs="+", type=_positive_int, metavar="D",
-                   help="layer widths; the first is the main configuration (default 128 256)")
-    p.add_argument("--batches", nargs="+", type=_positive_int, metavar="B",
-                   help="batch sizes; the first is the main configuration (default 16 64)")
-    p.add_argument("--contexts", nargs="+", type=_positive_int, metavar="N",
-                   help="decoding context lengths (default 128 256 ... 8192)")
-    p.add_argument("--repeats", type=_positive_int, metavar="N", help="timed repeats per candidate and size (median; default 7)")
-    p.add_argument("--max-step-s", type=_positive_float, metavar="S",
-                   help="skip a candidate whose single step takes longer (default 20)")
-    p.add_argument("--budget-s", type=_positive_float, metavar="S",
-                   help="seconds of timed repeats per candidate and size; fewer repeats beyond (default 10)")
-    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: every core)")
-    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--out", type=Path, metavar="DIR",
-                   help="output folder (default benchmarks/results, or benchmarks/results/quick with --quick)")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
-    p.add_argument("--malloc", choices=["retain", "system"], default="retain",
-                   help="retain (default): keep freed memory mapped (glibc mallopt), so that one candidate's "
-                        "frees are not the next one's page faults; system: the C library's defaults")
+    from .bench.command import add_arguments  # imports no torch: `minrnn --help` stays fast
 
-    def run(args: argparse.Namespace) -> int:
-        import dataclasses
-
-        from . import bench as B
-
-        s = B.Settings.make(
-            quick=args.quick, lengths=args.lengths, widths=args.widths, batches=args.batches,
-            decode_contexts=args.contexts, threads=args.threads, device=args.device,
-            out=args.out or Path("benchmarks/results/quick" if args.quick else "benchmarks/results"),
-            plots=not args.no_plot, malloc=args.malloc,
-        )
-        s.budget = dataclasses.replace(s.budget, **{k: v for k, v in (
-            ("repeats", args.repeats), ("max_step_s", args.max_step_s), ("budget_s", args.budget_s)) if v is not None})
-        B.run(args.suite, s, command=args.command_line)
-        return 0
-
-    return run
+    return add_arguments(p)
 
 
 # --- training, generation, evaluation -------------------------------------------------------

@@ -1,17 +1,17 @@
 """The benchmark's candidates compute what they claim: a candidate that computes
 something else is no fair comparison."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import minrnn
 from minrnn.bench.decode import KVCacheDecoder
-from minrnn.bench.layers import layer_candidates, run as run_layers
-from minrnn.bench.paper import PaperMinGRU, paper_mingru
+from minrnn.bench.layers import PaperMinGRU, layer_candidates, paper_mingru, run as run_layers
 from minrnn.bench.runner import Budget
 from minrnn.bench.settings import Settings
-from minrnn.ops import BACKENDS, Backend
-from minrnn.ops.reference import sequential_scan
+from minrnn.ops import BACKENDS
 
 CPU = torch.device("cpu")
 
@@ -62,9 +62,11 @@ def test_kv_cache_decoder_step_matches_its_causal_forward():
 
 
 def test_every_registered_backend_becomes_a_candidate(monkeypatch):
-    # a backend registered later (the lead's compiled "cpu" one, say) joins with no edit here
-    monkeypatch.setitem(BACKENDS, "loop-copy", Backend("loop-copy", sequential_scan, doc="test double"))
-    monkeypatch.setitem(BACKENDS, "gpu-only", Backend("gpu-only", sequential_scan, devices=frozenset({"cuda"})))
+    # a backend registered later joins with no edit here (copies of the sequential one stand in)
+    loop = BACKENDS["sequential"]
+    monkeypatch.setitem(BACKENDS, "loop-copy", dataclasses.replace(loop, name="loop-copy"))
+    monkeypatch.setitem(BACKENDS, "gpu-only", dataclasses.replace(loop, name="gpu-only",
+                                                                  devices=frozenset({"cuda"})))
     names = {c.name for c in layer_candidates(CPU)}
     assert {"minGRU[loop-copy]", "minLSTM[loop-copy]"} <= names
     assert not any("gpu-only" in n for n in names)

@@ -116,3 +116,27 @@ def test_every_subcommand_has_help(capsys):
             parser.parse_args([name, "--help"])
         assert e.value.code == 0
         assert f"usage: minrnn {name}" in capsys.readouterr().out
+
+
+def test_bench_runs_without_the_minrnn_command():
+    """`python -m minrnn.bench` is bench's own entry point: it never imports minrnn.cli."""
+    code = ("import sys, minrnn.bench.command as c, minrnn.bench.suites; "
+            "assert 'minrnn.cli' not in sys.modules; "
+            "c.main(['--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m minrnn.bench" in proc.stdout and "--quick" in proc.stdout
+
+
+def test_results_go_to_an_untracked_runs_folder_by_default(monkeypatch):
+    from minrnn.bench import command, suites
+
+    seen = {}
+    monkeypatch.setattr(suites, "run", lambda names, settings, command: seen.update(
+        names=names, out=settings.out, command=command))
+    assert command.main(["--quick", "--suite", "scan"]) == 0
+    assert seen == {"names": ["scan"], "out": Path("runs/bench/quick"),
+                    "command": "python -m minrnn.bench --quick --suite scan"}
+    assert main(["bench", "--suite", "layers", "--out", "elsewhere"]) == 0
+    assert seen["out"] == Path("elsewhere") and seen["command"] == "minrnn bench --suite layers --out elsewhere"
+    assert main(["bench"]) == 0 and seen["out"] == Path("runs/bench")

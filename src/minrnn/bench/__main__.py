@@ -1,7 +1,7 @@
-"""`python -m minrnn.bench [options]` is `minrnn bench [options]`."""
+"""`python -m minrnn.bench [options]`: the same options as `minrnn bench`."""
 
 import sys
 
-from ..cli import main
+from .command import main
 
-sys.exit(main(["bench", *sys.argv[1:]]))
+sys.exit(main())

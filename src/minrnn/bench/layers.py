@@ -5,7 +5,8 @@ Candidates, in two families that share the input x (B, T, D) and hidden width H 
     minGRU[<backend>]  minrnn.MinGRU(D, D, backend=...) for every backend registered and
                        runnable on the device (``minrnn.available_backends()``), so a new
                        backend is benchmarked as soon as it registers
-    paper-minGRU       the paper's log-space form in plain autograd (``bench.paper``)
+    paper-minGRU       the paper's log-space form in plain autograd (``PaperMinGRU`` below):
+                       what running the paper's equations as stock PyTorch ops costs
     nn.GRU             torch's GRU (batch_first)
     Linear(D,2D)       the layer's own input projection alone: the floor, since every
                        minGRU layer must at least run it
@@ -28,11 +29,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..functional import log_g
 from ..layers import MinGRU, MinLSTM
 from ..ops import BACKENDS, available_backends, resolve_backend
-from .paper import PaperMinGRU
 from .runner import Case, Result, progress, run_cases
 from .settings import Settings
 
@@ -49,6 +51,50 @@ def floor_name(family: str) -> str:
 
 def rnn_name(family: str) -> str:
     return f"nn.{FAMILIES[family][1].__name__}"
+
+
+def paper_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None) -> Tensor:
+    """minGRU by the paper's log-space parallel form (Feng et al. 2024 with Heinsen's scan,
+    arXiv 2311.06281), written from the equations with stock ops that autograd differentiates:
+
+        log(1-z_t) = -softplus(k_t),   log b_t = -softplus(-k_t) + log g(h~_t)
+        a*_t = cumsum_t log(1-z),      h_t = exp(a*_t + logcumsumexp_t(log b - a*))
+
+    a* grows like T, so float32 loses precision at long T (what the ``log`` backend avoids).
+
+    Args:
+        hidden: (B, T, C) candidate pre-activation h~ (g() applied here).
+        gate: (B, T, C) update-gate pre-activation k (z = sigmoid(k)).
+        h0: (B, C) start state, strictly positive (it enters as step 0 with decay 1), or None for zeros.
+    Returns:
+        h: (B, T, C).
+    """
+    log_coeffs = -F.softplus(gate)
+    log_values = -F.softplus(-gate) + log_g(hidden)
+    if h0 is not None:
+        if h0.shape != hidden[:, 0].shape:
+            raise ValueError(f"h0 must be (batch, channels) = {tuple(hidden[:, 0].shape)}, got {tuple(h0.shape)}")
+        log_coeffs = torch.cat([torch.zeros_like(log_coeffs[:, :1]), log_coeffs], dim=1)
+        log_values = torch.cat([torch.log(h0).unsqueeze(1), log_values], dim=1)
+    a_star = torch.cumsum(log_coeffs, dim=1)
+    h = torch.exp(a_star + torch.logcumsumexp(log_values - a_star, dim=1))
+    return h if h0 is None else h[:, 1:]
+
+
+class PaperMinGRU(nn.Module):
+    """One minGRU layer in the paper's plain-autograd form: nn.Linear(input, 2 * hidden)
+    -> [hidden | gate] (minrnn.MinGRU's layout) -> ``paper_mingru``.
+
+    forward(x (B, T, input_size)) -> h (B, T, hidden_size).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, device=None, dtype=None):
+        super().__init__()
+        self.proj = nn.Linear(input_size, 2 * hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return paper_mingru(hidden, gate)
 
 
 class _Output(nn.Module):

@@ -82,12 +82,11 @@ def set_malloc_policy(policy: str, mallopt=None) -> str:
     """Apply ``policy`` ("retain" or "system") to this process's C allocator; returns what
     was done, for the run's metadata.
 
-    Why "retain": with glibc's defaults, a candidate that allocates and frees a lot (the
-    ``log`` backend's layers: about 20,000 page faults per step at T = 256, B = 16, D = 128) has its
-    freed memory handed back to the OS and faulted in again, and the candidate timed after
-    it ran up to ~40% slower in some rounds. Keeping freed memory mapped, as jemalloc and
-    tcmalloc do and as PyTorch's CUDA allocator does, makes each candidate's time its own.
-    The setting lasts for the process (glibc cannot be handed back its dynamic thresholds).
+    Why "retain": with glibc's defaults, memory a candidate frees goes back to the OS, and
+    the candidate timed after it pays for faulting it in again. Keeping freed memory mapped,
+    as jemalloc and tcmalloc do and as PyTorch's CUDA allocator does, makes each candidate's
+    time its own. The setting lasts for the process (glibc cannot be handed back its dynamic
+    thresholds).
     """
     if policy not in ("retain", "system"):
         raise ValueError(f"malloc policy must be 'retain' or 'system', got {policy!r}")
@@ -158,6 +157,16 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(devnull)
 
 
+def _cpu_output_cache_off():
+    """A context with the cpu backend's output cache off, where it has one: a block the cache
+    hands out again is no PyTorch allocation, so the profiler would not count it."""
+    try:
+        from ..ops.cpu import output_cache_limit
+    except ImportError:  # no cache: every output is a PyTorch allocation already
+        return contextlib.nullcontext()
+    return output_cache_limit(0)
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> int:
     """Peak bytes allocated by fn() and alive at one moment (see the module doc).
 
@@ -180,9 +189,7 @@ def peak_memory(fn: Callable[[], object], device: torch.device = torch.device("c
             return max(0, torch.cuda.max_memory_allocated(device) - start)
         from torch.profiler import ProfilerActivity, profile
 
-        from ..ops.cpu import output_cache_limit
-
-        with (output_cache_limit(0), _native_stderr_silenced(),
+        with (_cpu_output_cache_off(), _native_stderr_silenced(),
               profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof):
             fn()
     finally:

@@ -12,10 +12,8 @@ the k, so the median is over repeats of at least ~10 ms.
 Warm steps: interleaving means a candidate's repeat starts where another candidate left
 the caches, the allocator and the thread pools. A step shorter than ``warm_below_s``
 therefore runs once more, timed on its own, right before each timed repeat, so that every
-timed step is the candidate's second or later in a row. Without it the first, colder step
-made all of a one-step repeat but half of a two-step one: minLSTM's layer at T = 256
-(~8 ms, one step per repeat) was timed cold and its projection (~5 ms, two) half warm.
-The cold steps' times are kept too (``cold_ms``).
+timed step is the candidate's second or later in a row (otherwise a one-step repeat would
+be all cold step and a two-step one half). The cold steps' times are kept too (``cold_ms``).
 
 Budget: a candidate is skipped when its step, predicted from the previous (smaller)
 size by linear scaling, or measured in warm-up, would take longer than

@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from ..ops import BACKENDS, resolve_backend, scan
-from ..ops.reference import sequential_scan
 from .layers import runnable_backends
 from .measure import copy_bandwidth, scan_bytes
 from .runner import Case, Result, progress, run_cases
@@ -88,7 +87,7 @@ def run(settings: Settings) -> dict:
         inputs, refs = {}, {}
         for signed in {BACKENDS[be].signed for be in backends}:
             a64, b64, dh64 = inputs[signed] = scan_inputs(B, T, C, signed, settings.seed)
-            refs[signed] = _forward_backward(sequential_scan, a64, b64, dh64)
+            refs[signed] = _forward_backward(lambda a, b: scan(a, b, backend="sequential"), a64, b64, dh64)
         leaves = {s: tuple(t.to(dev, dt).requires_grad_(i < 2) for i, t in enumerate(v)) for s, v in inputs.items()}
         cases = [_case(be, *leaves[BACKENDS[be].signed]) for be in backends]
         results = run_cases(cases, dev, settings.budget, previous, scale=T / prev_T if prev_T else 1.0)

@@ -1,9 +1,7 @@
 """What a `minrnn bench` run measures: sizes, repeats, budgets.
 
-``Settings.make()`` is the run of record, sized for about 10-15 minutes on 2 quiet cores
-(an estimate from single steps: the full run was not timed while the machine was
-shared); ``Settings.make(quick=True)`` is a few seconds of tiny sizes, for tests and for
-checking that everything runs."""
+``Settings.make()`` is the full run (minutes); ``Settings.make(quick=True)`` is a few
+seconds of tiny sizes, for tests and for checking that everything runs."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .command import DEFAULT_OUT
 from .measure import default_threads
 from .runner import Budget
 
@@ -30,7 +29,7 @@ class Settings:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     threads: int = field(default_factory=default_threads)
-    out: Path = Path("benchmarks/results")
+    out: Path = DEFAULT_OUT
     plots: bool = True
     seed: int = 0
     #: the C allocator's policy for the run (see bench.measure.set_malloc_policy)

@@ -1,0 +1,108 @@
+"""The options of `minrnn bench` (also `python -m minrnn.bench`), and the run they make.
+
+``add_arguments(parser)`` fills any argparse parser and returns the function that runs the
+parsed arguments, so the `minrnn` command and this package's own ``main`` share one set of
+options. Nothing heavy is imported until a run starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+HELP = ("time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
+        "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
+#: untracked by default; a quick run goes beside, so that it never replaces a full one
+DEFAULT_OUT = Path("runs/bench")
+QUICK_OUT = DEFAULT_OUT / "quick"
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _device(text: str):
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
+    return device
+
+
+def add_arguments(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add bench's options to ``p``; returns run(args) -> exit status."""
+    p.add_argument("--suite", nargs="+", default=["all"], choices=["layers", "scan", "decode", "all"],
+                   help="which suites to run (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, a few seconds: checks that everything runs, numbers mean nothing")
+    p.add_argument("--lengths", nargs="+", type=_positive_int, metavar="T",
+                   help="sequence lengths for the layers and scan suites (default 16 64 256 1024 4096 16384)")
+    p.add_argument("--widths", nargs="+", type=_positive_int, metavar="D",
+                   help="layer widths; the first is the main configuration (default 128 256)")
+    p.add_argument("--batches", nargs="+", type=_positive_int, metavar="B",
+                   help="batch sizes; the first is the main configuration (default 16 64)")
+    p.add_argument("--contexts", nargs="+", type=_positive_int, metavar="N",
+                   help="decoding context lengths (default 128 256 ... 8192)")
+    p.add_argument("--repeats", type=_positive_int, metavar="N",
+                   help="timed repeats per candidate and size (median; default 7)")
+    p.add_argument("--max-step-s", type=_positive_float, metavar="S",
+                   help="skip a candidate whose single step takes longer (default 20)")
+    p.add_argument("--budget-s", type=_positive_float, metavar="S",
+                   help="seconds of timed repeats per candidate and size; fewer repeats beyond (default 10)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: every core)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help=f"output folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG (no matplotlib needed)")
+    p.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                   help="retain (default): keep freed memory mapped (glibc mallopt), so that one candidate's "
+                        "frees are not the next one's page faults; system: the C library's defaults")
+    return run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the suites the parsed ``args`` ask for (``args.command_line`` is recorded if set)."""
+    import dataclasses
+
+    from .settings import Settings
+    from .suites import run as run_suites
+
+    s = Settings.make(
+        quick=args.quick, lengths=args.lengths, widths=args.widths, batches=args.batches,
+        decode_contexts=args.contexts, threads=args.threads, device=args.device,
+        out=args.out or (QUICK_OUT if args.quick else DEFAULT_OUT),
+        plots=not args.no_plot, malloc=args.malloc,
+    )
+    s.budget = dataclasses.replace(s.budget, **{k: v for k, v in (
+        ("repeats", args.repeats), ("max_step_s", args.max_step_s), ("budget_s", args.budget_s)) if v is not None})
+    run_suites(args.suite, s, command=getattr(args, "command_line", None) or "minrnn bench")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m minrnn.bench [options]`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="python -m minrnn.bench", description=HELP)
+    runner = add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = shlex.join(["python", "-m", "minrnn.bench", *argv])
+    return runner(args)

@@ -1,13 +1,21 @@
-"""The table over many compare outputs (minrnn.experiments.sweeps): seeds grouped, means over
-losses, the errors it names; end to end on real 1-step compare runs."""
+"""The table over many compare outputs (experiments/sweep_table.py): seeds grouped, means over
+losses, the errors it names; end to end on real 1-step `minrnn compare` runs."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from minrnn.experiments.compare import compare
-from minrnn.experiments.sweeps import SweepError, group_by_seed, load_results, main, to_markdown
+from minrnn.cli import main as minrnn
+
+SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "sweep_table.py"
+_spec = importlib.util.spec_from_file_location("sweep_table", SCRIPT)
+sweep_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep_table)
+SweepError, group_by_seed, load_results = sweep_table.SweepError, sweep_table.group_by_seed, sweep_table.load_results
+main, to_markdown = sweep_table.main, sweep_table.to_markdown
 
 
 def _fake_run(root, name, *, model="mingru", seed=0, lr=3e-3, optim=None, options=None, loss=None,
@@ -74,12 +82,22 @@ def test_errors_name_what_is_wrong(tmp_path, capsys):
     assert "--model: no run of llama" in capsys.readouterr().err
 
 
+def test_the_gap_is_read_from_the_metrics_log(tmp_path):
+    run = _fake_run(tmp_path, "a", val=9.0, train=1.0)
+    folder = next(run.rglob("result.json")).parent
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 5, "train_loss": 3.0, "val_loss": 3.5}) + "\n"
+                                          + json.dumps({"step": 10, "train_loss": 2.0}) + "\n")
+    (row,) = group_by_seed(load_results([run]))
+    assert row["gap"] == pytest.approx(0.5)  # the last line with a validation loss, not result.json's history
+
+
 def test_end_to_end_on_compare_outputs(tmp_path):
     outs = []
     for seed in (0, 1):
         out = tmp_path / f"seed{seed}"
-        compare("selective_copying", "cpu", ["lstm"], out, steps=1, eval_every=1, seed=seed, sweep=False, isolate=False,
-                log=lambda s: None, progress=False, optim={"weight_decay": 0.5})
+        assert minrnn(["compare", "selective_copying", "--preset", "cpu", "--models", "lstm", "--steps", "1",
+                       "--eval-every", "1", "--seed", str(seed), "--no-sweep", "--no-progress", "--threads", "1",
+                       "--optim", "weight_decay=0.5", "--out", str(out)]) == 0
         outs.append(out)
     table = tmp_path / "table.md"
     assert main([str(o) for o in outs] + ["--out", str(table)]) == 0

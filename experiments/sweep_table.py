@@ -1,13 +1,15 @@
 """One table over many ``minrnn compare`` outputs: a sweep's runs side by side, seeds averaged.
 
-    python -m minrnn.experiments.sweeps results/sweeps/wikitext2-*/ \\
-        --out results/sweeps/wikitext2-tuning.md
+Answers "which setting of a sweep (learning rate, weight decay, a --set option, the seed) is
+best, and how far apart are the seeds?". Run from the repository root:
 
-Each ``compare --out`` folder holds only the runs of its own command, so a sweep over learning
-rate, weight decay or seed is spread over many folders. This reads every ``result.json`` under
-the folders given, groups runs that differ only in their seed (same experiment, preset, model,
-``--set`` options, peak learning rate, ``--optim`` settings, sweep value and steps) and writes
-one row per group:
+    python experiments/sweep_table.py runs/sweeps/wikitext2-*/ --out runs/sweeps/wikitext2-tuning.md
+
+Each ``compare --out`` folder holds only the runs of its own command, so a sweep is spread over
+many folders. This reads every run folder's ``result.json`` (and ``spec.json``, ``metrics.jsonl``)
+under the folders given, groups runs that differ only in their seed (same model, ``--set``
+options, peak learning rate, ``--optim`` settings, sweep value, task and steps) and writes one
+row per group:
 
     language models   test loss per seed, the mean loss and its perplexity exp(mean loss)
                       (the mean is taken over losses, not perplexities)
@@ -15,7 +17,7 @@ one row per group:
 
 and the generalisation gap at the end of training, validation loss minus the mean training
 loss since the previous evaluation (averaged over seeds). Runs of different experiments or
-presets cannot share a table.
+presets cannot share a table. Needs only the standard library.
 """
 
 from __future__ import annotations
@@ -25,8 +27,6 @@ import json
 import math
 import sys
 from pathlib import Path
-
-from .presets import load_preset
 
 
 class SweepError(ValueError):
@@ -39,6 +39,16 @@ def _fmt(value) -> str:
 
 def _settings(d: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(d.items())) or "preset"
+
+
+def _last_evaluation(run_dir: Path, result: dict) -> dict:
+    """The run's last evaluation record: the last line of metrics.jsonl with a validation
+    loss, else the last entry of result.json's history ({} if neither has one)."""
+    path = run_dir / "metrics.jsonl"
+    records = ([json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+               if path.exists() else result.get("history") or [])
+    evals = [rec for rec in records if rec.get("val_loss") is not None]
+    return evals[-1] if evals else {}
 
 
 def load_results(folders: list[Path]) -> list[dict]:
@@ -55,8 +65,9 @@ def load_results(folders: list[Path]) -> list[dict]:
             r = json.loads(path.read_text())
             spec = r.get("spec") or json.loads((path.parent / "spec.json").read_text())
             r["_spec"], r["_path"] = spec, str(path.parent)
-            if "lr" not in r:  # results from before "lr" was recorded ran at their preset's
-                r["lr"] = load_preset(spec["experiment"], spec["preset"]).train_settings(r["model"])["lr"]
+            if "lr" not in r:
+                raise SweepError(f"{path}: no peak learning rate (lr) recorded; not a minrnn compare result")
+            r["_last_eval"] = _last_evaluation(path.parent, r)
             results.append(r)
     kinds = {(r["_spec"]["experiment"], r["_spec"]["preset"]) for r in results}
     if len(kinds) > 1:
@@ -82,7 +93,7 @@ def group_by_seed(results: list[dict]) -> list[dict]:
         accuracy = all("accuracy" in r["final_split"] for r in runs)
         per_seed = [r["final_split"]["accuracy" if accuracy else "loss"] for r in runs]
         mean = sum(per_seed) / len(per_seed)
-        gaps = [h["val_loss"] - h["train_loss"] for h in (r["history"][-1] for r in runs if r.get("history"))
+        gaps = [h["val_loss"] - h["train_loss"] for h in (r["_last_eval"] for r in runs)
                 if h.get("train_loss") is not None and h.get("val_loss") is not None]
         rows.append({
             "model": model, "task": task, "options": options, "lr": lr, "optim": optim, "sweep": sweep,
@@ -132,7 +143,7 @@ def emit_table(md: str, rows: list[dict], out: Path | None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minrnn.experiments.sweeps", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python experiments/sweep_table.py", description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="minrnn compare --out folders (or run folders)")
     ap.add_argument("--model", action="append", default=None, help="keep only this model (repeatable)")
     ap.add_argument("--out", type=Path, default=None, help="also write this Markdown file and a .json beside it")

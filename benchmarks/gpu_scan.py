@@ -2,7 +2,7 @@
 the chunked backend, the paper's log-space form in plain autograd, cuDNN's nn.GRU / nn.LSTM
 and flash-linear-attention's HGRN kernels (the same recurrence, h = exp(g) h + x).
 
-    python benchmarks/gpu_scan.py                       # on a CUDA GPU: 2-4 minutes on an H100
+    python benchmarks/gpu_scan.py                       # on a CUDA GPU: a few minutes
     python benchmarks/gpu_scan.py --dry-run             # every code path, tiny sizes, on the CPU
 
 Before timing it checks on the GPU that the Triton backend equals the sequential loop
@@ -11,7 +11,7 @@ fla's kernels compute the same function; the verdicts go into the output. Then i
 B=16, C in {128, 1024}, T in {256, 1024, 4096, 16384}, each op's forward + backward (the
 median of repeats between CUDA events, after warm-up, with the L2 cache flushed before
 each repeat), prints Markdown tables and writes JSON (the GPU's name, torch / triton / fla
-versions, date, every figure) to --out (default benchmarks/results/gpu_scan.json).
+versions, date, every figure) to --out (default runs/gpu_scan.json, untracked).
 
 Rows fail soft: an op that is missing (fla not installed), runs out of memory or raises is
 recorded with a note and the run goes on; rows past --budget-s are skipped with a note.
@@ -47,7 +47,7 @@ except ImportError:  # run from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import minrnn
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gpu_scan.json"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "gpu_scan.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -176,8 +176,7 @@ def ops(s: Setting) -> dict[str, dict]:
               f"minrnn.MinLSTM ({s.scan_backend})": module_op(lambda C: minrnn.MinLSTM(C, C, backend=s.scan_backend)),
               "cuDNN nn.GRU": module_op(lambda C: nn.GRU(C, C, batch_first=True)),
               "cuDNN nn.LSTM": module_op(lambda C: nn.LSTM(C, C, batch_first=True))}
-    # layers first: the fused cells against cuDNN are what an earlier session's budget ran
-    # out before (its nn.LSTM rows were never timed)
+    # layers first: the fused cells against cuDNN matter most, so a short --budget-s still times them
     return {"layer": layers, "scan": scan}
 
 
@@ -303,7 +302,7 @@ def markdown(rows: list[dict], s: Setting, gpu: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON results (default benchmarks/results/gpu_scan.json; a dry run writes only when given one)")
+                    help="JSON results (default runs/gpu_scan.json; a dry run writes only when given one)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of every timed op")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip the rows still to come after this many seconds")
     ap.add_argument("--dry-run", action="store_true", help="tiny CPU sizes, chunked backend and stand-ins; no GPU")

@@ -140,3 +140,22 @@ def test_results_go_to_an_untracked_runs_folder_by_default(monkeypatch):
     assert main(["bench", "--suite", "layers", "--out", "elsewhere"]) == 0
     assert seen["out"] == Path("elsewhere") and seen["command"] == "minrnn bench --suite layers --out elsewhere"
     assert main(["bench"]) == 0 and seen["out"] == Path("runs/bench")
+
+
+def test_bench_imports_nothing_above_the_models():
+    """Data flows one way (ops -> functional -> layers -> models -> training -> cli): the bench
+    measures the library and imports neither the command line, the training engine nor the
+    experiments."""
+    import ast
+
+    above = {"cli", "training", "experiments"}
+    for path in (SRC / "minrnn" / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names if node.module is None or node.level]
+                parts = {p for n in names for p in n.split(".")}
+                if node.level >= 2 or (node.module or "").startswith("minrnn"):
+                    assert not parts & above, f"{path.name}:{node.lineno} imports {names}"
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    assert not set(a.name.split(".")[1:2]) & above, f"{path.name}:{node.lineno} imports {a.name}"

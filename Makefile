@@ -26,7 +26,7 @@ train: venv
 demo: venv
 	$(BIN)/python examples/demo_shakespeare.py
 
-# the benchmarks of record (minutes; run on a quiet machine): tables, benchmarks/results/*.json, *.png
+# the benchmarks (minutes; run on a quiet machine): tables on stdout, runs/bench/*.json and *.png
 bench: venv
 	$(BIN)/python -m minrnn bench
 

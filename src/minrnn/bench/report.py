@@ -1,6 +1,6 @@
 """Turning suite results into Markdown tables (stdout), target checks, JSON and PNG plots.
 
-Tables are Markdown so that a run of record can be pasted into the README as printed.
+Tables are Markdown so that a run can be pasted into the documentation as printed.
 matplotlib is imported only inside the plotting functions.
 """
 

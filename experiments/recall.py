@@ -82,13 +82,13 @@ def copy_classes_reference(inputs: torch.Tensor, targets: torch.Tensor) -> torch
 def recall_breakdown(model, inputs: torch.Tensor, targets: torch.Tensor, name: str = "model",
                      batch_size: int = 16) -> dict:
     """Mean loss (nats) and perplexity of ``model`` on each copy class of the windows
-    ``inputs``/``targets`` (N, T); ``model(input_ids=x).logits`` gives (B, T, vocab)."""
+    ``inputs``/``targets`` (N, T); ``model(input_ids=x, use_cache=False).logits`` gives (B, T, vocab)."""
     sums = torch.zeros(len(CLASSES), dtype=torch.float64)
     counts = torch.zeros(len(CLASSES), dtype=torch.long)
     model.eval()
     for i in range(0, inputs.shape[0], batch_size):
         x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
-        logits = model(input_ids=x).logits
+        logits = model(input_ids=x, use_cache=False).logits
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
         cls = copy_classes(x, y)
         sums.index_add_(0, cls.flatten(), nll.flatten().double())

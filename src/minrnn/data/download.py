@@ -52,7 +52,7 @@ def ensure_corpus(corpus: str, split: str, data_dir: str | os.PathLike | None = 
         digest = hashlib.sha256(body).hexdigest()
         if len(body) != spec.size or digest != spec.sha256:
             raise ValueError(f"download of {url} gave {len(body)} bytes with sha256 {digest}; expected "
-                             f"{spec.size} bytes with sha256 {spec.sha256}. Nothing was written.")
+                             f"{spec.size} bytes with sha256 {spec.sha256}. Nothing was written.") from None
         target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(target, body)
         return target

@@ -28,7 +28,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 docs: venv
-	$(BIN)/mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 
 docs-serve: venv
 	$(BIN)/mkdocs serve

@@ -245,7 +245,8 @@ def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, wi
         ((h.double() * weight).sum() + last.double().sum()).backward()
         return [h.double(), last.double()] + [t.grad.double() for t in leaves if t is not None]
 
-    got = run(lambda *t: MF.projected_cell(name, *t, normalize=normalize, backend=backend), (x, w, b, h0))
+    options = {"normalize": normalize} if name == "minlstm" else {}
+    got = run(lambda *t: MF.projected_cell(name, *t, backend=backend, **options), (x, w, b, h0))
     want = run(lambda *t: _projected_ref(cell, *t), [None if t is None else t.double() for t in (x, w, b, h0)])
     labels = ["h", "h_last", "dx", "dweight"] + (["dbias"] if bias else []) + (["dh0"] if with_h0 else [])
     for label, g, r in zip(labels, got, want):
@@ -254,7 +255,7 @@ def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, wi
 
 def test_projected_cell_bad_input():
     x, w, b, h0 = _projected_inputs("mingru", 2, 5, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match="cell must be 'mingru' or 'minlstm'"):
+    with pytest.raises(ValueError, match=r"cell must be one of \['mingru', 'minlstm'\], got 'gru'"):
         MF.projected_cell("gru", x, w, b)
     with pytest.raises(ValueError, match=r"x must be \(batch, time, input_size\)"):
         MF.projected_cell("mingru", x[0], w, b)
@@ -269,5 +270,7 @@ def test_projected_cell_bad_input():
     for backend in ["auto"] + FAST_BACKENDS:
         with pytest.raises(ValueError, match=r"h0 must be \(batch, channels\) = \(2, 4\)"):
             MF.projected_cell("mingru", x, w, b, h0[:, :3], backend=backend)
-        with pytest.raises(ValueError, match="zero time steps"):
-            MF.projected_cell("mingru", x[:, :0], w, b, backend=backend)
+        h, last = MF.projected_cell("mingru", x[:, :0], w, b, h0, backend=backend)
+        assert h.shape == (2, 0, 4) and torch.equal(last, h0)
+    with pytest.raises(TypeError, match="cell 'mingru' has no option 'normalize'"):
+        MF.projected_cell("mingru", x, w, b, normalize=True)

@@ -8,11 +8,14 @@ import torch
 import minrnn
 import minrnn.functional as MF
 from minrnn.ops import BACKENDS, cpu, resolve_backend
+from minrnn.ops.cells import get_cell
 from minrnn.ops.packing import pack_chunks
 
 from ..conftest import assert_close_scaled, run_with_grads
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="numba is not installed")
+if cpu.available():
+    from minrnn.ops.cpu import functions
 
 
 def test_exp32_is_accurate_over_the_float32_range():
@@ -230,10 +233,10 @@ def test_outputs_from_reused_blocks_do_not_alias_live_results(cell):
 
 def test_cache_limit_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("MINRNN_CPU_CACHE_MB", "64")
-    assert cpu._default_limit() == 64 << 20
+    assert cpu.buffers._default_limit() == 64 << 20
     monkeypatch.setenv("MINRNN_CPU_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="MINRNN_CPU_CACHE_MB"):
-        cpu._default_limit()
+        cpu.buffers._default_limit()
 
 
 def test_peak_memory_counts_cached_outputs():
@@ -304,7 +307,7 @@ def test_minlstm_gates_elementwise_on_both_sides_of_the_raw_threshold(dtype, one
         torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"cell, {name}: {m}")
     C = shape[2]
     eye = torch.eye(3 * C, dtype=dtype)
-    got = run_with_grads(lambda p, h: cpu.cpu_projected_cell("minlstm", p, eye, None, h),
+    got = run_with_grads(lambda p, h: cpu.cpu_projected_cell(get_cell("minlstm"), p, eye, None, h, (True,)),
                          [torch.cat([x, f, i], -1).to(dtype), h0.to(dtype)], w)
     dpre = got[1].split(C, -1)
     for name, g, r in zip(names, [got[0], *dpre, got[2]], ref):
@@ -377,7 +380,8 @@ def test_projected_cell_passes_gradcheck():
         w = torch.randn(n * 4, 3, dtype=torch.float64, requires_grad=True)
         b = torch.randn(n * 4, dtype=torch.float64, requires_grad=True)
         h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-        assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(cell, *t), (x, w, b, h0))
+        spec = get_cell(cell)
+        assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(spec, *t, spec.options()), (x, w, b, h0))
 
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])
@@ -401,9 +405,10 @@ def test_layer_backward_in_place_equals_the_separate_buffer_one(cell, dtype, C):
 
     def run(reuse):
         p = pre.clone()
-        h, start = cpu._cell_forward(p, bias, h0, cell, True, keep=reuse)
+        spec = get_cell(cell)
+        h, start = functions._cell_forward(p, bias, h0, spec, spec.options(), keep=reuse)
         kept = not torch.equal(p, pre)
-        dpre, dbias, dh0 = cpu._cell_backward(p, bias, h, start, dh, cell, True, in_place=reuse)
+        dpre, dbias, dh0 = functions._cell_backward(p, bias, h, start, dh, spec, spec.options(), in_place=reuse)
         assert (dpre.data_ptr() == p.data_ptr()) == reuse  # in place: dL/dpre written over pre
         return (h, dpre.clone(), dbias, dh0), kept
 

@@ -151,7 +151,10 @@ def _ok():
         (lambda a, b, h0: (a.numpy(), b, h0), TypeError, r"a must be a torch.Tensor"),
         (lambda a, b, h0: (a, b.to("meta"), h0), ValueError, r"b is on meta but a is on cpu"),
         (lambda a, b, h0: (a, b, h0.to("meta")), ValueError, r"h0 is on meta but a is on cpu"),
-        (lambda a, b, h0: (a[:, :0], b[:, :0], h0), ValueError, r"zero time steps"),
+        (lambda a, b, h0: (a, b, h0.index_fill(0, torch.tensor([1]), float("inf"))), ValueError,
+         r"h0 must be finite"),
+        (lambda a, b, h0: (a, b, h0.index_fill(0, torch.tensor([0]), float("nan"))), ValueError,
+         r"h0 must be finite"),
     ],
 )
 def test_bad_input_names_the_argument(mutate, exc, pattern):
@@ -162,3 +165,17 @@ def test_bad_input_names_the_argument(mutate, exc, pattern):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'fast'.*chunked"):
         minrnn.scan(*_ok(), backend="fast")
+
+
+@pytest.mark.parametrize("backend", ["sequential"] + FAST_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7, 3), (2, 0, 3), (0, 0, 3)])
+def test_empty_batch_or_sequence_gives_an_empty_result(backend, shape):
+    """B = 0 or T = 0: an empty h on every backend, not an error (and gradients of the right,
+    empty shapes)."""
+    a = torch.rand(shape, requires_grad=True)
+    b = torch.rand(shape, requires_grad=True)
+    h0 = torch.rand(shape[0], shape[2], requires_grad=True)
+    h = minrnn.scan(a, b, h0, backend=backend)
+    assert h.shape == shape
+    (h.sum() + h0.sum()).backward()
+    assert a.grad is None or a.grad.shape == shape

@@ -102,3 +102,17 @@ def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
         )
     return scan_from_logs(torch.log(a), torch.log(b), h0)
 
+
+
+def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
+    """The registered "log" backend's cells: the cell's log-gates (never a log of a sigmoid)
+    into the log-space scan; a padded position is log a = 0, log b = -inf."""
+    if h0 is not None and not bool((h0 >= 0).all()):
+        raise ValueError("h0 has negative entries, which backend='log' cannot represent; "
+                         "use backend='chunked' (or 'auto')")
+    log_a, log_b = spec.log_gates(*pre, *options)
+    if mask is not None:
+        m = mask.unsqueeze(-1)
+        log_a = torch.where(m, log_a, log_a.new_zeros(()))
+        log_b = torch.where(m, log_b, log_b.new_full((), float("-inf")))
+    return scan_from_logs(log_a, log_b, h0)

@@ -22,3 +22,13 @@ def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
         h = a_t * h + b_t
         out.append(h)
     return torch.stack(out, dim=1)
+
+
+def reference_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
+    """A cell as its gates followed by the loop, autograd through both: the reference."""
+    from .cells import identity_where_masked
+
+    a, b = spec.gates(*pre, *options)
+    if mask is not None:
+        a, b = identity_where_masked(a, b, mask)
+    return sequential_scan(a, b, h0)

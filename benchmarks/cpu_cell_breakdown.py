@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not K.available():
         raise SystemExit("numba is not installed: the cpu backend is unavailable")
+    from minrnn.ops.cells import get_cell
+    from minrnn.ops.cpu.functions import _CELL_KERNELS, _Cell, _column_args
+    from minrnn.ops.cpu.launch import channel_block, flat_view
+
     if args.threads:
         import numba
 
@@ -81,15 +85,12 @@ def main(argv=None) -> int:
         # preallocated outputs for the bare kernels
         h, dpre = torch.empty(B, T, D), torch.empty(B, T, n * D)
         start, dh0 = torch.zeros(B, D), torch.empty(B, D)
-        cols, ps = K._columns(pre, n)
-        dcols, dps = K._columns(dpre, n)
+        spec = get_cell(kind)
         hs = np.array([T * D, D], dtype=np.int64)
-        blk = K._block(B, D)
+        blk = channel_block(B, D)
         bias, dbias = proj.bias.detach().numpy(), np.empty((B, n * D), dtype=np.float32)
-        kernels = K._kernels(torch.float32)
-
-        def col_args(c):  # each column block with its strides, as the kernels take them
-            return [a for col in c for a in (col, ps)]
+        kernels = _CELL_KERNELS[kind]
+        pre_columns, dpre_columns = _column_args(pre, n), _column_args(dpre, n)
         x2, w = x.detach().view(B * T, D), proj.weight.detach()
 
         def projection():
@@ -107,15 +108,15 @@ def main(argv=None) -> int:
             layer.zero_grad(set_to_none=True)
             torch.autograd.backward(layer(x)[0], dy)
 
-        kcols, _ = K._columns(pre_kept, n)
+        kept_columns = _column_args(pre_kept, n)
 
         def kernel_fwd(keep=False):
-            kernels[kind + "_fwd"](*col_args(kcols if keep else cols), bias, start.numpy(), *normalize, keep,
-                                   h.view(-1).numpy(), hs, B, T, D, blk)
+            kernels.forward(*(kept_columns if keep else pre_columns), bias, start.numpy(), *normalize, keep,
+                            h.view(-1).numpy(), hs, B, T, D, blk)
 
         def kernel_bwd():
-            kernels[kind + "_bwd"](*col_args(cols), bias, *K._flat(h), start.numpy(), *K._flat(dy), *normalize,
-                                   *dcols, dps, dh0.numpy(), dbias, B, T, D, blk)
+            kernels.backward(*pre_columns, bias, *flat_view(h), start.numpy(), *flat_view(dy), *normalize,
+                             *dpre_columns[0::2], dpre_columns[1], dh0.numpy(), dbias, B, T, D, blk)
 
         kernel_fwd(True)
         kept_state = pre_kept.clone()
@@ -124,12 +125,12 @@ def main(argv=None) -> int:
             pre_kept.copy_(kept_state)
 
         def kernel_bwd_in_place():
-            kernels[kind + "_bwd_in_place"](*col_args(kcols), *K._flat(h), start.numpy(), *K._flat(dy), *normalize,
-                                            dh0.numpy(), dbias, B, T, D, blk)
+            kernels.backward_in_place(*kept_columns, *flat_view(h), start.numpy(), *flat_view(dy), *normalize,
+                                      dh0.numpy(), dbias, B, T, D, blk)
 
         def cell():
             pre_leaf.grad = None
-            torch.autograd.backward(K._Cell.apply(pre_leaf, None, kind, bool(normalize)), dy)
+            torch.autograd.backward(_Cell.apply(pre_leaf, None, spec, tuple(normalize)), dy)
 
         def scan():
             a.grad = b.grad = None

@@ -18,6 +18,17 @@ if cpu.available():
     from minrnn.ops.cpu import functions
 
 
+@pytest.fixture(autouse=True, params=["cache on", "cache off"])
+def output_cache(request):
+    """Every test here runs with the kernels' output cache taking every output (the suite's
+    default, tests/conftest.py) and with it off (every output a fresh torch.empty)."""
+    if request.param == "cache off":
+        with cpu.output_cache_limit(0):
+            yield
+    else:
+        yield
+
+
 def test_exp32_is_accurate_over_the_float32_range():
     from numba import njit
 
@@ -437,3 +448,15 @@ def test_projected_cell_backward_again_with_retain_graph(cell):
         want = torch.autograd.grad(y_ref, [x, h0, *ref_layer.parameters()], dy, retain_graph=True)
         for name, g, r in zip(["x", "h0", "weight", "bias"], got, want):
             assert_close_scaled(g, r, 1e-12, f"backward {i + 1}: d{name}")
+
+
+def test_profiler_sees_fresh_outputs_not_cached_blocks():
+    """While PyTorch's profiler runs, the kernels' outputs are plain allocations it records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, b = torch.rand(4, 64, 512), torch.randn(4, 64, 512)
+    cpu.cpu_scan(a, b)  # a block of this size is now idle in the cache
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        h = cpu.cpu_scan(a, b)
+    allocated = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert h.numel() * 4 in allocated

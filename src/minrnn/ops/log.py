@@ -6,9 +6,8 @@ For positive values the recurrence h_t = a_t h_{t-1} + b_t has the closed form
 
 The paper evaluates it as ``a* = cumsum(log a); log h = a* + logcumsumexp(log b - a*)``.
 That subtracts two cumulative sums which grow like T * |log a|: in float32 their
-difference loses ~|a*| * 6e-8 in the log, i.e. that much relative error in h
-(5.7e-4 at T = 4096 in our measurements, and nonsense once a gate saturates over a
-long sequence).
+difference loses ~|a*| * 6e-8 in the log, i.e. that much relative error in h (and
+nonsense once a gate saturates over a long sequence; docs/design.md has a figure).
 
 Here every segment sum ``sum_{k=s+1}^{t} log a_k`` is accumulated directly (a masked
 cumsum over an L x L block inside each chunk of L steps), never formed as a

@@ -36,9 +36,8 @@ class OutputCache:
     enough the returned block itself is dropped. Why not simply drop the oldest: a training
     step frees its outputs in the same order every step, so the oldest idle block is the next
     one to be asked for; with more outputs than the limit holds, dropping the oldest missed on
-    every request (a minGRU and a minLSTM layer at T = 16384 in one process: 3x slower per
-    step than with a cache that held both). Sizes still being asked for are kept; sizes of a
-    finished workload make way.
+    every request (docs/design.md has the case that showed it). Sizes still being asked for
+    are kept; sizes of a finished workload make way.
     """
 
     def __init__(self, limit_bytes: int, min_bytes: int = 1 << 20, stale_after: int = 64):
@@ -72,7 +71,7 @@ class OutputCache:
                     break
         if block is None:
             # 64-byte aligned, as torch's own allocations are: numpy aligns to 16 bytes only,
-            # and vector stores that straddle cache lines made the kernels ~3% slower in a probe
+            # and vector stores that straddle cache lines slow the kernels down
             raw = np.empty(nbytes + _ALIGN - 1, dtype=np.uint8)
             start = -raw.ctypes.data % _ALIGN
             block = raw[start:start + nbytes]
@@ -138,5 +137,9 @@ def empty_output_cache() -> None:
 
 
 def new_output(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """An uninitialised contiguous CPU tensor for a kernel's output (from the cache when it holds one)."""
+    """An uninitialised contiguous CPU tensor for a kernel's output: from the cache when it
+    holds one, a plain torch.empty while PyTorch's profiler runs (so that it sees every
+    allocation the kernels make)."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.empty(shape, dtype=dtype)
     return OUTPUT_CACHE.empty(shape, dtype)

@@ -430,7 +430,7 @@ def test_empty_batch_and_zero_length_inputs(cell):
 def test_bf16_decoding_keeps_a_float32_state_over_2000_steps():
     """2000 bf16 decode steps of the mixer (the one-token path) carry the state in float32: the
     final state matches a float64 loop over the same bf16 inputs to float32's level, where a
-    state rounded to bf16 each step is off by ~1e-2."""
+    state rounded to bf16 each step is not."""
     model = tiny_lm(use_conv=False, dtype=torch.bfloat16)
     mixer = model.model.layers[0].mixer
     g = torch.Generator().manual_seed(0)
@@ -445,4 +445,5 @@ def test_bf16_decoding_keeps_a_float32_state_over_2000_steps():
         for t in range(2000):
             ref = MF.cell_step(mixer.spec, [p[:, t] for p in pre], ref, **mixer.options)
     err = (h.double() - ref).abs().max().item()
-    assert err < 1e-5, err
+    # measured: 1.7e-7 with the float32 state, 6.4e-3 with the state rounded to bf16 each step
+    assert err < 1e-6, err

@@ -6,9 +6,10 @@ Tensor layout: a, b and h are (batch, time, channels); h0 is (batch, channels).
 Channels are the contiguous axis: every backend runs time sequentially (or in chunks)
 and batch x channels in parallel.
 
-A backend is a function ``fn(a, b, h0) -> h`` on validated tensors of one floating
-dtype (h0 may be None). Adding one means a new file in this folder and one
-``register(...)`` line at the bottom of this file.
+A backend is a scan ``fn(a, b, h0) -> h`` on validated tensors of one floating dtype
+(h0 may be None), optionally with its own cell functions (see ``Backend``); the cells
+themselves are described in ``cells.py``. Adding a backend means a new file in this folder
+and one ``register(...)`` line at the bottom of this file (docs/design.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ScanFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 @dataclass(frozen=True)
 class Backend:
+    """A registered backend: its scan, where it runs, and what it computes itself."""
+
     name: str
     fn: ScanFn
     #: device types it runs on ("cpu", "cuda", ...); None means any

@@ -88,7 +88,17 @@ def log_scan(log_a: Tensor, log_b: Tensor, log_h0: Tensor | None = None) -> Tens
 
 
 def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
-    """The registered "log" backend: plain inputs with a > 0, b > 0, h0 >= 0."""
+    """The registered "log" backend: the scan of plain inputs with a > 0, b > 0, h0 >= 0
+    (a ValueError otherwise), computed in log space.
+
+    Args:
+        a, b: (B, T, C) floating; h0: (B, C) or None (zeros).
+    Returns:
+        h: (B, T, C).
+
+    Plain torch ops: autograd saves their intermediates, including the (L x L) segment sums
+    of each chunk of L = CHUNK steps.
+    """
     if not bool((a > 0).all()) or not bool((b > 0).all()):
         raise ValueError(
             "backend='log' works in log space and needs a > 0 and b > 0 everywhere; "

@@ -13,7 +13,15 @@ from torch import Tensor
 
 
 def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
-    """a, b: (B, T, C); h0: (B, C) or None. Returns h: (B, T, C)."""
+    """The registered "sequential" backend, the reference: h_t = a_t h_{t-1} + b_t one step at a time.
+
+    Args:
+        a, b: (B, T, C), any floating dtype, any device; h0: (B, C) or None (zeros).
+    Returns:
+        h: (B, T, C).
+
+    Autograd records every step (saving a_t and h_{t-1} per step).
+    """
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0
     out = []
     # unbind once: indexing a[:, t] inside the loop would make each step's backward

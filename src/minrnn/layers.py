@@ -52,16 +52,21 @@ def projected_cell_sequence(spec: CellSpec, proj: nn.Module, x: Tensor, h0: Tens
 
 def projected_cell_step(spec: CellSpec, proj: nn.Module, x_t: Tensor, h: Tensor | None, options: dict,
                         mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One layer and direction for one step: x_t (B, I) -> ``proj`` -> the cell's step from h
-    (B, C) or None; mask (B,) bool, False keeps h (an identity step), or None.
+    """One layer and direction for one step: x_t (B, I), or (B, 1, I) as the LM block holds
+    it, -> ``proj`` -> the cell's step from h (B, C) or None; mask (B,) bool, False keeps h (an
+    identity step), or None.
 
-    Returns (y_t, state): the new state (B, C) in the projection's output dtype, and in the
-    accumulation dtype (float32 for half inputs: a state carried across steps is never rounded).
+    Returns (y_t, state): the new state in the projection's output dtype ((B, C), or (B, 1, C)
+    for a (B, 1, I) input), and (B, C) in the accumulation dtype (float32 for half inputs: a
+    state carried across steps is never rounded).
     """
     pre = proj(x_t)
+    timed = pre.dim() == 3
+    parts = [p[:, 0] if timed else p for p in pre.chunk(spec.n_pre, dim=-1)]
     prev = None if h is None else h.to(accumulation_dtype(pre.dtype))
-    state = MF.cell_step(spec, pre.chunk(spec.n_pre, dim=-1), prev, mask=mask, **options)
-    return state.to(pre.dtype), state
+    state = MF.cell_step(spec, parts, prev, mask=mask, **options)
+    y = state.to(pre.dtype)
+    return (y.unsqueeze(1) if timed else y), state
 
 
 def check_backend_name(backend) -> None:

@@ -126,9 +126,9 @@ class MinRNNMixer(nn.Module):
         """
         if x.shape[1] == 1:
             # decoding: one step, O(1) work whatever the context length
-            y, h_last = projected_cell_step(self.spec, self.in_proj, x[:, 0], h0, self.options,
+            y, h_last = projected_cell_step(self.spec, self.in_proj, x, h0, self.options,
                                             None if mask is None else mask[:, 0])
-            return self.out_proj(y.unsqueeze(1)), h_last
+            return self.out_proj(y), h_last
         y, h_last = projected_cell_sequence(self.spec, self.in_proj, x, h0, self.options, self.backend, mask,
                                             plain=MinRNNGateProj)
         return self.out_proj(y), h_last

@@ -10,6 +10,7 @@ import minrnn.functional as MF
 from minrnn.ops import BACKENDS
 
 from .conftest import FAST_BACKENDS, assert_close_scaled
+from .ops.test_scan import assert_rounded_once
 
 CELLS = ["mingru", "minlstm", "minlstm-unnormalized"]
 REL = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -136,8 +137,13 @@ def test_saturated_gates_and_zero_state_give_no_nan(cell, backend):
     (h.sum() + last.sum()).backward()
     for t in [h, last] + [p.grad for p in pre] + [h0.grad]:
         assert torch.isfinite(t).all()
-    ref, _ = _seq(cell, [p.detach().double() for p in pre], h0.detach().double(), mode="sequential")
+    ref_leaves = [p.detach().double().requires_grad_() for p in pre] + [h0.detach().double().requires_grad_()]
+    ref, ref_last = _seq(cell, ref_leaves[:-1], ref_leaves[-1], mode="sequential")
+    (ref.sum() + ref_last.sum()).backward()
     assert_close_scaled(h.double(), ref, 1e-5)
+    for name, got, leaf in zip(["hidden", "gate 1", "gate 2"][:len(pre)] + ["h0"], [p.grad for p in pre] + [h0.grad],
+                               ref_leaves):
+        assert_close_scaled(got.double(), leaf.grad, 1e-5, f"grad {name}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,14 +182,15 @@ def test_log_backend_rejects_negative_state():
         MF.mingru(*pre, -torch.ones(1, 2, dtype=torch.float64), backend="log")
 
 
+@pytest.mark.parametrize("backend", ["auto"] + FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_accumulate_in_float32(dtype):
+def test_half_precision_inputs_accumulate_in_float32(dtype, backend):
     pre = _pre("mingru", 2, 200, 8, torch.float32)
-    h, last = MF.mingru(*(p.to(dtype) for p in pre))
+    h, last = MF.mingru(*(p.to(dtype) for p in pre), backend=backend)
     assert h.dtype == dtype and last.dtype == torch.float32
     ref, ref_last = MF.mingru(*(p.to(dtype).double() for p in pre), mode="sequential")
     assert_close_scaled(last.double(), ref_last, 1e-6)  # state kept in float32
-    assert_close_scaled(h.double(), ref, 2 ** -7)
+    assert_rounded_once(h, ref)
 
 
 def test_bad_input():
@@ -245,7 +252,8 @@ def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, wi
         ((h.double() * weight).sum() + last.double().sum()).backward()
         return [h.double(), last.double()] + [t.grad.double() for t in leaves if t is not None]
 
-    got = run(lambda *t: MF.projected_cell(name, *t, normalize=normalize, backend=backend), (x, w, b, h0))
+    options = {"normalize": normalize} if name == "minlstm" else {}
+    got = run(lambda *t: MF.projected_cell(name, *t, backend=backend, **options), (x, w, b, h0))
     want = run(lambda *t: _projected_ref(cell, *t), [None if t is None else t.double() for t in (x, w, b, h0)])
     labels = ["h", "h_last", "dx", "dweight"] + (["dbias"] if bias else []) + (["dh0"] if with_h0 else [])
     for label, g, r in zip(labels, got, want):
@@ -254,7 +262,7 @@ def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, wi
 
 def test_projected_cell_bad_input():
     x, w, b, h0 = _projected_inputs("mingru", 2, 5, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match="cell must be 'mingru' or 'minlstm'"):
+    with pytest.raises(ValueError, match=r"cell must be one of \['mingru', 'minlstm'\], got 'gru'"):
         MF.projected_cell("gru", x, w, b)
     with pytest.raises(ValueError, match=r"x must be \(batch, time, input_size\)"):
         MF.projected_cell("mingru", x[0], w, b)
@@ -269,5 +277,106 @@ def test_projected_cell_bad_input():
     for backend in ["auto"] + FAST_BACKENDS:
         with pytest.raises(ValueError, match=r"h0 must be \(batch, channels\) = \(2, 4\)"):
             MF.projected_cell("mingru", x, w, b, h0[:, :3], backend=backend)
-        with pytest.raises(ValueError, match="zero time steps"):
-            MF.projected_cell("mingru", x[:, :0], w, b, backend=backend)
+        h, last = MF.projected_cell("mingru", x[:, :0], w, b, h0, backend=backend)
+        assert h.shape == (2, 0, 4) and torch.equal(last, h0)
+    with pytest.raises(TypeError, match="cell 'mingru' has no option 'normalize'"):
+        MF.projected_cell("mingru", x, w, b, normalize=True)
+
+
+# --- gradients for any subset of inputs, masks, edge cases ---------------------------------
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("wanted", ["hidden", "hidden+h0", "gates", "h0"])
+def test_gradients_of_any_subset_of_inputs_match_the_loop(cell, backend, wanted):
+    """Only some inputs require grad (minGRU's decay then has no graph when only hidden is
+    wanted): each gradient asked for equals the loop's, and the others stay None."""
+    B, T, C = 2, 70, 3
+    pre = _pre(cell, B, T, C, torch.float64)
+    h0 = _h0(backend, B, C, torch.float64)
+    w = torch.randn(B, T, C, dtype=torch.float64)
+    need = {"hidden": [0], "hidden+h0": [0, "h0"], "gates": list(range(1, len(pre))), "h0": ["h0"]}[wanted]
+
+    def grads(**kw):
+        leaves = [p.clone().requires_grad_(i in need) for i, p in enumerate(pre)]
+        h_0 = h0.clone().requires_grad_("h0" in need)
+        h, last = _seq(cell, leaves, h_0, **kw)
+        ((h * w).sum() + last.sum()).backward()
+        return [x.grad for x in leaves + [h_0]]
+
+    for got, want in zip(grads(backend=backend), grads(mode="sequential")):
+        if want is None:
+            assert got is None
+        else:
+            assert_close_scaled(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["sequential"] + FAST_BACKENDS)
+def test_mask_makes_padding_an_identity_step(cell, backend):
+    """With a (B, T) mask, every row equals the cell run over its real positions alone (the
+    state passes padded positions unchanged), value, final state and gradients; and the
+    step loop with the same mask agrees."""
+    B, T, C = 3, 40, 4
+    pre = _pre(cell, B, T, C, torch.float64, seed=5)
+    h0 = _h0(backend, B, C, torch.float64)
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    mask[0, :5] = False  # left padding
+    mask[1, -7:] = False  # right padding
+    leaves = [p.clone().requires_grad_() for p in pre]
+    h, last = _seq(cell, leaves, h0, mask=mask, backend=backend)
+    (h * mask.unsqueeze(-1)).sum().backward()  # the real positions' outputs, as the rows alone have
+    for row in range(B):
+        real = mask[row]
+        row_leaves = [p[row:row + 1].clone().requires_grad_() for p in pre]
+        want, want_last = _seq(cell, [p[:, real] for p in row_leaves], h0[row:row + 1], mode="sequential")
+        want.sum().backward()
+        got = h[row, real]
+        assert_close_scaled(got, want[0], 1e-12, f"row {row}")
+        assert_close_scaled(last[row], want_last[0], 1e-12, f"row {row} final state")
+        # at a padded position the state is the one before it (exactly, but in log space)
+        held = torch.cat([h0[row:row + 1], h[row, :-1]])[~real]
+        assert_close_scaled(h[row, ~real], held, 0 if BACKENDS[backend].signed else 1e-12, f"row {row} held")
+        for p, q in zip(leaves, row_leaves):
+            assert_close_scaled(p.grad[row], q.grad[0], 1e-12, f"row {row} grad")
+            assert torch.equal(p.grad[row, ~real], torch.zeros_like(p.grad[row, ~real]))
+    h_loop, last_loop = _seq(cell, pre, h0, mask=mask, mode="sequential")
+    assert_close_scaled(h.detach(), h_loop, 1e-12, "step loop")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("backend", ["sequential"] + FAST_BACKENDS)
+def test_empty_batch_or_sequence(cell, backend):
+    for B, T in ((0, 6), (2, 0), (0, 0)):
+        pre = [p.requires_grad_() for p in _pre(cell, B, T, 3, torch.float32)]
+        h, last = _seq(cell, pre, None, backend=backend)
+        assert h.shape == (B, T, 3) and torch.equal(last, torch.zeros(B, 3))
+        h0 = torch.rand(B, 3)
+        h, last = _seq(cell, pre, h0, backend=backend)
+        assert torch.equal(last, h0)
+        h.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["sequential"] + FAST_BACKENDS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_start_state_is_refused_on_every_backend(backend, bad):
+    pre = _pre("mingru", 2, 5, 3, torch.float64)
+    h0 = torch.ones(2, 3, dtype=torch.float64)
+    h0[1, 2] = bad
+    with pytest.raises(ValueError, match="h0 must be finite"):
+        MF.mingru(*pre, h0, backend=backend)
+    x, w, b, _ = _projected_inputs("mingru", 2, 5, 3, 4, torch.float64)
+    with pytest.raises(ValueError, match="h0 must be finite"):
+        MF.projected_cell("mingru", x, w, b, torch.full((2, 4), bad, dtype=torch.float64), backend=backend)
+
+
+def test_mask_bad_input():
+    pre = _pre("mingru", 2, 5, 3, torch.float32)
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor \(batch, time\)"):
+        MF.mingru(*pre, mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"mask must be \(batch, time\) = \(2, 5\), got shape \(2, 4\)"):
+        MF.mingru(*pre, mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be \(batch,\) = \(2,\)"):
+        MF.mingru_step(pre[0][:, 0], pre[1][:, 0], mask=torch.ones(3, dtype=torch.bool))

@@ -142,13 +142,15 @@ def test_parameter_count_and_init():
 
 
 def test_every_backend_gives_the_same_layer_output():
-    layer = minrnn.MinGRU(6, 8, num_layers=2).double()
-    x = _x(dtype=torch.float64)
-    ref, ref_h = layer(x)
-    for name in minrnn.available_backends():
-        layer.backend = name
-        y, h = layer(x)
-        assert_close_scaled(y, ref, 1e-12, name)
+    for cls, opts in LAYER_OPTIONS:
+        layer = cls(6, 8, num_layers=2, **opts).double()
+        x = _x(dtype=torch.float64)
+        ref, ref_h = layer(x)
+        for name in minrnn.available_backends():
+            layer.backend = name
+            y, h = layer(x)
+            assert_close_scaled(y, ref, 1e-12, f"{cls.__name__} {opts} {name}")
+            assert_close_scaled(h, ref_h, 1e-12, f"{cls.__name__} {opts} {name} final state")
 
 
 def test_dropout_between_layers_only_in_training():
@@ -158,6 +160,28 @@ def test_dropout_between_layers_only_in_training():
     assert torch.equal(layer(x)[0], layer(x)[0])
     layer.train()
     assert not torch.equal(layer(x)[0], layer(x)[0])
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_dropout_is_not_applied_to_the_last_layer(cls):
+    """As nn.GRU: dropout acts on each layer's output except the last. One layer with dropout
+    in training mode is the eval-mode layer exactly; with two, the first layer's output is
+    dropped (the output changes) but the last one's is not (no element is zeroed)."""
+    one = cls(6, 8, num_layers=1, dropout=0.5)
+    x = _x()
+    one.eval()
+    y_eval, h_eval = one(x)
+    one.train()
+    y_train, h_train = one(x)
+    assert torch.equal(y_train, y_eval) and torch.equal(h_train, h_eval)
+    y_step, h_step = one.step(x[:, 0])
+    assert torch.equal(y_step, one.eval().step(x[:, 0])[0])
+    two = cls(6, 8, num_layers=2, dropout=0.5).train()
+    y1, _ = two(x)
+    two.eval()
+    y0, _ = two(x)
+    assert not torch.equal(y1, y0)
+    assert (y1 != 0).all()
 
 
 @pytest.mark.parametrize(
@@ -185,5 +209,122 @@ def test_bad_config():
         minrnn.MinGRU(6, 8, dropout=1.5)
     with pytest.raises(ValueError, match="step\\(\\) needs a unidirectional layer"):
         minrnn.MinLSTM(6, 8, bidirectional=True).step(torch.randn(2, 6))
-    with pytest.raises(ValueError, match="unknown backend"):
-        minrnn.MinGRU(6, 8, backend="nope")(torch.randn(2, 3, 6))
+
+
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda: minrnn.MinGRU(6, 8, backend="foo"), ValueError, r"backend must be 'auto' or one of \[.*'cpu'"),
+        (lambda: minrnn.MinGRU(6, 8, backend=None), ValueError, r"backend must be 'auto' or one of"),
+        (lambda: minrnn.MinGRU(6, 8, bias="yes"), TypeError, r"bias must be True or False, got 'yes'"),
+        (lambda: minrnn.MinGRU(6, 8, bidirectional=1), TypeError, r"bidirectional must be True or False"),
+        (lambda: minrnn.MinGRU(6, 8, learn_init_state=None), TypeError, r"learn_init_state must be True or False"),
+        (lambda: minrnn.MinLSTM(6, 8, normalize="no"), TypeError, r"normalize must be True or False"),
+        (lambda: minrnn.MinLSTM(6, 8, forget_bias=float("nan")), ValueError, r"forget_bias must be a finite number"),
+        (lambda: minrnn.MinGRU(6, 8, forget_bias="3"), ValueError, r"forget_bias must be a finite number"),
+        (lambda: minrnn.MinGRU(6, 8, dropout=True), ValueError, r"dropout must be in \[0, 1\)"),
+        (lambda: minrnn.MinGRU(6, 8, num_layers=2.0), ValueError, r"num_layers must be a positive integer"),
+        (lambda: minrnn.MinGRU(True, 8), ValueError, r"input_size must be a positive integer"),
+    ],
+)
+def test_every_option_is_validated_at_construction(make, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        make()
+
+
+# --- every layer and option held to a loop written out here ----------------------------------
+
+LAYER_OPTIONS = [
+    (minrnn.MinGRU, {}),
+    (minrnn.MinGRU, {"forget_bias": 2.0}),
+    (minrnn.MinLSTM, {}),
+    (minrnn.MinLSTM, {"normalize": False}),
+    (minrnn.MinLSTM, {"normalize": False, "forget_bias": -1.0, "bias": False}),
+]
+
+
+def _g(x):
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def _loop(layer, x, h0):
+    """The layer's equations as a plain loop over time, layer by layer and direction by
+    direction, from its own weights: (output, h_n)."""
+    H, D = layer.hidden_size, layer.num_directions
+    normalize = getattr(layer, "normalize", None)
+    inp, finals = x, []
+    for lay in range(layer.num_layers):
+        outs = []
+        for d in range(D):
+            k = lay * D + d
+            lin = layer.proj[k]
+            pre = torch.nn.functional.linear(inp if d == 0 else inp.flip(1), lin.weight, lin.bias)
+            h = torch.zeros(x.shape[0], H, dtype=x.dtype) if h0 is None else h0[k]
+            hs = []
+            for t in range(x.shape[1]):
+                p = pre[:, t]
+                if isinstance(layer, minrnn.MinGRU):
+                    z = torch.sigmoid(p[:, H:])
+                    a, i = 1 - z, z
+                else:
+                    f, i = torch.sigmoid(p[:, H:2 * H]), torch.sigmoid(p[:, 2 * H:])
+                    a, i = (f / (f + i), i / (f + i)) if normalize else (f, i)
+                h = a * h + i * _g(p[:, :H])
+                hs.append(h)
+            y = torch.stack(hs, 1)
+            outs.append(y if d == 0 else y.flip(1))
+            finals.append(h)
+        inp = torch.cat(outs, -1)
+    return inp, torch.stack(finals)
+
+
+@pytest.mark.parametrize("cls, opts", LAYER_OPTIONS)
+@pytest.mark.parametrize("num_layers, bidirectional", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_forward_step_and_final_state_match_the_loop(cls, opts, num_layers, bidirectional, with_h0):
+    torch.manual_seed(0)
+    layer = cls(6, 8, num_layers=num_layers, bidirectional=bidirectional, **opts).double()
+    x = _x(dtype=torch.float64)
+    h0 = torch.randn(layer.num_directions * num_layers, 3, 8, dtype=torch.float64) if with_h0 else None
+    want_y, want_h = _loop(layer, x, h0)
+    y, h_n = layer(x, h0)
+    assert_close_scaled(y, want_y, 1e-12, "forward output")
+    assert_close_scaled(h_n, want_h, 1e-12, "forward final state")
+    if not bidirectional:
+        h, ys = h0, []
+        for t in range(x.shape[1]):
+            y_t, h = layer.step(x[:, t], h)
+            ys.append(y_t)
+        assert_close_scaled(torch.stack(ys, 1), want_y, 1e-12, "step output")
+        assert_close_scaled(h, want_h, 1e-12, "step final state")
+
+
+@pytest.mark.parametrize("cls, opts", LAYER_OPTIONS)
+@pytest.mark.parametrize("backend", minrnn.available_backends())
+def test_empty_batch_and_zero_length(cls, opts, backend):
+    """B = 0 gives empty outputs; T = 0 gives an empty output and h_n = h0 (zeros without one,
+    the learned start state with one)."""
+    layer = cls(6, 8, num_layers=2, backend=backend, **opts)
+    y, h_n = layer(torch.randn(0, 5, 6))
+    assert y.shape == (0, 5, 8) and h_n.shape == (2, 0, 8)
+    h0 = torch.randn(2, 3, 8)
+    y, h_n = layer(torch.randn(3, 0, 6), h0)
+    assert y.shape == (3, 0, 8) and torch.equal(h_n, h0)
+    y, h_n = layer(torch.randn(3, 0, 6))
+    assert torch.equal(h_n, torch.zeros(2, 3, 8))
+    y, h_n = layer(torch.randn(0, 5, 6, requires_grad=True))
+    y.sum().backward()  # an empty batch trains too
+
+
+def test_forget_bias_goes_on_the_decay_with_the_sign_that_remembers():
+    """MinLSTM adds forget_bias to the forget gate's bias; MinGRU subtracts it from its gate's
+    (a = 1 - z): either way a zero input then starts with decay about sigmoid(forget_bias)."""
+    for cls in LAYERS:
+        torch.manual_seed(0)
+        plain = cls(6, 8, forget_bias=0.0)
+        torch.manual_seed(0)
+        biased = cls(6, 8, forget_bias=2.5)
+        diff = biased.proj[0].bias - plain.proj[0].bias
+        sign = -1.0 if cls is minrnn.MinGRU else 1.0
+        torch.testing.assert_close(diff[8:16], torch.full((8,), sign * 2.5))
+        assert torch.equal(diff[:8], torch.zeros(8)) and torch.equal(diff[16:], torch.zeros(diff[16:].numel()))

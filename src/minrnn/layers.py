@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as MF
-from .ops import accumulation_dtype
+from .ops import BACKENDS, accumulation_dtype
+from .ops.cells import CellSpec, get_cell
 
 
 def is_plain_linear(module: nn.Module, cls: type) -> bool:
@@ -31,25 +32,85 @@ def is_plain_linear(module: nn.Module, cls: type) -> bool:
     return type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
 
 
+def projected_cell_sequence(spec: CellSpec, proj: nn.Module, x: Tensor, h0: Tensor | None, options: dict,
+                            backend: str, mask: Tensor | None = None,
+                            plain: type = nn.Linear) -> tuple[Tensor, Tensor]:
+    """One layer and direction over a sequence: x (B, T, I) -> ``proj`` -> the cell.
+
+    h0 (B, C) or None; mask (B, T) bool or None (False: padding, an identity step). Returns
+    (h (B, T, C) in x's dtype, h_last (B, C) in the accumulation dtype). A projection that is
+    exactly ``plain`` (no subclass, no hooks) is fused with the cell where the backend can;
+    any other module runs as itself.
+    """
+    if is_plain_linear(proj, plain):
+        start = None if h0 is None else h0.to(accumulation_dtype(x.dtype))
+        return MF.projected_cell(spec, x, proj.weight, proj.bias, start, mask=mask, backend=backend, **options)
+    pre = proj(x)  # a wrapped or hooked projection (an adapter, a quantised layer) runs as a module
+    start = None if h0 is None else h0.to(accumulation_dtype(pre.dtype))
+    return MF.cell_on_pre_activations(spec, pre, start, mask=mask, backend=backend, **options)
+
+
+def projected_cell_step(spec: CellSpec, proj: nn.Module, x_t: Tensor, h: Tensor | None, options: dict,
+                        mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One layer and direction for one step: x_t (B, I), or (B, 1, I) as the LM block holds
+    it, -> ``proj`` -> the cell's step from h (B, C) or None; mask (B,) bool, False keeps h (an
+    identity step), or None.
+
+    Returns (y_t, state): the new state in the projection's output dtype ((B, C), or (B, 1, C)
+    for a (B, 1, I) input), and (B, C) in the accumulation dtype (float32 for half inputs: a
+    state carried across steps is never rounded).
+    """
+    pre = proj(x_t)
+    timed = pre.dim() == 3
+    parts = [p[:, 0] if timed else p for p in pre.chunk(spec.n_pre, dim=-1)]
+    prev = None if h is None else h.to(accumulation_dtype(pre.dtype))
+    state = MF.cell_step(spec, parts, prev, mask=mask, **options)
+    y = state.to(pre.dtype)
+    return (y.unsqueeze(1) if timed else y), state
+
+
+def check_backend_name(backend) -> None:
+    """A one-line error unless ``backend`` is "auto" or a registered backend's name."""
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 class _MinRNN(nn.Module):
-    n_pre: int  # pre-activations per unit
+    """A stack of minRNN layers of one cell (``cell``, a name in minrnn.ops.cells.CELLS)."""
+
+    cell: str
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
-                 backend: str = "auto", device=None, dtype=None):
+                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, **options):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        for name, v in (("bias", bias), ("bidirectional", bidirectional), ("learn_init_state", learn_init_state),
+                        *options.items()):
+            _check_flag(name, v)
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
+            raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
+        check_backend_name(backend)
+        self.spec = get_cell(self.cell)
+        self.spec.options(**options)  # an unknown option is an error here
+        self.options = dict(options)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.dropout, self.bidirectional, self.backend = float(dropout), bool(bidirectional), backend
+        self.dropout, self.bidirectional, self.backend = float(dropout), bidirectional, backend
+        self.forget_bias = float(forget_bias)
         self.num_directions = 2 if bidirectional else 1
         kw = dict(device=device, dtype=dtype)
         self.proj = nn.ModuleList(
             nn.Linear(input_size if layer == 0 else hidden_size * self.num_directions,
-                      self.n_pre * hidden_size, bias=bias, **kw)
+                      self.spec.n_pre * hidden_size, bias=bias, **kw)
             for layer in range(num_layers) for _ in range(self.num_directions)
         )
         # a learned start state, a value of h (used when forward gets no h0)
@@ -59,18 +120,19 @@ class _MinRNN(nn.Module):
 
     def reset_parameters(self) -> None:
         """Weights and biases as nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-        which is what the paper's official code keeps; subclasses add their gate biases."""
+        which is what the paper's official code keeps; then ``forget_bias`` goes on the
+        bias of the pre-activation that sets the decay (with the sign that makes a positive
+        forget_bias remember more)."""
         for lin in self.proj:
             lin.reset_parameters()
         if self.init_state is not None:
             nn.init.zeros_(self.init_state)
-
-    # subclasses: the cell's name for minrnn.functional.projected_cell, and one step of it
-    cell: str
-    normalize: bool = True
-
-    def _cell_step(self, pre: Tensor, h: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        H, slot = self.hidden_size, self.spec.decay_slot
+        if self.forget_bias:
+            with torch.no_grad():
+                for lin in self.proj:
+                    if lin.bias is not None:
+                        lin.bias[slot * H:(slot + 1) * H] += self.spec.decay_bias_sign * self.forget_bias
 
     def _check_input(self, x: Tensor, time_axis: bool) -> None:
         want = "(batch, time, input_size)" if time_axis else "(batch, input_size)"
@@ -113,23 +175,14 @@ class _MinRNN(nn.Module):
             for d in range(self.num_directions):
                 k = layer * self.num_directions + d
                 seq = layer_in if d == 0 else layer_in.flip(1)
-                h, h_last = self._project_and_scan(self.proj[k], seq, None if h0 is None else h0[k])
+                h, h_last = projected_cell_sequence(self.spec, self.proj[k], seq, None if h0 is None else h0[k],
+                                                    self.options, self.backend)
                 outs.append(h if d == 0 else h.flip(1))
                 finals.append(h_last)
             layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
             if self.dropout and layer < self.num_layers - 1:
                 layer_in = F.dropout(layer_in, self.dropout, self.training)
         return layer_in, torch.stack(finals)
-
-    def _project_and_scan(self, lin: nn.Linear, x: Tensor, h0: Tensor | None) -> tuple[Tensor, Tensor]:
-        if is_plain_linear(lin, nn.Linear):
-            start = None if h0 is None else h0.to(accumulation_dtype(x.dtype))
-            return MF.projected_cell(self.cell, x, lin.weight, lin.bias, start, normalize=self.normalize,
-                                     backend=self.backend)
-        # a wrapped or hooked projection (an adapter, a quantised layer) must run as a module
-        pre = lin(x)
-        start = None if h0 is None else h0.to(accumulation_dtype(pre.dtype))
-        return MF.cell_on_pre_activations(self.cell, pre, start, normalize=self.normalize, backend=self.backend)
 
     def step(self, x_t: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One time step for decoding (unidirectional layers only).
@@ -144,11 +197,9 @@ class _MinRNN(nn.Module):
         new = []
         inp = x_t
         for layer in range(self.num_layers):
-            pre = self.proj[layer](inp)
-            prev = None if h is None else h[layer].to(accumulation_dtype(pre.dtype))
-            state = self._cell_step(pre, prev)
+            inp, state = projected_cell_step(self.spec, self.proj[layer], inp, None if h is None else h[layer],
+                                             self.options)
             new.append(state)
-            inp = state.to(pre.dtype)
             if self.dropout and layer < self.num_layers - 1:
                 inp = F.dropout(inp, self.dropout, self.training)
         return inp, torch.stack(new)
@@ -174,17 +225,20 @@ class MinGRU(_MinRNN):
         learn_init_state: learn a start state per layer and direction (zeros at init),
             used when forward() gets no h0.
         backend: the scan backend (see ``minrnn.scan``); "auto" picks the fastest.
+        forget_bias: subtracted from the gate's bias at init (default 0.0, the paper's init),
+            so that a positive value starts the layer remembering (a = 1 - z).
 
     Init: nn.Linear's default for weights and biases (as the official code).
     Parameters per layer: (input_size + bias) * 2 * hidden_size.
     """
 
-    n_pre = 2
     cell = "mingru"
 
-    def _cell_step(self, pre, h):
-        hidden, gate = pre.chunk(2, dim=-1)
-        return MF.mingru_step(hidden, gate, h)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
+                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None):
+        super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
+                         backend, forget_bias, device, dtype)
 
 
 class MinLSTM(_MinRNN):
@@ -200,30 +254,18 @@ class MinLSTM(_MinRNN):
     Parameters per layer: (input_size + bias) * 3 * hidden_size.
     """
 
-    n_pre = 3
     cell = "minlstm"
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
                  backend: str = "auto", normalize: bool = True, forget_bias: float = 3.0,
                  device=None, dtype=None):
-        if not math.isfinite(forget_bias):
-            raise ValueError(f"forget_bias must be finite, got {forget_bias!r}")
-        self.normalize, self.forget_bias = bool(normalize), float(forget_bias)
-        super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional,
-                         learn_init_state, backend, device, dtype)
+        super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
+                         backend, forget_bias, device, dtype, normalize=normalize)
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        H = self.hidden_size
-        with torch.no_grad():
-            for lin in self.proj:
-                if lin.bias is not None:
-                    lin.bias[H:2 * H] += self.forget_bias
-
-    def _cell_step(self, pre, h):
-        hidden, forget, input = pre.chunk(3, dim=-1)
-        return MF.minlstm_step(hidden, forget, input, h, normalize=self.normalize)
+    @property
+    def normalize(self) -> bool:
+        return self.options["normalize"]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", normalize={self.normalize}, forget_bias={self.forget_bias}"

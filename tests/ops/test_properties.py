@@ -13,12 +13,12 @@ ALL = ["sequential"] + FAST_BACKENDS
 
 
 @st.composite
-def scan_case(draw):
+def scan_case(draw, backends=ALL):
     B = draw(st.integers(1, 3))
     T = draw(st.integers(1, 150))
     C = draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31 - 1))
-    backend = draw(st.sampled_from(ALL))
+    backend = draw(st.sampled_from(backends))
     gen = torch.Generator().manual_seed(seed)
     a = torch.rand(B, T, C, generator=gen, dtype=torch.float64) * draw(st.floats(0.1, 1.2))
     signed = BACKENDS[backend].signed
@@ -54,7 +54,8 @@ def test_chunking_is_associative(case):
 
 
 @settings(max_examples=40, deadline=None)
-@given(scan_case())
+@given(scan_case(backends=FAST_BACKENDS))
 def test_every_backend_agrees_with_the_loop(case):
+    """Every backend but the loop itself (which it would trivially agree with) against the loop."""
     backend, a, b, _, h0, _, _ = case
     assert_close_scaled(minrnn.scan(a, b, h0, backend=backend), minrnn.scan(a, b, h0, backend="sequential"), 1e-11)

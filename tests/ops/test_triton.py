@@ -22,6 +22,7 @@ import torch
 import minrnn
 import minrnn.functional as MF
 from minrnn.ops import BACKENDS
+from minrnn.ops.cells import get_cell
 
 from ..conftest import TOL, assert_close_scaled, make_scan_inputs, run_with_grads
 
@@ -195,7 +196,8 @@ def test_auto_picks_triton_on_cuda():
 def test_registered_for_cuda_with_native_half_and_first_in_auto():
     be = BACKENDS["triton"]
     assert be.devices == frozenset({"cuda"}) and be.native_half and be.signed
-    assert be.mingru is not None and be.minlstm is not None  # the fused cells
+    assert be.cell is not None and be.cell_names == {"mingru", "minlstm"}  # the fused cells
+    assert be.runs_cell(get_cell("minlstm")) and not be.runs_cell(get_cell("mingru"), masked=True)
     assert be.auto_rank < min(b.auto_rank for b in BACKENDS.values() if b.auto_rank is not None and b is not be)
 
 

@@ -37,9 +37,8 @@ from transformers.modeling_outputs import (
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .. import functional as MF
-from ..layers import is_plain_linear
-from ..ops import accumulation_dtype, scan
+from ..layers import projected_cell_sequence, projected_cell_step
+from ..ops.cells import get_cell
 from ..ops.conv import causal_conv
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
@@ -77,15 +76,16 @@ class MinRNNGateProj(nn.Linear):
     """The mixer's input projection D -> n E; its bias holds the decay gate's offset at init.
 
     A class of its own so that ``_init_weights``, which transformers calls on the modules that
-    hold parameters, can tell it apart. ``gate_bias`` goes on the second E-wide slice, the one
-    that sets the decay: minLSTM's forget gate (+forget_bias) or minGRU's gate z
-    (-mingru_forget_bias, since a = 1 - z).
+    hold parameters, can tell it apart. ``gate_bias`` goes on the E-wide slice ``gate_slot``,
+    the one that sets the decay (the cell's ``decay_slot``: minLSTM's forget gate,
+    +forget_bias; minGRU's gate z, -mingru_forget_bias, since a = 1 - z).
     """
 
-    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, gate_bias: float):
+    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, gate_bias: float, gate_slot: int = 1):
         super().__init__(in_features, n_pre * rnn_hidden_size, bias=True)
         self.rnn_hidden_size = rnn_hidden_size
         self.gate_bias = gate_bias
+        self.gate_slot = gate_slot
 
 
 class MinRNNResidualOut(nn.Linear):
@@ -93,67 +93,44 @@ class MinRNNResidualOut(nn.Linear):
     initialised with std / sqrt(2 * num_hidden_layers)."""
 
 
+# The config field holding each cell's "remember more" bias at init.
+_FORGET_BIAS_FIELD = {"mingru": "mingru_forget_bias", "minlstm": "forget_bias"}
+
+
 class MinRNNMixer(nn.Module):
     """In (D -> n E) -> minGRU / minLSTM -> Out (E -> D).
 
-    The input projection's pre-activations are ``[hidden | gate]`` (minGRU) or
-    ``[hidden | forget | input]`` (minLSTM), E wide each, as in ``minrnn.MinGRU``/``MinLSTM``.
+    The input projection's pre-activations are the cell's (``[hidden | gate]`` for minGRU,
+    ``[hidden | forget | input]`` for minLSTM), E wide each, as in ``minrnn.MinGRU``/``MinLSTM``;
+    projection, cell, step and padding run through the same functions as those layers
+    (``minrnn.layers.projected_cell_sequence`` / ``projected_cell_step``).
     """
 
     def __init__(self, config: MinRNNConfig):
         super().__init__()
-        self.cell = config.cell
-        self.normalize = config.minlstm_normalize
+        self.spec = get_cell(config.cell)
+        self.cell = self.spec.name
+        self.options = {"normalize": config.minlstm_normalize} if "normalize" in self.spec.option_names else {}
         self.backend = config.scan_backend
         self.rnn_hidden_size = config.rnn_hidden_size
-        self.n_pre = 2 if config.cell == "mingru" else 3
-        gate_bias = config.forget_bias if config.cell == "minlstm" else -config.mingru_forget_bias
-        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre, float(gate_bias))
+        self.n_pre = self.spec.n_pre
+        gate_bias = self.spec.decay_bias_sign * float(getattr(config, _FORGET_BIAS_FIELD.get(self.cell, ""), 0.0))
+        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre, gate_bias,
+                                      self.spec.decay_slot)
         self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
-
-    def _gates(self, pre):
-        if self.cell == "mingru":
-            return MF.mingru_gates(*pre)
-        return MF.minlstm_gates(*pre, normalize=self.normalize)
-
-    def _step(self, pre, h):
-        if self.cell == "mingru":
-            return MF.mingru_step(*pre, h)
-        return MF.minlstm_step(*pre, h, normalize=self.normalize)
 
     def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real).
 
         Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
         """
-        T = x.shape[1]
-        if T > 1 and mask is None and is_plain_linear(self.in_proj, MinRNNGateProj):
-            # training and prefill: projection and scan fused where the backend can
-            y, h_last = MF.projected_cell(self.cell, x, self.in_proj.weight, self.in_proj.bias, h0,
-                                          normalize=self.normalize, backend=self.backend)
-            return self.out_proj(y), h_last
-        pre = self.in_proj(x).chunk(self.n_pre, dim=-1)
-        if T == 1:
+        if x.shape[1] == 1:
             # decoding: one step, O(1) work whatever the context length
-            h = self._step(tuple(p[:, 0] for p in pre), h0)
-            if mask is not None:
-                prev = torch.zeros_like(h) if h0 is None else h0.to(h.dtype)
-                h = torch.where(mask[:, :1], h, prev)
-            h_last, y = h, h.unsqueeze(1).to(pre[0].dtype)
-        elif mask is None:
-            if self.cell == "mingru":
-                y, h_last = MF.mingru(*pre, h0, backend=self.backend)
-            else:
-                y, h_last = MF.minlstm(*pre, h0, normalize=self.normalize, backend=self.backend)
-        else:
-            # padded positions become the identity of the recurrence: a = 1, b = 0
-            cdt = accumulation_dtype(pre[0].dtype)
-            a, b = self._gates(tuple(p.to(cdt) for p in pre))
-            m = mask.unsqueeze(-1)
-            a = torch.where(m, a, torch.ones((), dtype=cdt, device=a.device))
-            b = torch.where(m, b, torch.zeros((), dtype=cdt, device=b.device))
-            h = scan(a, b, None if h0 is None else h0.to(cdt), backend=self.backend)
-            h_last, y = h[:, -1], h.to(pre[0].dtype)
+            y, h_last = projected_cell_step(self.spec, self.in_proj, x, h0, self.options,
+                                            None if mask is None else mask[:, 0])
+            return self.out_proj(y), h_last
+        y, h_last = projected_cell_sequence(self.spec, self.in_proj, x, h0, self.options, self.backend, mask,
+                                            plain=MinRNNGateProj)
         return self.out_proj(y), h_last
 
 
@@ -244,7 +221,7 @@ class MinRNNPreTrainedModel(PreTrainedModel):
             # one copy of the whole bias: a slice would lose the "already loaded" flag
             E = module.rnn_hidden_size
             bias = torch.zeros_like(module.bias)
-            bias[E:2 * E] = module.gate_bias
+            bias[module.gate_slot * E:(module.gate_slot + 1) * E] = module.gate_bias
             init.copy_(module.bias, bias)
 
 

@@ -6,9 +6,10 @@ Tensor layout: a, b and h are (batch, time, channels); h0 is (batch, channels).
 Channels are the contiguous axis: every backend runs time sequentially (or in chunks)
 and batch x channels in parallel.
 
-A backend is a function ``fn(a, b, h0) -> h`` on validated tensors of one floating
-dtype (h0 may be None). Adding one means a new file in this folder and one
-``register(...)`` line at the bottom of this file.
+A backend is a scan ``fn(a, b, h0) -> h`` on validated tensors of one floating dtype
+(h0 may be None), optionally with its own cell functions (see ``Backend``); the cells
+themselves are described in ``cells.py``. Adding a backend means a new file in this folder
+and one ``register(...)`` line at the bottom of this file (docs/design.md).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ScanFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 @dataclass(frozen=True)
 class Backend:
+    """A registered backend: its scan, where it runs, and what it computes itself."""
+
     name: str
     fn: ScanFn
     #: device types it runs on ("cpu", "cuda", ...); None means any
@@ -37,13 +40,21 @@ class Backend:
     #: whether its dependencies are importable here
     available: Callable[[], bool] = lambda: True
     doc: str = ""
-    #: fused cells (gates computed inside the kernel), used by minrnn.functional when present:
-    #: mingru(hidden, gate, h0) -> h and minlstm(hidden, forget, input, h0, normalize) -> h
-    mingru: Optional[Callable] = None
-    minlstm: Optional[Callable] = None
-    #: a layer's projection and cell as one Function, used by minrnn.functional.projected_cell:
-    #: projected_cell(cell, x, weight, bias, h0, normalize) -> h
+    #: a cell over a whole sequence, for the cells named in ``cell_names`` (None: every cell):
+    #: cell(spec, pre, h0, options, mask) -> h, pre the cell's (B, T, C) pre-activations in the
+    #: accumulation dtype; minrnn.functional runs every other cell through ``fn``
+    cell: Optional[Callable] = None
+    cell_names: Optional[frozenset] = None
+    #: whether ``cell`` takes a padding mask (B, T); else a masked call goes through ``fn``
+    cell_masks: bool = False
+    #: a layer's projection and cell as one Function, for the cells in ``cell_names``, used by
+    #: minrnn.functional.projected_cell: projected_cell(spec, x, weight, bias, h0, options) -> h
     projected_cell: Optional[Callable] = None
+
+    def runs_cell(self, spec, masked: bool = False) -> bool:
+        """Whether ``cell`` computes this cell itself (with a mask when ``masked``)."""
+        return (self.cell is not None and (self.cell_names is None or spec.name in self.cell_names)
+                and (self.cell_masks or not masked))
 
     def supports(self, device: torch.device) -> bool:
         return (self.devices is None or device.type in self.devices) and self.available()
@@ -124,8 +135,6 @@ def check_sequences(names: tuple[str, ...], tensors: tuple[Tensor, ...], h0: Ten
         if x.device != first.device:
             raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
     B, T, C = first.shape
-    if T == 0:
-        raise ValueError(f"{first_name} has zero time steps; the scan needs T >= 1")
     if h0 is not None:
         _check_float_tensor(h0_name, h0)
         if h0.shape != (B, C):
@@ -146,19 +155,26 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
     Args:
         a: (B, T, C) decays.
         b: (B, T, C) inputs.
-        h0: (B, C) start state; zeros when None. Differentiable like a and b.
+        h0: (B, C) start state; zeros when None. Differentiable like a and b; must be
+            finite (a ValueError otherwise).
         backend: "auto" (the fastest available for the device), or a name from
             ``available_backends()``: "sequential" (the reference loop), "chunked"
             (pure-torch parallel, any sign), "log" (the paper's log-space scan;
             a > 0, b > 0, h0 >= 0), "cpu" (compiled CPU kernels, needs numba),
             "triton" (GPU kernels, needs triton and CUDA).
     Returns:
-        h: (B, T, C), h[:, t] the state after step t; h[:, -1] is the final state.
+        h: (B, T, C), h[:, t] the state after step t; h[:, -1] is the final state. An empty
+        batch or sequence (B = 0 or T = 0) gives an empty h.
 
     float16/bfloat16 inputs are computed in float32 and returned in their own dtype.
     """
     check_scan_inputs(a, b, h0)
     be = resolve_backend(backend, a.device)
+    if h0 is not None and h0.numel() and not bool(torch.isfinite(h0).all()):
+        # backends reach inf/NaN by different roads (0 * inf, inf - inf): refused, not guessed
+        raise ValueError("h0 must be finite (it holds inf or NaN)")
+    if a.numel() == 0:  # an empty batch or sequence: nothing to run (but a graph to backward through)
+        return a * 0 + b * 0
     acc = accumulation_dtype(a.dtype)
     if acc != a.dtype and not be.native_half:
         h = be.fn(a.to(acc), b.to(acc), None if h0 is None else h0.to(acc))
@@ -167,20 +183,22 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
 
 
 # --- registration: one line per backend -------------------------------------------
-from .reference import sequential_scan  # noqa: E402
+from .reference import reference_cell, sequential_scan  # noqa: E402
 from .chunked import chunked_scan  # noqa: E402
-from .log import log_scan, log_space_scan  # noqa: E402
+from .log import log_cell, log_scan, log_space_scan  # noqa: E402
 from . import cpu  # noqa: E402
-from .triton import available as triton_available, triton_minlstm, triton_mingru, triton_scan  # noqa: E402  (imports no triton)
+from . import triton as _triton  # noqa: E402  (imports no triton)
 
-register(Backend("sequential", sequential_scan, doc="the plain loop; the reference"))
+register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True,
+                 doc="the plain loop; the reference"))
 register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
-register(Backend("log", log_space_scan, signed=False, doc="the paper's log-space scan, stabilised"))
+register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=True,
+                 doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
-                 mingru=cpu.cpu_mingru, minlstm=cpu.cpu_minlstm, projected_cell=cpu.cpu_projected_cell,
+                 cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, projected_cell=cpu.cpu_projected_cell,
                  doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
-register(Backend("triton", triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
-                 available=triton_available, mingru=triton_mingru, minlstm=triton_minlstm,
+register(Backend("triton", _triton.triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
+                 available=_triton.available, cell=_triton.triton_cell, cell_names=_triton.FUSED_CELLS,
                  doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
 __all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend", "BACKENDS"]

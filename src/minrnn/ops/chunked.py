@@ -33,7 +33,18 @@ def _local_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
 
 
 def chunked_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, chunk: int = CHUNK) -> Tensor:
-    """a, b: (B, T, C); h0: (B, C) or None. Returns h: (B, T, C)."""
+    """The registered "chunked" backend: h_t = a_t h_{t-1} + b_t in plain space.
+
+    Args:
+        a, b: (B, T, C), any floating dtype (minrnn.scan upcasts half to float32), any device.
+        h0: (B, C) or None (zeros).
+        chunk: steps per chunk (the Python loop runs chunk + T / chunk + ... iterations).
+    Returns:
+        h: (B, T, C).
+
+    Plain torch ops: autograd saves what they save (each chunk's local states and decay
+    products, O(B T C) values).
+    """
     B, T, C = a.shape
     if T <= chunk:
         return _local_scan(a, b, h0)

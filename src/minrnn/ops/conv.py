@@ -7,9 +7,9 @@ needed around it; weight is nn.Conv1d's (C, 1, K) (or (C, K)), bias (C,) or None
 ``nn.Conv1d(C, C, K, groups=C)`` computes on x left-padded with K - 1 zeros.
 
 Backends: "torch" is that nn.Conv1d call (the reference, any device and dtype); "cpu" the
-numba kernels of ``ops/cpu.py`` (float32/float64 CPU tensors). Why a kernel of its own: on a
-CPU, oneDNN's depthwise conv over (B, C, T) plus the two transposes around it took ~10% of a
-small minGRU LM's training step (the Shakespeare cpu preset), several times the arithmetic.
+numba kernels of ``ops/cpu/conv.py`` (float32/float64 CPU tensors). Why a kernel of its own: on a
+CPU, oneDNN's depthwise conv over (B, C, T) plus the two transposes around it cost several
+times the arithmetic (docs/design.md has the measurement).
 "auto" takes "cpu" where it applies, else "torch".
 """
 
@@ -46,8 +46,6 @@ def _check(x, weight, bias) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, time, channels), got shape {tuple(x.shape)}")
     B, T, C = x.shape
-    if T == 0:
-        raise ValueError("x has zero time steps; the conv needs T >= 1")
     if not (weight.dim() in (2, 3) and weight.shape[0] == C and weight.numel() == C * weight.shape[-1]
             and weight.shape[-1] >= 1):
         raise ValueError(f"weight must be (channels, 1, K) or (channels, K) with channels = {C}, "
@@ -76,6 +74,9 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backen
             raise RuntimeError("conv backend 'cpu' is not available here: it needs numba (pip install minrnn[fast])")
         if not fits_cpu:
             raise ValueError(f"conv backend 'cpu' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
+    if x.numel() == 0:  # an empty batch or sequence: an empty y, still in the inputs' graph
+        y = x * weight.reshape(x.shape[-1], -1)[:, -1]
+        return y if bias is None else y + bias
     if backend == "cpu" or (backend == "auto" and fits_cpu and cpu.available()):
         return cpu.cpu_causal_conv(x, weight, bias)
     return causal_conv_reference(x, weight, bias)

@@ -6,9 +6,8 @@ For positive values the recurrence h_t = a_t h_{t-1} + b_t has the closed form
 
 The paper evaluates it as ``a* = cumsum(log a); log h = a* + logcumsumexp(log b - a*)``.
 That subtracts two cumulative sums which grow like T * |log a|: in float32 their
-difference loses ~|a*| * 6e-8 in the log, i.e. that much relative error in h
-(5.7e-4 at T = 4096 in our measurements, and nonsense once a gate saturates over a
-long sequence).
+difference loses ~|a*| * 6e-8 in the log, i.e. that much relative error in h (and
+nonsense once a gate saturates over a long sequence; docs/design.md has a figure).
 
 Here every segment sum ``sum_{k=s+1}^{t} log a_k`` is accumulated directly (a masked
 cumsum over an L x L block inside each chunk of L steps), never formed as a
@@ -89,7 +88,17 @@ def log_scan(log_a: Tensor, log_b: Tensor, log_h0: Tensor | None = None) -> Tens
 
 
 def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
-    """The registered "log" backend: plain inputs with a > 0, b > 0, h0 >= 0."""
+    """The registered "log" backend: the scan of plain inputs with a > 0, b > 0, h0 >= 0
+    (a ValueError otherwise), computed in log space.
+
+    Args:
+        a, b: (B, T, C) floating; h0: (B, C) or None (zeros).
+    Returns:
+        h: (B, T, C).
+
+    Plain torch ops: autograd saves their intermediates, including the (L x L) segment sums
+    of each chunk of L = CHUNK steps.
+    """
     if not bool((a > 0).all()) or not bool((b > 0).all()):
         raise ValueError(
             "backend='log' works in log space and needs a > 0 and b > 0 everywhere; "
@@ -102,3 +111,17 @@ def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
         )
     return scan_from_logs(torch.log(a), torch.log(b), h0)
 
+
+
+def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
+    """The registered "log" backend's cells: the cell's log-gates (never a log of a sigmoid)
+    into the log-space scan; a padded position is log a = 0, log b = -inf."""
+    if h0 is not None and not bool((h0 >= 0).all()):
+        raise ValueError("h0 has negative entries, which backend='log' cannot represent; "
+                         "use backend='chunked' (or 'auto')")
+    log_a, log_b = spec.log_gates(*pre, *options)
+    if mask is not None:
+        m = mask.unsqueeze(-1)
+        log_a = torch.where(m, log_a, log_a.new_zeros(()))
+        log_b = torch.where(m, log_b, log_b.new_full((), float("-inf")))
+    return scan_from_logs(log_a, log_b, h0)

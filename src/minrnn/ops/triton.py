@@ -28,6 +28,7 @@ import importlib
 import torch
 from torch import Tensor
 
+from .cells import get_cell
 from .packing import pack_chunks
 
 DEFAULT_BLOCK_T = 32
@@ -157,21 +158,26 @@ def triton_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, block_t: int 
     return _TritonScan.apply(a, b, h0, block_t, block_c, num_warps)
 
 
+#: The cells the kernels compute, and the CELL_LSTM flag that selects each one's gates.
+_CELL_IS_LSTM = {"mingru": False, "minlstm": True}
+FUSED_CELLS = frozenset(_CELL_IS_LSTM)
+
+
 class _TritonCell(torch.autograd.Function):
-    """A fused cell over packed pre-activations (B, T, n*C): ``kind`` "mingru" (n = 2: hidden,
-    gate) or "minlstm" (n = 3: hidden, forget, input). Two kernels in all, one forward and one
-    backward, each reading the pre-activations and computing the gates itself; saved for
-    backward: the pre-activations, h and h0."""
+    """A fused cell over packed pre-activations (B, T, n*C) (``spec`` one of FUSED_CELLS:
+    minGRU's hidden, gate or minLSTM's hidden, forget, input). Two kernels in all, one forward
+    and one backward, each reading the pre-activations and computing the gates itself; saved
+    for backward: the pre-activations, h and h0."""
 
     @staticmethod
-    def forward(ctx, pre, h0, kind, normalize, block_t, block_c, num_warps):
-        n = 2 if kind == "mingru" else 3
+    def forward(ctx, pre, h0, spec, normalize, block_t, block_c, num_warps):
+        n = spec.n_pre
         pre = pre.contiguous()
         h0 = None if h0 is None else h0.contiguous()
         B, T, nC = pre.shape
         C = nC // n
         h = pre.new_empty(B, T, C)
-        meta = dict(N_PRE=n, CELL_LSTM=kind == "minlstm", NORMALIZE=bool(normalize), HAS_H0=h0 is not None,
+        meta = dict(N_PRE=n, CELL_LSTM=_CELL_IS_LSTM[spec.name], NORMALIZE=bool(normalize), HAS_H0=h0 is not None,
                     ACC=_acc(pre.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
         if h.numel():
             _launch("cell_fwd", pre.device, B, C, block_c, num_warps, pre, pre if h0 is None else h0, h, T, C, **meta)
@@ -197,19 +203,26 @@ class _TritonCell(torch.autograd.Function):
         return dpre, dh0, None, None, None, None, None
 
 
-def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, kind: str, normalize: bool, block_t, block_c, num_warps):
+def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, spec, normalize: bool, block_t, block_c, num_warps):
     block_t, block_c, num_warps = _config(parts[0], block_t, block_c, num_warps)
-    return _TritonCell.apply(pack_chunks(parts), h0, kind, normalize, block_t, block_c, num_warps)
+    return _TritonCell.apply(pack_chunks(parts), h0, spec, normalize, block_t, block_c, num_warps)
+
+
+def triton_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None) -> Tensor:
+    """The registered backend's fused cells: ``spec`` one of FUSED_CELLS, ``pre`` its (B, T, C)
+    pre-activations, ``options`` its option values (minLSTM: (normalize,)) -> h (B, T, C)."""
+    normalize = dict(zip(spec.option_names, options)).get("normalize", False)
+    return _cell(pre, h0, spec, bool(normalize), None, None, None)
 
 
 def triton_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, block_t: int | None = None,
                   block_c: int | None = None, num_warps: int | None = None) -> Tensor:
     """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C); see ``triton_scan``
     for the devices and the tile arguments."""
-    return _cell((hidden, gate), h0, "mingru", False, block_t, block_c, num_warps)
+    return _cell((hidden, gate), h0, get_cell("mingru"), False, block_t, block_c, num_warps)
 
 
 def triton_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, normalize: bool = True,
                    *, block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None) -> Tensor:
     """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
-    return _cell((hidden, forget, input), h0, "minlstm", bool(normalize), block_t, block_c, num_warps)
+    return _cell((hidden, forget, input), h0, get_cell("minlstm"), bool(normalize), block_t, block_c, num_warps)

@@ -1,0 +1,156 @@
+"""The cells, each described once: what every backend, ``minrnn.functional``, the layers and
+the model read instead of testing a cell's name.
+
+A cell turns n pre-activations per channel into the decay a and input b of the scan
+h_t = a_t h_{t-1} + b_t (Feng et al. 2024, gates depending on x_t only):
+
+    minGRU:   [hidden | gate]            z = sigmoid(gate);  a = 1 - z,  b = z g(hidden)
+    minLSTM:  [hidden | forget | input]  f = sigmoid(forget), i = sigmoid(input)
+              normalize: a = f / (f + i), i' = i / (f + i)     else a = f, i' = i
+              b = i' g(hidden)
+
+    g(x) = x + 0.5 (x >= 0),  sigmoid(x) (x < 0)       -- continuous, positive
+
+Adding a cell: write its gates in log form below and add one ``CellSpec`` to ``CELLS``;
+every backend then runs it (the fused kernels only know the cells they were written for,
+and the others go through the backend's scan).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def g(x: Tensor) -> Tensor:
+    """g(x) = x + 0.5 for x >= 0, sigmoid(x) for x < 0 (the paper's positive candidate map)."""
+    return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
+
+
+def log_g(x: Tensor) -> Tensor:
+    """log g(x), computed without a log of a sigmoid (relu keeps the unused branch finite)."""
+    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+
+
+# Each cell defines its two gates in log form, (log a, log i), from logsigmoid/softplus.
+# The plain gates are exp() of those, not sigmoid(): autograd's sigmoid backward is
+# y (1 - y), which rounds to 0 once y rounds to 1 (|x| > ~17 in float32), while
+# exp(logsigmoid(x)) differentiates to sigmoid(x) sigmoid(-x) computed from two accurate
+# factors. Saturated gates thus keep exact tiny gradients, not zeros.
+
+
+def _mingru_log_az(gate: Tensor) -> tuple[Tensor, Tensor]:
+    # log(1 - z) = logsigmoid(-gate) = -softplus(gate);  log z = logsigmoid(gate)
+    return -F.softplus(gate), F.logsigmoid(gate)
+
+
+def _minlstm_log_fi(forget: Tensor, input: Tensor, normalize: bool) -> tuple[Tensor, Tensor]:
+    if normalize:
+        # f / (f + i) = sigmoid(log f - log i), without forming f + i
+        d = F.logsigmoid(forget) - F.logsigmoid(input)
+        return F.logsigmoid(d), F.logsigmoid(-d)
+    return F.logsigmoid(forget), F.logsigmoid(input)
+
+
+def mingru_gates(hidden: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) = (1 - z, z g(hidden)), z = sigmoid(gate)."""
+    log_a, log_z = _mingru_log_az(gate)
+    return torch.exp(log_a), torch.exp(log_z) * g(hidden)
+
+
+def mingru_log_gates(hidden: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(log a, log b) of ``mingru_gates``."""
+    log_a, log_z = _mingru_log_az(gate)
+    return log_a, log_z + log_g(hidden)
+
+
+def minlstm_gates(hidden: Tensor, forget: Tensor, input: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """(a, b) = (f', i' g(hidden)) with f', i' normalised or not."""
+    log_f, log_i = _minlstm_log_fi(forget, input, normalize)
+    return torch.exp(log_f), torch.exp(log_i) * g(hidden)
+
+
+def minlstm_log_gates(hidden: Tensor, forget: Tensor, input: Tensor, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """(log a, log b) of ``minlstm_gates``."""
+    log_f, log_i = _minlstm_log_fi(forget, input, normalize)
+    return log_f, log_i + log_g(hidden)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One cell: its pre-activations, its gates and its options.
+
+    ``gates(*pre, *options) -> (a, b)`` and ``log_gates(*pre, *options) -> (log a, log b)``
+    take the pre-activations (any shape, one per name in ``pre_names``) followed by the
+    option values in the order of ``option_names``. ``decay_slot`` is the pre-activation
+    whose bias sets how much the cell remembers, and ``decay_bias_sign`` the sign with which
+    a "remember more" bias goes on it (minGRU: a = 1 - sigmoid(gate), so -1).
+    """
+
+    name: str
+    pre_names: tuple[str, ...]
+    gates: Callable[..., tuple[Tensor, Tensor]]
+    log_gates: Callable[..., tuple[Tensor, Tensor]]
+    decay_slot: int
+    decay_bias_sign: float
+    option_names: tuple[str, ...] = ()
+    option_defaults: tuple = ()
+    doc: str = ""
+
+    @property
+    def n_pre(self) -> int:
+        """Pre-activations per channel (the input projection is n_pre * hidden_size wide)."""
+        return len(self.pre_names)
+
+    def options(self, **given) -> tuple:
+        """The option values in ``option_names`` order, defaults filled in; an unknown name
+        is a one-line error."""
+        for key in given:
+            if key not in self.option_names:
+                expected = ", ".join(self.option_names) or "none"
+                raise TypeError(f"cell {self.name!r} has no option {key!r} (its options: {expected})")
+        return tuple(bool(given.get(k, d)) if isinstance(d, bool) else given.get(k, d)
+                     for k, d in zip(self.option_names, self.option_defaults))
+
+    def step(self, pre: tuple[Tensor, ...], h: Tensor | None, options: tuple = (),
+             mask: Tensor | None = None) -> Tensor:
+        """One step h = a h + b on (B, C) pre-activations (h None: zeros); where ``mask``
+        (B,) is False the step is the identity (a = 1, b = 0) and h passes unchanged."""
+        a, b = self.gates(*pre, *options)
+        if mask is not None:
+            a, b = identity_where_masked(a, b, mask)
+        return b if h is None else a * h + b
+
+
+def identity_where_masked(a: Tensor, b: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) with a = 1 and b = 0 where ``mask`` (a's shape without the channels) is False."""
+    m = mask.unsqueeze(-1)
+    return (torch.where(m, a, torch.ones((), dtype=a.dtype, device=a.device)),
+            torch.where(m, b, torch.zeros((), dtype=b.dtype, device=b.device)))
+
+
+CELLS: dict[str, CellSpec] = {}
+
+
+def register_cell(spec: CellSpec) -> None:
+    CELLS[spec.name] = spec
+
+
+def get_cell(cell: str | CellSpec) -> CellSpec:
+    """The CellSpec named ``cell`` (a CellSpec passes through)."""
+    if isinstance(cell, CellSpec):
+        return cell
+    if not isinstance(cell, str) or cell not in CELLS:
+        raise ValueError(f"cell must be one of {sorted(CELLS)}, got {cell!r}")
+    return CELLS[cell]
+
+
+register_cell(CellSpec("mingru", ("hidden", "gate"), mingru_gates, mingru_log_gates,
+                       decay_slot=1, decay_bias_sign=-1.0, doc="a = 1 - sigmoid(gate), b = sigmoid(gate) g(hidden)"))
+register_cell(CellSpec("minlstm", ("hidden", "forget", "input"), minlstm_gates, minlstm_log_gates,
+                       decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,),
+                       doc="a = f', b = i' g(hidden), f' and i' normalised to sum 1 when normalize"))

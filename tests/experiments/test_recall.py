@@ -6,8 +6,14 @@ import json
 import pytest
 import torch
 
-import minrnn.experiments.compare as C
-from minrnn.experiments.compare import CompareError, compare
+import minrnn.experiments.runner as C
+from minrnn.experiments.compare import CompareError
+from minrnn.experiments.compare import CompareConfig
+from minrnn.experiments.compare import compare as _compare
+
+
+def compare(experiment, preset, models, out, log=print, **kwargs):
+    return _compare(CompareConfig(experiment, preset, models=models, out=str(out), **kwargs), log=log)
 from minrnn.experiments.recall import (CLASSES, copy_classes, copy_classes_reference, copying_answers,
                                       copying_to_markdown, main, recall_breakdown, to_markdown)
 

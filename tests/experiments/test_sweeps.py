@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from minrnn.experiments.compare import compare
+from minrnn.experiments.compare import CompareConfig
+from minrnn.experiments.compare import compare as _compare
+
+
+def compare(experiment, preset, models, out, log=print, **kwargs):
+    return _compare(CompareConfig(experiment, preset, models=models, out=str(out), **kwargs), log=log)
 from minrnn.experiments.sweeps import SweepError, group_by_seed, load_results, main, to_markdown
 
 

@@ -2,6 +2,7 @@
 are kept, an interrupted run resumes to the same numbers, and bad requests are refused."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -279,3 +280,55 @@ def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_pa
     want = [f"{r['final_split']['accuracy']:.3f}" for r in sorted(
         (r for r in results if r["model"] == "mingru"), key=lambda r: r["sweep"]["num_layers"])]
     assert matrix == ["| mingru | " + " | ".join(want) + " |"]
+
+
+def test_compare_text_on_a_users_file_end_to_end(tmp_path, capsys):
+    """`minrnn compare text --data FILE`: the file split 90/10, every model on the same tokens."""
+    from minrnn.data import locate_corpus
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(locate_corpus("tinyshakespeare", "input").read_text()[:30_000])
+    out = tmp_path / "out"
+    assert main(["compare", "text", "--data", str(data), "--tokenizer", "byte", "--models", "mingru,llama",
+                 "--steps", "2", "--eval-every", "1", "--out", str(out), "--no-progress"]) == 0
+    md = out / "text-cpu" / "results.md"
+    assert "written: " + str(md) in capsys.readouterr().out
+    results = _results(md)
+    assert [r["model"] for r in results] == ["mingru", "llama"]
+    for r in results:
+        assert r["data"].startswith("corpus.txt (byte tokens)") and r["steps"] == 2
+        assert [h["step"] for h in r["history"]] == [1, 2] and r["final_split"]["loss"] < math.log(256)
+        run = out / "text-cpu" / "runs" / r["model"]
+        assert json.loads((run / "spec.json").read_text())["data"] == str(data)
+        assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert not (run / "checkpoints").exists()
+    # both models were built to the same budget at the byte vocabulary
+    assert abs(results[0]["params"] / results[1]["params"] - 1) < 0.1
+    # BPE, in this process
+    md = compare("text", "cpu", ["mingru"], tmp_path / "bpe", data=str(data), tokenizer="bpe", steps=1,
+                 eval_every=1, isolate=False, log=lambda s: None, progress=False)
+    assert "bpe tokens" in _results(md)[0]["data"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experiment="text"), "--data: `compare text` needs"),
+    (dict(experiment="shakespeare_char", data="x.txt"), "--data and --tokenizer are for `compare text`"),
+    (dict(experiment="text", data="x.txt", tokenizer="words"), "--tokenizer must be one of"),
+])
+def test_text_requests_are_checked(kwargs, message):
+    with pytest.raises(CompareError, match=message):
+        plan(CompareConfig(**kwargs))
+
+
+def test_one_place_steps_an_optimiser():
+    """The package has one training loop: exactly one optimiser step, in the engine."""
+    import re
+    from pathlib import Path
+
+    import minrnn
+
+    root = Path(minrnn.__file__).parent
+    hits = [(p.relative_to(root).as_posix(), line.strip()) for p in root.rglob("*.py")
+            for line in p.read_text().splitlines()
+            if re.search(r"\b(opt|optim|optimizer|optimiser)\.step\(", line)]
+    assert hits == [("training/loop.py", "self.optimizer.step()  # the package's one optimiser step")]

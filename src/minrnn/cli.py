@@ -146,7 +146,8 @@ def train(p: argparse.ArgumentParser) -> Runner:
     p.epilog = ("presets: " + ", ".join(list_presets()) + "\nconfig keys (default):\n" + "\n".join(f"  {k}" for k in keys)
                 + "\nmodel keys ([model] table, --model.KEY): the fields of minrnn.MinRNNConfig "
                   "(hidden_size, num_hidden_layers, cell, expansion_factor, use_conv, dropout, ...)")
-    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, or the name of a shipped preset")
+    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, the name of a shipped preset, or a "
+                                                  "run folder (its config.toml: RUN --resume continues it)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
                    help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
                         "--resume continues the run in out_dir from its newest good checkpoint; "

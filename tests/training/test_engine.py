@@ -74,6 +74,10 @@ def test_a_resume_keeps_the_runs_settings(small_text, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
     assert TrainConfig.from_file(out / "config.toml").steps == 6
+    # the run folder itself stands for its config
+    r = minrnn("train", out, "--resume", "--steps", 8)
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, 9))
 
 
 def test_any_workload_and_model_train_in_the_same_loop(tmp_path):

@@ -209,11 +209,13 @@ def list_presets() -> list[str]:
 
 
 def find_config(text: str | Path) -> Path:
-    """A config file as given, else a shipped preset of that name; a ConfigError naming the
-    presets when neither exists."""
+    """A config file as given, a run folder's config.toml (``minrnn train RUN --resume``), else a
+    shipped preset of that name; a ConfigError naming the presets when none exists."""
     path = Path(text)
     if path.is_file():
         return path
+    if path.is_dir() and (path / "config.toml").is_file():
+        return path / "config.toml"
     if path.suffix or len(path.parts) > 1:
         raise ConfigError(f"config file {path} not found")
     preset = PRESET_DIR / f"{text}.toml"

@@ -102,3 +102,29 @@ def test_any_workload_and_model_train_in_the_same_loop(tmp_path):
     assert again.step == 3 and again.train()["step"] == 4
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
     assert torch.isfinite(torch.tensor(end["train_loss"]))
+
+
+def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
+    from minrnn.training.loop import check_same_config
+
+    class TwoRanks:  # what all_gather_object returns on every rank of a 2-process job
+        enabled, rank = True, 0
+
+        def __init__(self, configs):
+            self.configs = configs
+
+        def gather(self, obj):
+            return self.configs
+
+    mine = TrainConfig(lr=1e-3, model={"hidden_size": 8})
+    other = {**mine.to_dict(), "lr": 0.5, "model": {"hidden_size": 16}}
+    from minrnn.training.loop import _flat
+
+    same = TwoRanks([_flat(mine.to_dict()), _flat(mine.to_dict())])
+    check_same_config(mine, same)
+    for rank in (0, 1):
+        dist = TwoRanks([_flat(mine.to_dict()), _flat(other)])
+        dist.rank = rank
+        with pytest.raises(ConfigError, match=r"differ from rank 0's in: lr, model.hidden_size \(this is rank "
+                                              + str(rank)):
+            check_same_config(mine, dist)

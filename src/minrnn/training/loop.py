@@ -109,6 +109,19 @@ def autocast_context(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def check_same_config(config: TrainConfig, dist: Dist) -> None:
+    """Every process of a torchrun job must train the same run: a ConfigError on every rank
+    naming the keys where its config differs from rank 0's."""
+    if not dist.enabled:
+        return
+    configs = dist.gather(_flat(config.to_dict()))  # every rank sees every config, so every rank stops
+    main = configs[0]
+    differ = sorted({k for other in configs[1:] for k in set(main) | set(other) if main.get(k) != other.get(k)})
+    if differ:
+        raise ConfigError(f"the processes' configs differ from rank 0's in: {', '.join(differ)} "
+                          f"(this is rank {dist.rank})")
+
+
 def text_setup(config: TrainConfig, run_dir: Path, dist: Dist, resume: bool):
     """(workload, tokenizer) of ``config.data``: the tokenizer is built from the data (or read
     back from the run on resume); it is saved by `save_tokenizer` once the run folder exists."""
@@ -163,7 +176,7 @@ class Trainer:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
                               f"({self.dist.world_size})")
         self.per_rank = config.batch_size // self.dist.world_size
-        self._check_same_config_everywhere()
+        check_same_config(config, self.dist)
         self._check_run_dir(resume, overwrite)
 
         # the data, and the model's validity, are settled before the run folder is made
@@ -214,16 +227,6 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
 
     # --- checks -----------------------------------------------------------------------------
-
-    def _check_same_config_everywhere(self) -> None:
-        """Every process of a torchrun job must train the same run."""
-        if not self.dist.enabled:
-            return
-        mine = self.config.to_dict()
-        main = self.dist.broadcast(mine)
-        differ = sorted(k for k in set(main) | set(mine) if main.get(k) != mine.get(k))
-        if differ:
-            raise ConfigError(f"rank {self.dist.rank}'s config differs from rank 0's in: {', '.join(differ)}")
 
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
         existing = ckpt.list_checkpoints(self.run_dir)

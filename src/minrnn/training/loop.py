@@ -1,7 +1,8 @@
 """The training engine: one loop for `minrnn train` and every run of `minrnn compare`.
 
     from minrnn.training import TrainConfig, Trainer
-    Trainer(TrainConfig.from_file("shakespeare_char.toml")).train()        # a minGRU LM on text
+    from minrnn.training.config import find_config
+    Trainer(TrainConfig.from_file(find_config("shakespeare_char"))).train()   # a minGRU LM on text
     Trainer(config, workload=TaskWorkload(...), model=ModelSpec(...)).train()   # anything else
 
 A run is a workload (what to train on: minrnn.training.workloads) and a model (a `ModelSpec`:

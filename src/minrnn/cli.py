@@ -73,7 +73,7 @@ def _user_errors():
     from .data.tokenizers import VocabularyError
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
-    from .experiments.compare import CompareError
+    from .experiments.plan import CompareError
     from .experiments.presets import PresetError
 
     # FloatingPointError: a diverged run (non-finite loss), reported with the step
@@ -94,38 +94,32 @@ def _start_text(tokenizer) -> str:
     return "\n" if getattr(tokenizer, "index", {"\n": 0}).get("\n") is not None else tokenizer.decode([0])
 
 
-def _find_config(text: str) -> Path:
-    """CONFIG as given, else a preset name from the repository's configs/ folder."""
-    path = Path(text)
-    if path.is_file() or path.suffix:
-        return path
-    preset = Path(__file__).resolve().parents[2] / "configs" / f"{text}.toml"
-    return preset if preset.is_file() else path
-
-
-@subcommand("train", "train a minGRU/minLSTM language model from a TOML config (configs/*.toml), "
-                     "resumable with --resume; works under torchrun")
+@subcommand("train", "train a minGRU/minLSTM language model from a TOML config or a shipped preset "
+                     "(e.g. shakespeare_char), resumable with --resume; works under torchrun")
 def train(p: argparse.ArgumentParser) -> Runner:
     import dataclasses
 
-    from .training.config import MODEL_KEYS, TrainConfig
+    from .training.config import TrainConfig, list_presets
 
     keys = [f"{f.name}={getattr(TrainConfig(), f.name)!r}" for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("config keys (default):\n" + "\n".join(f"  {k}" for k in keys)
-                + "\nmodel keys ([model] table, --model.KEY): " + ", ".join(MODEL_KEYS))
-    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, or the name of a preset in configs/")
+    p.epilog = ("presets: " + ", ".join(list_presets()) + "\nconfig keys (default):\n" + "\n".join(f"  {k}" for k in keys)
+                + "\nmodel keys ([model] table, --model.KEY): the fields of minrnn.MinRNNConfig "
+                  "(hidden_size, num_hidden_layers, cell, expansion_factor, use_conv, dropout, ...)")
+    p.add_argument("config", metavar="CONFIG", help="a TOML (or YAML) file, the name of a shipped preset, or a "
+                                                  "run folder (its config.toml: RUN --resume continues it)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
                    help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
-                        "--resume continues the run in out_dir from its newest good checkpoint")
+                        "--resume continues the run in out_dir from its newest good checkpoint; "
+                        "--overwrite replaces a run already in out_dir")
 
     def run(args: argparse.Namespace) -> int:
-        from .training.config import TrainConfig, parse_overrides
+        from .training.config import find_config, parse_overrides
         from .training.loop import Trainer
 
-        overrides, flags = parse_overrides(args.overrides, flags=("resume",))
-        config = TrainConfig.from_file(_find_config(args.config), overrides)
-        trainer = Trainer(config, resume="resume" in flags)
+        overrides, flags = parse_overrides(args.overrides, flags=("resume", "overwrite"))
+        config = TrainConfig.from_file(find_config(args.config), overrides)
+        trainer = Trainer(config, resume="resume" in flags, overwrite="overwrite" in flags)
         try:
             trainer.train()
             if trainer.dist.is_main and config.sample_tokens:
@@ -210,12 +204,18 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
     return lambda args: _run_reporting_user_errors(run, args)
 
 
-@subcommand("compare", "train every model of a paper experiment's preset with one harness (resumable), "
+@subcommand("compare", "train every model of an experiment's preset with the same engine (resumable), "
                        "then write a Markdown table and plots to OUT/EXPERIMENT-PRESET/")
 def compare(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("experiment", metavar="TASK",
-                   help="selective_copying, chomsky, shakespeare_char or wikitext2 (hyphens allowed)")
+    p.add_argument("experiment", metavar="EXPERIMENT",
+                   help="selective_copying, chomsky, shakespeare_char, wikitext2 (hyphens allowed), "
+                        "or text (your own corpus: --data FILE)")
     p.add_argument("--preset", default="cpu", help="cpu (default), paper, or full (wikitext2)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="text only: a text file (split 90/10 into train and validation) or a folder of "
+                        "train/valid files")
+    p.add_argument("--tokenizer", default=None, choices=["char", "byte", "bpe"],
+                   help="text only: the tokenizer (default: the preset's, char)")
     p.add_argument("--models", default=None, metavar="A,B,...",
                    help="comma-separated subset of the preset's models (default: all of them)")
     p.add_argument("--tasks", default=None, metavar="A,B,...", help="chomsky only: a subset of the tasks")
@@ -235,7 +235,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                    help="an optimiser setting for every run on top of the preset's: weight_decay, beta1, beta2, "
                         "grad_clip, warmup_steps, min_lr or decay_recurrence (repeatable); use another --out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("results"), help="default: results/")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare/")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="bfloat16 trains under autocast (default float32)")
@@ -248,14 +248,17 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                         "(for python -m minrnn.experiments.recall)")
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.compare import compare as run_compare, parse_optim, parse_options
+        from .experiments.compare import CompareConfig, compare as run_compare
+        from .experiments.plan import parse_optim, parse_options
 
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
-        md = run_compare(args.experiment, args.preset, split(args.models), args.out, args.steps, split(args.tasks),
-                         args.seed, str(args.device), args.dtype, args.data_dir, args.eval_every,
-                         not args.no_sweep, args.budget_s, args.lr, progress=not args.no_progress, threads=args.threads,
-                         options=parse_options(args.options), keep_weights=args.keep_weights,
-                         optim=parse_optim(args.optim))
+        config = CompareConfig(
+            args.experiment, args.preset, models=split(args.models), tasks=split(args.tasks), data=args.data,
+            tokenizer=args.tokenizer, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
+            device=str(args.device), dtype=args.dtype, data_dir=args.data_dir, sweep=not args.no_sweep,
+            budget_s=args.budget_s, lr=args.lr, options=parse_options(args.options), optim=parse_optim(args.optim),
+            out=str(args.out), threads=args.threads, progress=not args.no_progress, keep_weights=args.keep_weights)
+        md = run_compare(config)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")
         return 0
@@ -270,7 +273,10 @@ def torch_tensor(ids):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="minrnn", description="minGRU and minLSTM (Feng et al. 2024) for PyTorch")
+    parser.add_argument("--version", action="version", version=f"minrnn {__version__}")
     sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
     for name, (help, fn) in _SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help, description=help)

@@ -2,13 +2,25 @@
 are kept, an interrupted run resumes to the same numbers, and bad requests are refused."""
 
 import json
+import math
 
 import pytest
 import torch
 
 import minrnn.experiments.compare as C
+import minrnn.experiments.plan as P
 from minrnn.cli import main
-from minrnn.experiments.compare import CompareError, RunSpec, compare, plan_runs, train_run
+from minrnn.experiments.compare import CompareConfig, CompareError, RunSpec, train_run
+from minrnn.experiments.compare import compare as run_compare
+from minrnn.experiments.compare import plan_runs as plan
+
+
+def compare(experiment, preset="cpu", models=None, out="runs/compare", log=print, **kwargs):
+    return run_compare(CompareConfig(experiment, preset, models=models, out=str(out), **kwargs), log=log)
+
+
+def plan_runs(experiment, preset_name="cpu", models=None, **kwargs):
+    return plan(CompareConfig(experiment, preset_name, models=models, **kwargs))
 
 
 def _results(md):
@@ -46,7 +58,7 @@ def test_a_run_in_its_own_process_and_the_task_metric(tmp_path):
     assert "val_accuracy" in r["history"][0] and r["peak_memory_mib"] > 0
     assert "accuracy" in md.read_text()
     run = md.parent / "runs" / "mingru"
-    assert not (run / "checkpoint.pt").exists()
+    assert not (run / "checkpoints").exists()  # removed once the run is done
     # --keep-weights reaches the run's process: the trained weights, loadable by name
     weights = torch.load(run / "weights.pt", weights_only=True)
     assert sum(v.numel() for v in weights.values()) >= r["params"]
@@ -86,17 +98,18 @@ def test_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path, monkeypa
     monkeypatch.setattr(torch.optim.AdamW, "step", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         train_run(spec, tmp_path / "cut", log=lambda s: None, progress=False)
-    assert (tmp_path / "cut" / "checkpoint.pt").exists()
+    assert (tmp_path / "cut" / "checkpoints").is_dir()
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     lines = []
     resumed = train_run(spec, tmp_path / "cut", log=lines.append, progress=False)
-    assert any("resuming at step 2" in s for s in lines)
+    assert any("resumed from" in s and "(step 2)" in s for s in lines)
     for a, b in zip(whole["history"], resumed["history"], strict=True):
         assert a["step"] == b["step"]
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
         assert a["val_accuracy"] == b["val_accuracy"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
-    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+    # one line per step, those after the checkpoint written once
+    assert [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
 def test_time_budget_stops_and_says_so(tmp_path):
@@ -122,7 +135,7 @@ def test_an_edited_preset_changes_the_spec(monkeypatch):
         p = real(*args)
         return type(p)(**{**p.__dict__, "train": {**p.train, "lr": 5e-3}})
 
-    monkeypatch.setattr(C, "load_preset", edited)
+    monkeypatch.setattr(P, "load_preset", edited)
     (after,) = plan_runs("shakespeare_char", "cpu", ["lstm"])
     assert before.preset_digest != after.preset_digest
 
@@ -165,7 +178,6 @@ def test_lr_override_sets_peak_and_floor_and_is_recorded(tmp_path):
     assert spec.to_json()["lr"] == 2e-3
     r = train_run(spec, tmp_path, log=lambda s: None, progress=False)
     assert r["lr"] == 2e-3 and r["history"][0]["lr"] == pytest.approx(2e-3 * 1 / base["warmup_steps"])
-    # without the override the spec reads as it did before --lr existed (old runs stay valid)
     (plain,) = plan_runs("selective_copying", "cpu", ["lstm"], steps=2, sweep=False)
     assert "lr" not in plain.to_json() and C.run_train_settings(preset, plain) == base
 
@@ -184,7 +196,7 @@ def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
     specs = plan_runs("selective_copying", "cpu", ["mingru", "lstm"], steps=1, eval_every=1, sweep=False,
                       options={"mingru": {"mingru_forget_bias": 3.0}})
     assert specs[0].options == {"mingru_forget_bias": 3.0} and specs[1].options == {}
-    assert "options" not in specs[1].to_json()  # specs without --set read as before it existed
+    assert "options" not in specs[1].to_json()  # unset options are left out of spec.json
     md = compare("selective_copying", "cpu", ["mingru"], tmp_path, steps=1, eval_every=1, sweep=False,
                  isolate=False, log=lambda s: None, progress=False, options={"mingru": {"mingru_forget_bias": 3.0}})
     assert "mingru.mingru_forget_bias=3.0" in md.read_text()
@@ -226,7 +238,7 @@ def test_optim_parses_checks_and_applies_on_top_of_the_preset():
     assert {k: v for k, v in train.items() if k not in ("lr", "min_lr", "weight_decay")} == \
         {k: v for k, v in base.items() if k not in ("lr", "min_lr", "weight_decay")}
     (plain,) = plan_runs("selective_copying", "cpu", ["mingru"], steps=2, sweep=False)
-    assert "optim" not in plain.to_json()  # specs without --optim read as before it existed
+    assert "optim" not in plain.to_json()
 
 
 def test_optim_reaches_the_optimiser_and_is_reported(tmp_path):
@@ -268,3 +280,55 @@ def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_pa
     want = [f"{r['final_split']['accuracy']:.3f}" for r in sorted(
         (r for r in results if r["model"] == "mingru"), key=lambda r: r["sweep"]["num_layers"])]
     assert matrix == ["| mingru | " + " | ".join(want) + " |"]
+
+
+def test_compare_text_on_a_users_file_end_to_end(tmp_path, capsys):
+    """`minrnn compare text --data FILE`: the file split 90/10, every model on the same tokens."""
+    from minrnn.data import locate_corpus
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(locate_corpus("tinyshakespeare", "input").read_text()[:30_000])
+    out = tmp_path / "out"
+    assert main(["compare", "text", "--data", str(data), "--tokenizer", "byte", "--models", "mingru,llama",
+                 "--steps", "2", "--eval-every", "1", "--out", str(out), "--no-progress"]) == 0
+    md = out / "text-cpu" / "results.md"
+    assert "written: " + str(md) in capsys.readouterr().out
+    results = _results(md)
+    assert [r["model"] for r in results] == ["mingru", "llama"]
+    for r in results:
+        assert r["data"].startswith("corpus.txt (byte tokens)") and r["steps"] == 2
+        assert [h["step"] for h in r["history"]] == [1, 2] and r["final_split"]["loss"] < math.log(256)
+        run = out / "text-cpu" / "runs" / r["model"]
+        assert json.loads((run / "spec.json").read_text())["data"] == str(data)
+        assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        assert not (run / "checkpoints").exists()
+    # both models were built to the same budget at the byte vocabulary
+    assert abs(results[0]["params"] / results[1]["params"] - 1) < 0.1
+    # BPE, in this process
+    md = compare("text", "cpu", ["mingru"], tmp_path / "bpe", data=str(data), tokenizer="bpe", steps=1,
+                 eval_every=1, isolate=False, log=lambda s: None, progress=False)
+    assert "bpe tokens" in _results(md)[0]["data"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experiment="text"), "--data: `compare text` needs"),
+    (dict(experiment="shakespeare_char", data="x.txt"), "--data and --tokenizer are for `compare text`"),
+    (dict(experiment="text", data="x.txt", tokenizer="words"), "--tokenizer must be one of"),
+])
+def test_text_requests_are_checked(kwargs, message):
+    with pytest.raises(CompareError, match=message):
+        plan(CompareConfig(**kwargs))
+
+
+def test_one_place_steps_an_optimiser():
+    """The package has one training loop: exactly one optimiser step, in the engine."""
+    import re
+    from pathlib import Path
+
+    import minrnn
+
+    root = Path(minrnn.__file__).parent
+    hits = [(p.relative_to(root).as_posix(), line.strip()) for p in root.rglob("*.py")
+            for line in p.read_text().splitlines()
+            if re.search(r"\b(opt|optim|optimizer|optimiser)\.step\(", line)]
+    assert hits == [("training/loop.py", "self.optimizer.step()  # the package's one optimiser step")]

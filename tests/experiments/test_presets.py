@@ -33,6 +33,7 @@ def test_every_experiment_has_its_presets():
         assert set(presets[experiment]) == {"paper", "cpu"}
     assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv", "cpu_decay_init"}  # the last two: ablations
     assert set(presets["wikitext2"]) == {"full", "cpu", "cpu_tuned"}  # the paper has no WikiText experiment
+    assert set(presets["text"]) == {"cpu"}  # a user's corpus: --data gives it
 
 
 @pytest.mark.parametrize("experiment,name", ALL)

@@ -8,7 +8,7 @@ import pytest
 from minrnn.data import locate_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_test.toml"
+TINY = ROOT / "src" / "minrnn" / "training" / "presets" / "tiny_test.toml"
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from minrnn.training.config import MODEL_KEYS, ConfigError, TrainConfig, parse_overrides
+from minrnn.training.config import ConfigError, TrainConfig, model_keys, parse_overrides
 
 from .conftest import TINY, minrnn
 
@@ -113,8 +113,9 @@ def test_checkpoint_of_another_architecture(trained_run, small_text, tmp_path):
 
     out = tmp_path / "copy"
     shutil.copytree(trained_run[0], out)
-    r = minrnn("train", TINY, "--data", small_text, "--out_dir", out, "--model.hidden_size", 48, "--steps", 80, "--resume")
-    assert_user_error(r, "another architecture", "hidden_size: checkpoint 32 vs config 48")
+    r = minrnn("train", TINY, "--data", small_text, "--out_dir", out, "--model.hidden_size", 48, "--steps", 80, "--resume",
+               "--batch_size", 16, "--seq_len", 64)
+    assert_user_error(r, "--resume: model.hidden_size differ")
     assert TrainConfig.from_file(out / "config.toml").model["hidden_size"] == 32, "the run's config is kept"
     # weights of another model put in place of the run's
     from minrnn.training.loop import build_model, load_model_state
@@ -150,7 +151,7 @@ def test_corrupt_checkpoint_is_reported_and_older_kept(trained_run, tmp_path):
 
 
 def test_run_dir_with_checkpoints_needs_resume(trained_run):
-    assert_user_error(minrnn("train", TINY, "--out_dir", trained_run[0]), "already holds checkpoints", "--resume")
+    assert_user_error(minrnn("train", TINY, "--out_dir", trained_run[0]), "already holds a run", "--resume")
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -174,11 +175,14 @@ def test_model_keys_match_the_model_config():
     from minrnn.models import MinRNNConfig
 
     fields = {f.name: f for f in dataclasses.fields(MinRNNConfig)}
-    for key in MODEL_KEYS:
+    keys = model_keys()
+    for key in keys:
         assert key in fields, key
         assert getattr(MinRNNConfig(), key) is not None
-    mine = {"hidden_size", "num_hidden_layers", "cell", "dropout", "scan_backend", "use_conv", "mlp_mult"}
-    assert mine <= set(MODEL_KEYS)
+    # every field a trained model's shape or numbers depend on is a key; none the tokenizer sets
+    own = set(MinRNNConfig.__annotations__) - {"vocab_size", "use_cache", "pad_token_id", "bos_token_id",
+                                               "eos_token_id"}
+    assert set(keys) == own and keys["expansion_factor"] is float and keys["use_conv"] is bool
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -274,14 +278,14 @@ def test_empty_prompt_and_diverging_run(trained_run, small_text, tmp_path):
 def test_gradient_accumulation_equals_one_big_batch(small_text, tmp_path, monkeypatch):
     """batch_size 8 x grad_accum 2 trains as batch_size 16 on the same 16 windows."""
     from minrnn.data import text
-    from minrnn.training import Trainer, loop
+    from minrnn.training import Trainer, workloads
     from minrnn.training.metrics import read_metrics
 
     def fixed(n_tokens, seq_len, global_batch, seed, step, micro):
         all16 = torch.randint(0, n_tokens - seq_len, (16,), generator=torch.Generator().manual_seed(step))
         return all16[micro * global_batch:(micro + 1) * global_batch]
 
-    monkeypatch.setattr(loop, "train_offsets", fixed)
+    monkeypatch.setattr(workloads, "train_offsets", fixed)
     runs = {}
     for name, batch, accum in (("big", 16, 1), ("accum", 8, 2)):
         cfg = TrainConfig.from_file(TINY, {"data": str(small_text), "out_dir": str(tmp_path / name), "steps": 6,
@@ -303,7 +307,13 @@ def test_resume_with_other_data_or_a_missing_device(trained_run, small_text, tmp
     shutil.copytree(trained_run[0], out)
     other = tmp_path / "other.txt"
     other.write_text(small_text.read_text()[:40_000])
-    assert_user_error(minrnn("train", TINY, "--data", other, "--out_dir", out, "--steps", 120, "--resume"),
+    # a resume keeps the run's settings: another --data is refused by name
+    same = ("--batch_size", 16, "--seq_len", 64)
+    assert_user_error(minrnn("train", TINY, "--data", other, "--out_dir", out, "--steps", 120, "--resume", *same),
+                      "--resume: data differ")
+    # the same path holding other text is caught by the checkpoint's data signature
+    (out / "config.toml").write_text((out / "config.toml").read_text().replace(str(small_text), str(other)))
+    assert_user_error(minrnn("train", TINY, "--data", other, "--out_dir", out, "--steps", 120, "--resume", *same),
                       "was trained on other data")
     if not torch.cuda.is_available():
         assert_user_error(minrnn("train", TINY, "--data", small_text, "--out_dir", tmp_path / "gpu",

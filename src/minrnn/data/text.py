@@ -98,8 +98,8 @@ def _named_folder(corpus: str, data_dir: str | None, download: bool = True) -> d
         for split, f in files.items():
             spec = CORPORA.get(corpus, {}).get(split)
             if spec is not None and sha256_of(f) != spec.sha256:
-                raise DataError(f"{f} is not the {corpus} {split} file this project knows "
-                                f"(sha256 differs from {spec.sha256})")
+                raise DataError(f"{f} is not the {corpus} {split} file: its sha256 differs from the "
+                                f"published {spec.sha256}")
         return {split: _read(f) for split, f in files.items()}
     from .download import WIKITEXT, download_wikitext
 

@@ -1,10 +1,11 @@
-"""The presets of the side-by-side experiments, read from the TOML files in ``configs/``.
+"""The presets of the side-by-side experiments, TOML files shipped in ``minrnn/experiments/configs/``.
 
     preset = load_preset("selective_copying", "cpu")
     target, overrides = preset.model_settings("llama", vocab_size=16)
     model = build_model("llama", 16, target, **overrides)
 
-One file per experiment (selective_copying, chomsky, shakespeare_char, wikitext2), one table
+One file per experiment (selective_copying, chomsky, shakespeare_char, wikitext2, and text: a
+user's own corpus given by ``--data``), one table
 per preset ("paper" and "cpu"; wikitext2 has "full" and "cpu", since the paper has no WikiText
 experiment). Each says where its numbers come from (``source``). A preset's tables:
 
@@ -16,7 +17,8 @@ experiment). Each says where its numbers come from (``source``). A preset's tabl
     per_model_train.NAME  train settings for one model (its tuned learning rate; the preset
                     says how it was chosen)
     data            the task (task / tasks and their lengths) or the corpus and tokenizer
-    train           optimiser, schedule and evaluation (names as in minrnn's training config)
+    train           optimiser, schedule and evaluation: TrainConfig's names (LOOP_KEYS), the
+                    engine's defaults for what it leaves out, and EVAL_KEYS
     sweep           optional: lists of values of one override to repeat the comparison over
 
 Presets are data: nothing here trains.
@@ -37,11 +39,12 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 
 from ..data.corpora import CORPORA
 from ..data.tasks import CHOMSKY_TASKS, TASKS
+from ..training.config import OPTIM_KEYS, TOKENIZERS, field_types
 from .baselines import BASELINES, GENERIC_KEYS, build_model
 
 CONFIG_DIR = Path(__file__).with_name("configs")
-EXPERIMENTS = ("selective_copying", "chomsky", "shakespeare_char", "wikitext2")
-TOKENIZERS = ("char", "byte", "bpe")
+# "text" is a user's own corpus: its preset gives no corpus, `minrnn compare text --data FILE` does
+EXPERIMENTS = ("selective_copying", "chomsky", "shakespeare_char", "wikitext2", "text")
 SPLITS = ("train", "valid", "test")
 
 _TOP_KEYS = {"description": str, "source": str, "models": list, "target_params": int, "reference": dict,
@@ -52,15 +55,13 @@ _DATA_KEYS = {
     "tasks": list, "train_lengths": list, "eval_lengths": list, "eval_length_step": int,  # Chomsky
     "corpus": str, "tokenizer": str, "bpe_vocab_size": int, "train_split": str, "eval_split": str,  # text
 }
-_TRAIN_KEYS = {
-    "steps": int, "batch_size": int, "seq_len": int, "grad_accum": int, "lr": float, "min_lr": float,
-    "warmup_steps": int, "weight_decay": float, "beta1": float, "beta2": float, "grad_clip": float,
-    "eval_every": int, "eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int,
-    "decay_recurrence": bool,
-}
-
-_OPTIMISER_KEYS = {k: _TRAIN_KEYS[k] for k in ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
-                                               "grad_clip", "decay_recurrence")}
+# How a workload is evaluated (text: eval_batches x batch_size windows; tasks: eval_batches of
+# eval_batch_size sequences per length, drawn from val_seed, the final test from test_seed)
+EVAL_KEYS = {"eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int}
+# The TrainConfig settings a preset's train table may give (the rest are the engine's defaults)
+LOOP_KEYS = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", *OPTIM_KEYS)
+_TRAIN_KEYS = {**{k: field_types()[k] for k in LOOP_KEYS}, **EVAL_KEYS}
+_OPTIMISER_KEYS = {k: _TRAIN_KEYS[k] for k in OPTIM_KEYS}
 
 
 class PresetError(ValueError):
@@ -180,7 +181,10 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
         for key in ("train_split", "eval_split"):
             if key in data and data[key] not in SPLITS:
                 _fail(where + ".data", f"{key} must be one of {SPLITS}, got {data[key]!r}")
-    if sum(k in data for k in ("task", "tasks", "corpus")) != 1:
+    if experiment == "text":
+        if any(k in data for k in ("task", "tasks", "corpus")) or data.get("tokenizer") not in TOKENIZERS:
+            _fail(where + ".data", f"a text preset names no data (--data gives it) and a tokenizer of {TOKENIZERS}")
+    elif sum(k in data for k in ("task", "tasks", "corpus")) != 1:
         _fail(where + ".data", "name exactly one of task, tasks (Chomsky) and corpus")
     for key in ("train_lengths", "eval_lengths"):
         if key in data:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,22 +31,49 @@ class ConfigError(ValueError):
     """A user error in a config file or an override: the message is meant for the user as is."""
 
 
-# Fields of MinRNNConfig a user sets in [model]. Kept here (not read from transformers) so that
-# the config can be checked without importing transformers; tests hold it to MinRNNConfig.
-MODEL_KEYS = {
-    "hidden_size": int, "num_hidden_layers": int, "cell": str, "expansion_factor": float,
-    "minlstm_normalize": bool, "forget_bias": float, "mingru_forget_bias": float, "use_conv": bool, "conv_kernel": int,
-    "use_mlp": bool, "mlp_mult": float, "hidden_act": str, "use_bias": bool, "rms_norm_eps": float,
-    "dropout": float, "initializer_range": float, "scan_backend": str, "tie_word_embeddings": bool,
-}
-
 TOKENIZERS = ("char", "byte", "bpe")
 DTYPES = ("float32", "bfloat16")
+PROGRESS = ("auto", "always", "never")
+# What only the optimiser and its schedule read: the settings a compare preset may give one
+# model, and `minrnn compare --optim` may change (batch and context also decide the data).
+OPTIM_KEYS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "decay_recurrence")
+PRESET_DIR = Path(__file__).with_name("presets")
+# MinRNNConfig fields a config does not set: the tokenizer decides the vocabulary, and the
+# cache and special tokens are a matter of generation, not of the trained model.
+_NOT_MODEL_KEYS = {"vocab_size", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
+
+
+@functools.lru_cache(maxsize=None)
+def model_keys() -> dict[str, type]:
+    """{key: type} of the ``[model]`` table: MinRNNConfig's own fields (imports transformers)."""
+    from ..models import MinRNNConfig
+
+    out = {}
+    for name, annotation in MinRNNConfig.__annotations__.items():
+        if name in _NOT_MODEL_KEYS:
+            continue
+        args = set(typing.get_args(annotation))
+        out[name] = float if float in args else annotation
+    return out
+
+
+def check_model_config(model: dict) -> None:
+    """Build a MinRNNConfig from ``model`` (a [model] table): a ConfigError naming the key
+    when the model config refuses a value."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from ..models import MinRNNConfig
+
+    try:
+        MinRNNConfig(**model)
+    except (StrictDataclassError, ValueError, TypeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"[model]: {lines[-1] if lines else e}") from None
 
 
 @dataclass
 class TrainConfig:
-    """All settings of a training run (see configs/*.toml for presets).
+    """All settings of a training run (the presets are minrnn/training/presets/*.toml).
 
     Data: ``data`` is a named corpus (tinyshakespeare, wikitext-2, wikitext-103), a text file
     (split 90/10 into train/valid like nanoGPT), or a folder holding train/valid[/test] files.
@@ -69,6 +98,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    decay_recurrence: bool = True  # false: no weight decay on a minRNN's gate and candidate projection
     dtype: str = "float32"  # "bfloat16": autocast where the device supports it
     seed: int = 1337
     device: str = "cpu"
@@ -78,6 +108,7 @@ class TrainConfig:
     eval_windows: int = 64  # validation windows of seq_len + 1 tokens, evenly spaced over the split
     log_every: int = 10
     checkpoint_every: int = 100
+    budget_s: float = 0.0  # stop after this many seconds of training (evaluations excluded); 0: no limit
     keep_last: int = 2
     out_dir: str = "runs/default"
     progress: str = "auto"  # progress bar: auto (when stderr is a terminal), always, never
@@ -102,7 +133,7 @@ class TrainConfig:
         for name in ("warmup_steps", "threads", "sample_tokens"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "budget_s"):
             v = getattr(self, name)
             need(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -111,13 +142,13 @@ class TrainConfig:
             need(0 <= v < 1, f"{name} must be in [0, 1), got {v!r}")
         need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        need(self.progress in ("auto", "always", "never"),
-             f"progress must be auto, always or never, got {self.progress!r}")
+        need(self.progress in PROGRESS, f"progress must be one of {PROGRESS}, got {self.progress!r}")
         need(bool(self.data), "data must name a corpus, a text file or a folder")
+        keys = model_keys() if self.model else {}
         for key, value in self.model.items():
-            if key not in MODEL_KEYS:
-                raise ConfigError(_unknown("model." + key, ["model." + k for k in MODEL_KEYS]))
-            self.model[key] = _coerce("model." + key, value, MODEL_KEYS[key])
+            if key not in keys:
+                raise ConfigError(_unknown("model." + key, ["model." + k for k in keys]))
+            self.model[key] = _coerce("model." + key, value, keys[key])
 
     # --- conversions ----------------------------------------------------------------------
 
@@ -140,7 +171,7 @@ class TrainConfig:
         kwargs = {}
         for key, value in values.items():
             if key not in fields:
-                raise ConfigError(f"{source}: " + _unknown(key, list(fields) + ["model." + k for k in MODEL_KEYS]))
+                raise ConfigError(f"{source}: " + _unknown(key, list(fields) + ["model." + k for k in model_keys()]))
             if key == "model":
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: model must be a table of model settings, got {value!r}")
@@ -167,6 +198,34 @@ class TrainConfig:
         return cls.from_dict(merge(values, overrides or {}), source=str(path))
 
 
+def field_types() -> dict[str, type]:
+    """{key: type} of TrainConfig's fields ([model] excepted)."""
+    return {f.name: _field_type(f) for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+
+
+def list_presets() -> list[str]:
+    """The names of the training presets shipped with minrnn (``minrnn train NAME``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def find_config(text: str | Path) -> Path:
+    """A config file as given, a run folder's config.toml (``minrnn train RUN --resume``), else a
+    shipped preset of that name; a ConfigError naming the presets when none exists."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    if path.is_dir() and (path / "config.toml").is_file():
+        return path / "config.toml"
+    if path.suffix or len(path.parts) > 1:
+        raise ConfigError(f"config file {path} not found")
+    preset = PRESET_DIR / f"{text}.toml"
+    if preset.is_file():
+        return preset
+    close = difflib.get_close_matches(str(text), list_presets(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(f"config {text!s} is neither a file nor a preset (presets: {', '.join(list_presets())}){hint}")
+
+
 def merge(values: dict, overrides: dict) -> dict:
     """``values`` with ``overrides`` applied; dotted keys ("model.hidden_size") go into tables."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
@@ -175,7 +234,7 @@ def merge(values: dict, overrides: dict) -> dict:
             table, sub = key.split(".", 1)
             if table != "model":
                 raise ConfigError(_unknown(key, [f.name for f in dataclasses.fields(TrainConfig)]
-                                           + ["model." + k for k in MODEL_KEYS]))
+                                           + ["model." + k for k in model_keys()]))
             out.setdefault("model", {})[sub] = value
         else:
             out[key] = value

@@ -1,13 +1,21 @@
-"""The Trainer: a minGRU/minLSTM language model trained on text, resumable to the bit.
+"""The training engine: one loop for `minrnn train` and every run of `minrnn compare`.
 
     from minrnn.training import TrainConfig, Trainer
-    Trainer(TrainConfig.from_file("configs/shakespeare_char.toml")).train()
+    from minrnn.training.config import find_config
+    Trainer(TrainConfig.from_file(find_config("shakespeare_char"))).train()   # a minGRU LM on text
+    Trainer(config, workload=TaskWorkload(...), model=ModelSpec(...)).train()   # anything else
 
-What a run directory holds: ``config.toml`` (the resolved config), ``tokenizer.json``,
-``metrics.jsonl``, ``loss.png`` and ``checkpoints/`` (see checkpoint.py).
+A run is a workload (what to train on: minrnn.training.workloads) and a model (a `ModelSpec`:
+how to build it and read its logits), trained with the settings of a `TrainConfig`. Without a
+workload the Trainer reads ``config.data`` with ``config.tokenizer``; without a model it builds
+the minGRU/minLSTM language model of ``config.model``.
+
+What a run directory holds: ``config.toml`` (the resolved config), ``tokenizer.json`` (text
+runs), ``metrics.jsonl`` (one line per step, validation figures at each evaluation),
+``loss.png`` and ``checkpoints/`` (see checkpoint.py).
 
 Why a resumed run equals an uninterrupted one: the batch of step s is a function of
-(seed, s) alone (minrnn.data.text), the learning rate is a function of s, and the checkpoint
+(seed, s) alone (see workloads.py), the learning rate is a function of s, and the checkpoint
 holds everything else that changes: weights, AdamW moments, the scheduler's step and the RNG
 states that dropout draws from.
 """
@@ -16,35 +24,58 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..data.text import (
-    DataError, check_long_enough, encode_splits, eval_offsets, load_splits, train_offsets, windows,
-)
-from ..data.tokenizers import build_tokenizer, load_tokenizer
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_model_config
 from .distributed import Dist
+from .metrics import FILE as METRICS_FILE
 from .metrics import MetricsLog, plot_losses, truncate_after
+from .workloads import TextWorkload, Workload
+
+# Settings a resumed run may change: they decide how long it runs and what it reports, not
+# what it computes up to the step it resumes from.
+RESUMABLE_KEYS = frozenset({"steps", "eval_every", "checkpoint_every", "keep_last", "log_every", "progress",
+                            "plot", "sample_tokens", "budget_s", "threads", "out_dir", "data_dir", "device"})
+
+
+def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a transformers causal LM (no cache: training and scoring read whole windows)."""
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
+@dataclass
+class ModelSpec:
+    """How a run gets its model: ``build()`` makes it (called after seeding, on the CPU),
+    ``logits(model, ids)`` reads its logits, ``signature`` is what a checkpoint must match."""
+
+    build: Callable[[], torch.nn.Module]
+    signature: dict = field(default_factory=dict)
+    logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lm_logits
+    describe: Callable[[torch.nn.Module], str] | None = None
 
 
 def build_model(config: TrainConfig, vocab_size: int):
+    """The minGRU/minLSTM language model of ``config.model``."""
     from ..models import MinRNNConfig, MinRNNForCausalLM
 
-    try:
-        mcfg = MinRNNConfig(vocab_size=vocab_size, **config.model)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"[model]: {e}") from None
-    return MinRNNForCausalLM(mcfg)
+    check_model_config({**config.model, "vocab_size": vocab_size})
+    return MinRNNForCausalLM(MinRNNConfig(vocab_size=vocab_size, **config.model))
 
 
-def lr_factor(step: int, config: TrainConfig) -> float:
+def lm_spec(config: TrainConfig, tokenizer) -> ModelSpec:
+    return ModelSpec(lambda: build_model(config, tokenizer.vocab_size),
+                     {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, **config.model})
+
+
+def lr_factor(step: int, config) -> float:
     """Multiplier of ``config.lr`` at optimiser step ``step`` (0-based): linear warmup over
     ``warmup_steps``, then a cosine from lr down to min_lr at the last step."""
     if step < config.warmup_steps:
@@ -67,6 +98,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _recurrent_projection(name: str) -> bool:
+    return "mixer.in_proj" in name  # a minRNN's gate and candidate projection
+
+
 def autocast_context(config: TrainConfig, device: torch.device):
     if config.dtype == "bfloat16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -75,41 +110,55 @@ def autocast_context(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def token_loss_sum(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) of inputs x against targets y, both (B, T)."""
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+def check_same_config(config: TrainConfig, dist: Dist) -> None:
+    """Every process of a torchrun job must train the same run: a ConfigError on every rank
+    naming the keys where its config differs from rank 0's."""
+    if not dist.enabled:
+        return
+    configs = dist.gather(_flat(config.to_dict()))  # every rank sees every config, so every rank stops
+    main = configs[0]
+    differ = sorted({k for other in configs[1:] for k in set(main) | set(other) if main.get(k) != other.get(k)})
+    if differ:
+        raise ConfigError(f"the processes' configs differ from rank 0's in: {', '.join(differ)} "
+                          f"(this is rank {dist.rank})")
 
 
-@torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, config: TrainConfig, device: torch.device, dist: Dist = Dist()) -> float:
-    """Mean next-token loss over the split's evaluation windows (`eval_offsets`), shared out
-    over the processes; the same number `minrnn eval` prints for that split."""
-    was_training = model.training
-    model.eval()
-    offsets = eval_offsets(tokens.numel(), config.seq_len, config.eval_windows)[dist.rank::dist.world_size]
-    per = max(1, config.batch_size // dist.world_size)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with autocast_context(config, device):
-        for i in range(0, offsets.numel(), per):
-            x, y = windows(tokens, offsets[i:i + per], config.seq_len)
-            total[0] += token_loss_sum(model, x.to(device), y.to(device)).double()
-            total[1] += y.numel()
-    total = dist.sum(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item()
+def text_setup(config: TrainConfig, run_dir: Path, dist: Dist, resume: bool):
+    """(workload, tokenizer) of ``config.data``: the tokenizer is built from the data (or read
+    back from the run on resume); it is saved by `save_tokenizer` once the run folder exists."""
+    from ..data.text import load_splits
+    from ..data.tokenizers import build_tokenizer, load_tokenizer
+
+    splits = load_splits(config.data, config.data_dir or None)
+    if resume or not dist.is_main:
+        tokenizer = None if not resume and not dist.is_main else load_tokenizer(run_dir)
+    else:
+        text = "".join(splits.values()) if config.tokenizer == "char" else splits["train"]
+        tokenizer = build_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
+    return splits, tokenizer
+
+
+def text_workload(config: TrainConfig, tokenizer, splits: dict[str, str]) -> TextWorkload:
+    return TextWorkload.from_splits({"train": splits["train"], "valid": splits["valid"]}, tokenizer,
+                                    seq_len=config.seq_len, batch_size=config.batch_size,
+                                    grad_accum=config.grad_accum, eval_windows=config.eval_windows,
+                                    seed=config.seed, name=config.data)
 
 
 class Trainer:
-    """Trains ``config``'s model on ``config``'s data, writing to ``config.out_dir``.
+    """Trains a model on a workload with ``config``'s optimiser and schedule, writing to
+    ``config.out_dir``.
 
     ``resume=True`` continues from the newest good checkpoint there (an error when there is
-    none); without it, a directory that already holds checkpoints is an error, so that a run
-    is never overwritten by accident. ``log`` receives the lines meant for the user.
+    none, or when a setting outside RESUMABLE_KEYS changed); without it, a folder that already
+    holds a run is an error unless ``overwrite=True``, so a run is never mixed into another.
+    ``name`` labels the log lines and progress bar; ``log`` receives the lines meant for the user.
     """
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None):
-        self.config = config
+    def __init__(self, config: TrainConfig, workload: Workload | None = None, model: ModelSpec | None = None,
+                 resume: bool = False, overwrite: bool = False, log: Callable[[str], None] | None = None,
+                 name: str | None = None):
+        self.config, self.name = config, name
         try:
             self.device = torch.device(config.device)
         except RuntimeError as e:
@@ -128,45 +177,44 @@ class Trainer:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
                               f"({self.dist.world_size})")
         self.per_rank = config.batch_size // self.dist.world_size
+        check_same_config(config, self.dist)
+        self._check_run_dir(resume, overwrite)
 
-        existing = ckpt.list_checkpoints(self.run_dir)
-        if resume and not existing:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.run_dir)}")
-        if existing and not resume:
-            raise ConfigError(f"{self.run_dir} already holds checkpoints; pass --resume to continue that run, "
-                              "or choose another out_dir")
-
-        # data and tokenizer (rank 0 builds and saves the tokenizer; the others read it back)
-        splits = load_splits(config.data, config.data_dir or None)
+        # the data, and the model's validity, are settled before the run folder is made
+        self.tokenizer = None
+        if workload is None:
+            splits, self.tokenizer = text_setup(config, self.run_dir, self.dist, resume)
+            if self.tokenizer is not None:
+                workload = text_workload(config, self.tokenizer, splits)
+        if model is None:
+            check_model_config(config.model)
         if self.dist.is_main:
+            if overwrite:
+                _clear_run(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                self.tokenizer = load_tokenizer(self.run_dir)
-            else:
-                text = "".join(splits.values()) if config.tokenizer == "char" else splits["train"]
-                self.tokenizer = build_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
+            if self.tokenizer is not None and not resume:
                 self.tokenizer.save(self.run_dir)
         self.dist.barrier()
-        if not self.dist.is_main:
+        if workload is None:  # the other processes read rank 0's tokenizer back
+            from ..data.tokenizers import load_tokenizer
+
             self.tokenizer = load_tokenizer(self.run_dir)
-        try:
-            self.tokens = encode_splits(self.tokenizer, splits)
-        except ValueError as e:
-            raise DataError(f"data {config.data}: {e}") from None
-        for split in ("train", "valid"):
-            check_long_enough(self.tokens[split], config.seq_len, split)
+            workload = text_workload(config, self.tokenizer, splits)
+        self.workload = workload
+        self.spec = model or lm_spec(config, self.tokenizer)
 
         # model, optimiser, schedule: the same initial weights in every process
         torch.manual_seed(config.seed)
-        self.model = build_model(config, self.tokenizer.vocab_size).to(self.device)
+        self.model = self.spec.build().to(self.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay), lr=config.lr,
+        exempt = None if config.decay_recurrence else _recurrent_projection
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay, exempt), lr=config.lr,
                                            betas=(config.beta1, config.beta2),
                                            foreach=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         # dropout streams differ per process
         torch.manual_seed(config.seed + 1 + self.dist.rank)
-        self.step = 0
+        self.step, self.wall_s, self.best = 0, 0.0, None
         if resume:
             self._restore()
         if self.dist.is_main:  # after _restore: a config the checkpoint rejects never replaces the run's
@@ -179,19 +227,37 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
 
-    # --- checkpoints ------------------------------------------------------------------------
+    # --- checks -----------------------------------------------------------------------------
 
-    def _model_signature(self) -> dict:
-        return {"vocab_size": self.tokenizer.vocab_size, "tokenizer": self.tokenizer.kind, **self.config.model}
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
+        if resume and not existing:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.run_dir)}")
+        if resume:
+            saved_path = self.run_dir / "config.toml"
+            if saved_path.is_file():
+                saved = _flat(TrainConfig.from_file(saved_path).to_dict())
+                mine = _flat(self.config.to_dict())
+                changed = sorted(k for k in set(saved) | set(mine)
+                                 if saved.get(k) != mine.get(k) and k not in RESUMABLE_KEYS)
+                if changed:
+                    raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's config.toml; a resumed "
+                                      f"run keeps its settings (only {', '.join(sorted(RESUMABLE_KEYS))} may change)")
+        elif not overwrite and (existing or any((self.run_dir / f).exists() for f in (METRICS_FILE, "config.toml"))):
+            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                              "replace it, or choose another out_dir")
+
+    # --- checkpoints ------------------------------------------------------------------------
 
     def _restore(self) -> None:
         path, model_state, state, manifest = ckpt.load_latest(self.run_dir)
-        data = {"data": self.config.data, "train_tokens": self.tokens["train"].numel()}
+        data = self.workload.signature()
         if state.get("data_signature", data) != data:
             raise ckpt.CheckpointError(f"{path} was trained on other data ({state['data_signature']}); "
                                        f"this config reads {data}")
-        saved = state.get("model_signature", {})
-        mine = self._model_signature()
+        saved, mine = state.get("model_signature", {}), self.spec.signature
         if saved != mine:
             diff = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {mine.get(k)!r}"
                              for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k))
@@ -207,11 +273,11 @@ class Trainer:
         else:
             self._log(f"resuming with {self.dist.world_size} processes from a run of {len(rngs)}: "
                       "dropout draws differ from an uninterrupted run")
-        self.step = state["step"]
-        self.best = manifest.get("val_loss")
+        self.step, self.wall_s = state["step"], state.get("wall_s", 0.0)
+        self.best = state.get("best")
         if self.dist.is_main:
             truncate_after(self.run_dir, self.step)
-            self._log(f"resumed from {path} (step {self.step})")
+            self._log(f"{self._prefix()}resumed from {path} (step {self.step})")
 
     def _rng_state(self) -> dict:
         return {"cpu": torch.get_rng_state(),
@@ -221,14 +287,29 @@ class Trainer:
         rngs = self.dist.gather(self._rng_state())
         if self.dist.is_main:
             state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": rngs,
-                     "model_signature": self._model_signature(),
-                     "data_signature": {"data": self.config.data, "train_tokens": self.tokens["train"].numel()}}
+                     "scheduler": self.scheduler.state_dict(), "rng": rngs, "wall_s": self.wall_s, "best": self.best,
+                     "model_signature": self.spec.signature, "data_signature": self.workload.signature()}
             ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, val_loss)
             ckpt.prune(self.run_dir, self.config.keep_last)
         self.dist.barrier()
 
-    # --- the loop -------------------------------------------------------------------------
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def evaluate(self, full: bool = False) -> dict:
+        """The workload's figures for the model now ({"loss"}, and {"accuracy"} for a task);
+        ``full``: over the whole evaluation split (text) or the test set (task)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.workload.evaluate(lambda x: self.spec.logits(self.ddp, x), self.device,
+                                          lambda: autocast_context(self.config, self.device), self.dist, full)
+        finally:
+            self.model.train(was_training)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _prefix(self) -> str:
+        return f"{self.name}: " if self.name else ""
 
     def _progress(self):
         show = self.dist.is_main and (self.config.progress == "always"
@@ -237,76 +318,113 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.config.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        return tqdm(total=self.config.steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.name,
+                    leave=self.name is None)
+
+    def _describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        what = self.spec.describe(self.model) if self.spec.describe else f"{n / 1e6:.2f}M parameters"
+        return (f"{self._prefix()}training {what} on {self.workload.description} (vocabulary "
+                f"{self.workload.vocab_size}) for {self.config.steps} steps on {self.device}; writing to {self.run_dir}")
+
+    def _train_step(self) -> tuple[float, float, float]:
+        """One optimiser step: (mean training loss over every process, gradient norm, lr used)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(c.grad_accum):
+            x, y = self.workload.batch(self.step, micro)
+            rows = slice(self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank)
+            x, y = x[rows].to(self.device, non_blocking=True), y[rows].to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or not self.dist.enabled \
+                else self.ddp.no_sync()
+            with sync:
+                with autocast_context(c, self.device):
+                    logits = self.spec.logits(self.ddp, x)
+                loss = self.workload.loss(logits, y)
+                (loss / c.grad_accum).backward()
+            loss_sum += loss.detach().double()
+        # the norm before clipping, logged: it shows a run heading for divergence
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   c.grad_clip if c.grad_clip > 0 else math.inf).item()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()  # the package's one optimiser step
+        self.scheduler.step()
+        train_loss = (self.dist.sum(loss_sum) / (c.grad_accum * self.dist.world_size)).item()
+        return train_loss, grad_norm, lr
 
     def train(self) -> dict:
-        """Run to ``config.steps``; returns {"step", "train_loss", "val_loss"} of the end."""
+        """Run to ``config.steps`` (or the time budget); returns {"step", "train_loss", "val",
+        "wall_s", "stopped_by_budget"} of the end, ``val`` the last evaluation's figures."""
         c = self.config
-        train_tokens = self.tokens["train"]
         bar = self._progress()
         say = (bar.write if bar is not None else self._log) if self.dist.is_main else (lambda s: None)
-        if self.step == 0 and self.dist.is_main:
-            n = sum(p.numel() for p in self.model.parameters())
-            say(f"training {n / 1e6:.2f}M parameters on {c.data} ({train_tokens.numel()} train tokens, "
-                f"vocabulary {self.tokenizer.vocab_size}) for {c.steps} steps; writing to {self.run_dir}")
-        train_loss = val_loss = None
-        tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
-        t_last = time.perf_counter()
-        while self.step < c.steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for micro in range(c.grad_accum):
-                offsets = train_offsets(train_tokens.numel(), c.seq_len, c.batch_size, c.seed, self.step, micro)
-                mine = offsets[self.dist.rank * self.per_rank:(self.dist.rank + 1) * self.per_rank]
-                x, y = (t.to(self.device) for t in windows(train_tokens, mine, c.seq_len))
-                sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or not self.dist.enabled \
-                    else self.ddp.no_sync()
-                with sync:
-                    with autocast_context(c, self.device):
-                        loss = token_loss_sum(self.ddp, x, y) / y.numel()
-                    (loss / c.grad_accum).backward()
-                loss_sum += loss.detach().double()
-            # the norm before clipping, logged: it shows a run heading for divergence
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                       c.grad_clip if c.grad_clip > 0 else math.inf).item()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
+        if self.step == 0:
+            say(self._describe())
+        train_loss, val, out_of_time = None, {}, False
+        while self.step < c.steps and not out_of_time:
+            t0 = time.perf_counter()
+            train_loss, grad_norm, lr = self._train_step()
+            dt = time.perf_counter() - t0
             self.step += 1
-            train_loss = (self.dist.sum(loss_sum) / (c.grad_accum * self.dist.world_size)).item()
+            self.wall_s += dt
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"the training loss became {train_loss} at step {self.step}; "
+                raise FloatingPointError(f"{self._prefix()}the training loss became {train_loss} at step {self.step}; "
                                          "try a lower lr or grad_clip")
-            now = time.perf_counter()
-            tok_s = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
+            out_of_time = c.budget_s > 0 and self.wall_s >= c.budget_s
+            tok_s = self.workload.tokens_per_step / max(dt, 1e-9)
             record = {"step": self.step, "train_loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": round(tok_s, 1)}
-            if self.step % c.eval_every == 0 or self.step == c.steps:
-                val_loss = evaluate(self.ddp, self.tokens["valid"], c, self.device, self.dist)
-                record["val_loss"] = val_loss
+                      "tokens_per_s": round(tok_s, 1), "wall_s": round(self.wall_s, 3)}
+            evaluated = self.step % c.eval_every == 0 or self.step == c.steps or out_of_time
+            if evaluated:
+                val = self.evaluate()
+                record.update({f"val_{k}": v for k, v in val.items()})
+                score = val[self.workload.metric]
+                better = (self.best is None or (score > self.best if self.workload.higher_is_better
+                                                else score < self.best))
+                self.best = score if better else self.best
             if self.metrics is not None:
                 self.metrics.write(record)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}")
-            if "val_loss" in record:
-                say(f"step {self.step}/{c.steps}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+            if evaluated:
+                figures = ", ".join(f"val {k} {v:.4f}" for k, v in val.items())
+                say(f"{self._prefix()}step {self.step}/{c.steps}: train loss {train_loss:.4f}, {figures}, "
                     f"lr {lr:.2e}, {tok_s:,.0f} tokens/s")
                 if c.plot and self.dist.is_main:
                     plot_losses(self.run_dir)
             elif bar is None and self.step % c.log_every == 0:
-                say(f"step {self.step}/{c.steps}: train loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s")
-            if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                say(f"{self._prefix()}step {self.step}/{c.steps}: train loss {train_loss:.4f}, lr {lr:.2e}, "
+                    f"{tok_s:,.0f} tokens/s")
+            if self.step % c.checkpoint_every == 0 or self.step == c.steps or out_of_time:
                 self.save(record.get("val_loss"))
         if bar is not None:
             bar.close()
+        if out_of_time and self.step < c.steps:
+            say(f"{self._prefix()}stopped by the time budget ({c.budget_s:g} s) at step {self.step} of {c.steps}")
         if self.metrics is not None:
             self.metrics.close()
-        return {"step": self.step, "train_loss": train_loss, "val_loss": val_loss}
+        return {"step": self.step, "train_loss": train_loss, "val": val, "val_loss": val.get("loss"),
+                "wall_s": self.wall_s, "stopped_by_budget": out_of_time and self.step < c.steps}
 
     def close(self) -> None:
         self.dist.close()
+
+
+def _flat(values: dict) -> dict:
+    """A config dict with its [model] table as ``model.KEY`` entries."""
+    out = {k: v for k, v in values.items() if k != "model"}
+    out.update({f"model.{k}": v for k, v in values.get("model", {}).items()})
+    return out
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove what a run writes (not other files a user keeps in the folder)."""
+    for name in ("checkpoints", "tb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in (METRICS_FILE, "config.toml", "loss.png", "tokenizer.json"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def load_model_state(model, state: dict, path) -> None:
@@ -322,8 +440,26 @@ def load_model_state(model, state: dict, path) -> None:
     model.load_state_dict(state)
 
 
+@torch.no_grad()
+def evaluate(model, tokens: torch.Tensor, config: TrainConfig, device, dist: Dist = Dist()) -> float:
+    """Mean next-token loss of a language model over the evaluation windows of ``tokens``
+    (``config.eval_windows`` windows spread evenly), the figure training logs as val_loss."""
+    device = torch.device(device)
+    work = TextWorkload({"train": tokens, "valid": tokens}, 0, config.seq_len, config.batch_size,
+                        eval_windows=config.eval_windows)
+    was_training = model.training
+    model.eval()
+    try:
+        return work.evaluate(lambda x: lm_logits(model, x), device, lambda: autocast_context(config, device),
+                             dist)["loss"]
+    finally:
+        model.train(was_training)
+
+
 def load_run(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu"):
     """(config, tokenizer, model in eval mode, checkpoint path) of a finished or running run."""
+    from ..data.tokenizers import load_tokenizer
+
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.toml'} not found: {run_dir} is not a training run directory")

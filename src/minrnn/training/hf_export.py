@@ -123,7 +123,7 @@ def check_pretrained_config(checkpoint: str | Path, config) -> None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read ({e}): damaged") from None
-    mine = config.to_dict()
+    mine = json.loads(config.to_json_string(use_diff=False))  # keys and values as config.json spells them
     differ = sorted(k for k in set(saved) & set(mine) if k not in _BOOKKEEPING and saved[k] != mine[k])
     if differ:
         detail = ", ".join(f"{k}: checkpoint {saved[k]!r} vs config {mine[k]!r}" for k in differ)

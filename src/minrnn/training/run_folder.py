@@ -53,6 +53,7 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         import fcntl
 
+        self._fd: int | None = None  # set first: __del__ runs even when __init__ raises
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         try:
@@ -77,7 +78,7 @@ class RunLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:  # a full disk: the lock holds without the pid
             pass
-        self._fd: int | None = fd
+        self._fd = fd
 
     @property
     def held(self) -> bool:
@@ -101,7 +102,7 @@ class RunLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        self.release()  # an abandoned lock is released, not leaked until the process ends
 
 
 def lock_holder(run_dir: str | Path) -> int | None:

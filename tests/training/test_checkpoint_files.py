@@ -280,3 +280,26 @@ def test_remote_code_route_loads_without_importing_minrnn(tmp_path):
     with torch.no_grad():
         assert float(total) == pytest.approx(model(torch.tensor([ids])).logits.sum().item(), rel=1e-6)
     assert module == "minrnn.models.modeling_minrnn"
+
+
+def test_latest_and_best_links_name_complete_checkpoints_transformers_loads(tmp_path):
+    tok = build_tokenizer("char", TEXT)
+    run = tmp_path / "run"
+    models = {step: small_model(tok.vocab_size, seed=step) for step in (1, 2, 3)}
+    assert hf_export.link_checkpoints(run) == {}
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 1.5)):
+        save(run, step, models[step], hf_export.pretrained_files(models[step], tok), val_loss=loss)
+        ckpt.prune(run, keep_last=1)
+        hf_export.link_checkpoints(run)
+    assert os.readlink(run / "latest") == os.path.join("checkpoints", "step_00000003")
+    assert os.readlink(run / "best") == os.path.join("checkpoints", "step_00000002")
+    x = torch.tensor([tok.encode(TEXT[:30])])
+    with torch.no_grad():
+        for link, step in (("latest", 3), ("best", 2)):
+            loaded = AutoModelForCausalLM.from_pretrained(run / link).eval()
+            assert torch.equal(loaded(x).logits, models[step](x).logits)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    # a folder the user made under that name is not replaced
+    os.unlink(run / "best")
+    (run / "best").mkdir()
+    assert list(hf_export.link_checkpoints(run)) == ["latest"] and not (run / "best").is_symlink()

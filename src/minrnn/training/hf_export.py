@@ -15,24 +15,30 @@ names ``minrnn_auto.py`` in the folder, one import line that loads the installed
 package's classes. It is off by default: with it, ``AutoTokenizer.from_pretrained`` without
 the import asks on the terminal whether to run the folder's code.
 
-`add_pretrained_files` upgrades a checkpoint of an earlier version in place.
+`link_checkpoints` keeps ``<run>/latest`` and ``<run>/best`` pointing at those checkpoint
+folders (symbolic links), the paths to give ``from_pretrained``; `add_pretrained_files`
+upgrades a checkpoint of an earlier version in place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
 from .._files import write_atomic
 from ..data.tokenizers import FILE as TOKENIZER_FILE
 from ..data.tokenizers import TokenizerError, hf_files, load_tokenizer
-from .checkpoint import MANIFEST, MODEL_FILE, STATE_FILE, CheckpointError, load_latest, verify
+from .checkpoint import (
+    MANIFEST, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_root, list_checkpoints, load_latest, verify,
+)
 
 __all__ = ["CONFIG_FILE", "REMOTE_CODE_FILE", "pretrained_files", "add_pretrained_files", "load_run_tokenizer",
-           "check_pretrained_config", "pretrained_path"]
+           "check_pretrained_config", "pretrained_path", "link_checkpoints", "LINKS"]
 
 CONFIG_FILE = "config.json"
+LINKS = ("latest", "best")
 REMOTE_CODE_FILE = "minrnn_auto.py"
 _REMOTE_CODE = '''"""Lets transformers' Auto classes load this folder with trust_remote_code=True without
 `import minrnn.models` first. The classes are those of the installed minrnn package."""
@@ -134,3 +140,36 @@ def pretrained_path(run_dir: str | Path, which: str = "latest") -> Path:
     """The folder of a run's newest (``which="latest"``) or best verified checkpoint, the one
     to hand to ``from_pretrained``; CheckpointError when it is damaged or absent."""
     return load_latest(run_dir, which, fallback=False)[0]
+
+
+def link_checkpoints(run_dir: str | Path) -> dict[str, Path]:
+    """Point ``<run>/latest`` at the newest checkpoint folder and ``<run>/best`` at the one the
+    ``best`` pointer names (relative symbolic links, each replaced atomically); returns
+    {link name: target} of the links made. Call it after `save_checkpoint` and `prune`. A link never names a
+    checkpoint that was not complete; a path of that name that is not a link is left alone."""
+    run_dir = Path(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return {}
+    targets = {"latest": ckpts[-1][1]}
+    try:
+        best = checkpoint_root(run_dir) / (checkpoint_root(run_dir) / "best").read_text().strip()
+        if best.name.startswith("step_") and best.is_dir():
+            targets["best"] = best
+    except (OSError, ValueError):
+        pass
+    made = {}
+    for name, target in targets.items():
+        link = run_dir / name
+        if link.exists() and not link.is_symlink():
+            continue
+        tmp = run_dir / f".{name}.link-{os.getpid()}"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.relpath(target, run_dir), tmp, target_is_directory=True)
+            os.replace(tmp, link)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot point {link} at {target.name}: {e.strerror or e}") from None
+        made[name] = target
+    return made

@@ -29,7 +29,7 @@ LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 # what a training run writes into its folder; anything else there is left alone
 RUN_FILES = ("checkpoints", METRICS_FILE, "config.toml", "tokenizer.json", "tokenizer_config.json", "bpe.json",
-             "loss.png", "tb")
+             "loss.png", "tb", "latest", "best")
 
 
 class RunFolderError(CheckpointError):
@@ -128,7 +128,7 @@ def _read_pid(fd: int) -> int | None:
 def existing_run_files(run_dir: str | Path) -> list[str]:
     """The names of the run files (RUN_FILES) present in ``run_dir``, sorted."""
     run_dir = Path(run_dir)
-    return sorted(name for name in RUN_FILES if (run_dir / name).exists())
+    return sorted(name for name in RUN_FILES if (run_dir / name).exists() or (run_dir / name).is_symlink())
 
 
 def check_fresh_start(run_dir: str | Path, overwrite: bool = False) -> list[str]:

@@ -3,6 +3,7 @@ point of the write, or holds a run folder's lock until its stdin closes.
 
     python fault_child.py save RUN STEP SEED KILL_AT
     python fault_child.py hold RUN
+    python fault_child.py write-loop RUN STEPS
 """
 
 import os
@@ -74,6 +75,11 @@ def main(argv) -> int:
         print(f"locked {os.getpid()}", flush=True)
         sys.stdin.read()  # until the parent closes it (or kills this process)
         lock.release()
+        return 0
+    if action == "write-loop":  # a trainer saving often, keeping one checkpoint, beside a reader
+        for step in range(1, int(argv[2]) + 1):
+            ckpt.save_checkpoint(run, step, state_of(step), {"step": step}, val_loss=1.0 / step)
+            ckpt.prune(run, keep_last=1)
         return 0
     step, seed, kill_at = int(argv[2]), int(argv[3]), argv[4]
     assert kill_at in KILL_POINTS, kill_at

@@ -113,7 +113,9 @@ def test_a_checkpoint_deleted_while_listed_is_passed_over(trained, tmp_path, mon
     run = shutil.copytree(trained[0], tmp_path / "run")
     listed = ckpt.list_checkpoints(run)
     shutil.rmtree(listed[-1][1])  # pruned by a trainer between the reader's listing and its reading
-    monkeypatch.setattr(ckpt, "list_checkpoints", lambda run_dir: listed)
+    listings = iter([listed])  # the first listing is stale, the next ones are not
+    real = ckpt.list_checkpoints
+    monkeypatch.setattr(ckpt, "list_checkpoints", lambda run_dir: next(listings, None) or real(run_dir))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path, _, _, _ = ckpt.load_latest(run, fallback=False)

@@ -116,6 +116,31 @@ def test_full_disk_in_a_child_is_one_line_and_keeps_the_earlier_checkpoints(tmp_
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def test_a_reader_loads_a_complete_checkpoint_while_a_trainer_saves_and_prunes(tmp_path):
+    import warnings
+
+    run = tmp_path / "run"
+    ckpt.save_checkpoint(run, 0, state_of(0), {"step": 0})
+    writer = child("write-loop", run, 150, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = set()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # not even a "skipping damaged checkpoint"
+            while writer.poll() is None or not seen:
+                _, model_state, state, _ = ckpt.load_latest(run, fallback=False)
+                expected = state_of(state["step"])
+                assert all(model_state[k].equal(expected[k]) for k in expected), state["step"]
+                seen.add(state["step"])
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        err = writer.stderr.read()
+        writer.stderr.close()
+    assert writer.wait() == 0, err
+    assert len(seen) > 2, f"the reader saw too few checkpoints to test anything: {sorted(seen)}"
+    assert ckpt.load_latest(run, fallback=False)[2]["step"] == 150
+
+
 def test_second_trainer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     holder = child("hold", run, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

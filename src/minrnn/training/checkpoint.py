@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -175,15 +176,21 @@ def verify(path: Path) -> dict:
         if not _plain_name(name) or not isinstance(spec, dict) or not isinstance(spec.get("size"), int) \
                 or not isinstance(spec.get("sha256"), str):
             raise CheckpointError(f"{path / MANIFEST}: entry {name!r} is malformed: damaged")
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing")
+        _check_file(path / name, spec)
+    return manifest
+
+
+def _check_file(f: Path, spec: dict) -> None:
+    try:
         size = f.stat().st_size
         if size != spec["size"]:
             raise CheckpointError(f"{f} has {size} bytes, the manifest says {spec['size']}: truncated or damaged")
         if _sha256(f) != spec["sha256"]:
             raise CheckpointError(f"{f} does not match its checksum: damaged")
-    return manifest
+    except FileNotFoundError:
+        raise CheckpointError(f"{f} is missing") from None
+    except OSError as e:  # also a checkpoint deleted while it is read: the caller looks again
+        raise CheckpointError(f"{f} cannot be read ({_reason(e)})") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict]:
@@ -212,9 +219,35 @@ def load_latest(run_dir: Path, which: str = "latest", fallback: bool = True) -> 
     """
     if which not in ("latest", "best"):
         raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+    for attempt in range(5):  # a trainer beside the reader may prune what was listed: then list again
+        candidates = _candidates(run_dir, which)
+        if not candidates:
+            # a listing taken while the newest was renamed in and the oldest out can miss both
+            if attempt < 4 and checkpoint_root(run_dir).is_dir():
+                time.sleep(0.01)
+                continue
+            raise CheckpointError(f"no checkpoint in {checkpoint_root(run_dir)}")
+        errors = []
+        for path in candidates:
+            try:
+                loaded = load_checkpoint(path)
+            except CheckpointError as e:
+                if not path.is_dir():  # deleted since it was listed
+                    break
+                if not fallback:
+                    raise CheckpointError(f"{e}; refusing to use {path.name}") from None
+                errors.append(str(e))
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+                continue
+            return (path, *loaded)
+        else:
+            raise CheckpointError("no usable checkpoint; " + "; ".join(errors))
+    raise CheckpointError(f"the checkpoints in {checkpoint_root(run_dir)} kept changing while they were read")
+
+
+def _candidates(run_dir: Path, which: str) -> list[Path]:
+    """Checkpoints to try, in order: newest first, the one the ``best`` pointer names first for "best"."""
     candidates = [p for _, p in reversed(list_checkpoints(run_dir))]
-    if not candidates:
-        raise CheckpointError(f"no checkpoint in {checkpoint_root(run_dir)}")
     # "latest" is the newest step that checks out (its pointer can lag by one after a crash
     # between the rename and the pointer's update); "best" follows its pointer first
     pointer = checkpoint_root(run_dir) / which
@@ -226,20 +259,7 @@ def load_latest(run_dir: Path, which: str = "latest", fallback: bool = True) -> 
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
-    errors = []
-    for path in candidates:
-        try:
-            loaded = load_checkpoint(path)
-        except CheckpointError as e:
-            if not path.is_dir():  # pruned since it was listed
-                continue
-            if not fallback:
-                raise CheckpointError(f"{e}; refusing to use {path.name}") from None
-            errors.append(str(e))
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-            continue
-        return (path, *loaded)
-    raise CheckpointError("no usable checkpoint; " + "; ".join(errors or [f"none left in {checkpoint_root(run_dir)}"]))
+    return candidates
 
 
 def _remove(path: Path) -> None:

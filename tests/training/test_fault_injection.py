@@ -94,26 +94,60 @@ def test_a_child_that_is_not_killed_writes_a_checkpoint_that_loads(tmp_path):
     assert ckpt.load_latest(run, fallback=False)[2] == {"step": 3, "seed": 3}
 
 
-def test_full_disk_in_a_child_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path):
-    """A real full disk: the run folder on a small tmpfs (needs the right to mount one)."""
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real disk that fills up (mounting one needs root)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
     if ok.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC tests cover the logic")
-    try:
-        run = mount / "run"
-        ckpt.save_checkpoint(run, 1, state_of(1), {"step": 1}, 1.0, extra_files=EXTRA)
-        before = {p.name: snapshot(p) for _, p in ckpt.list_checkpoints(run)}
-        (mount / "filler").write_bytes(b"x" * (160 * 1024 - 3 * 8192 - sum(map(len, before["step_00000001"].values()))))
-        r = run_child("save", run, 2, 2, "none")
-        assert r.returncode == 2, (r.returncode, r.stderr)
-        assert "No space left on device" in one_line(r.stderr) and "earlier checkpoints are kept" in r.stderr
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` so that about ``leave`` bytes stay free."""
+    filler = disk / "filler"
+    filler.unlink(missing_ok=True)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    filler.write_bytes(b"x" * max(0, free - leave))
+
+
+def test_a_real_full_disk_at_every_stage_of_a_save_keeps_the_earlier_checkpoint(small_disk):
+    run = small_disk / "run"
+    big = {**EXTRA, "tokenizer.json": b"t" * 9000}
+    ckpt.save_checkpoint(run, 1, state_of(1), {"step": 1}, 1.0, extra_files=big)
+    before = {p.name: snapshot(p) for _, p in ckpt.list_checkpoints(run)}
+    outcomes = []
+    for pages in range(0, 12):  # from no room at all to room for everything, a page at a time
+        _fill(small_disk, pages * 4096)
+        try:
+            path = ckpt.save_checkpoint(run, 2, state_of(2), {"step": 2}, 0.5, extra_files=big)
+        except ckpt.CheckpointError as e:
+            msg = one_line(str(e))
+            assert "No space left on device" in msg or "bytes free on its disk" in msg, msg
+            outcomes.append(msg.split(": ", 2)[-1][:40])
+        else:
+            ckpt.verify(path)
+            outcomes.append("saved")
+            ckpt._remove(path)
         assert_intact(run, before)
-        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
-        assert ckpt.load_latest(run, fallback=False)[2]["step"] == 1
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith((".tmp", ".trash"))]
+    print(outcomes)
+    assert outcomes[0] != "saved" and outcomes[-1] == "saved"
+
+
+def test_a_full_disk_in_a_child_is_a_one_line_message(small_disk):
+    run = small_disk / "run"
+    ckpt.save_checkpoint(run, 1, state_of(1), {"step": 1}, 1.0, extra_files=EXTRA)
+    before = {p.name: snapshot(p) for _, p in ckpt.list_checkpoints(run)}
+    _fill(small_disk, 4096)
+    r = run_child("save", run, 2, 2, "none")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert one_line(r.stderr).startswith("error: cannot write checkpoint") and "earlier checkpoints are kept" in r.stderr
+    assert_intact(run, before)
+    assert ckpt.load_latest(run, fallback=False)[2]["step"] == 1
 
 
 def test_a_reader_loads_a_complete_checkpoint_while_a_trainer_saves_and_prunes(tmp_path):

@@ -108,7 +108,11 @@ def _write_checkpoint_files(tmp: Path, step: int, model_state: dict, trainer_sta
     # the "format" entry is what transformers' save_pretrained writes too
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}, str(tmp / MODEL_FILE),
               metadata={"format": "pt"})
-    torch.save(trainer_state, tmp / STATE_FILE)
+    try:
+        torch.save(trainer_state, tmp / STATE_FILE)
+    except RuntimeError as e:  # torch reports a short write (a full disk) as "unexpected pos ..."
+        free = shutil.disk_usage(tmp).free
+        raise OSError(0, f"{STATE_FILE}: {_reason(e)} ({free} bytes free on its disk)") from None
     for name, data in extra.items():
         _write_file(tmp / name, data)
     files = {}

@@ -10,7 +10,7 @@ import pytest
 from minrnn.training import checkpoint as ckpt
 from minrnn.training.run_folder import (
     LOCK_FILE, RunFolderError, RunInUseError, RunLock, check_fresh_start, existing_run_files, lock_holder,
-    truncate_metrics,
+    truncate_metrics, write_run_file,
 )
 
 from .fault_child import state_of
@@ -118,3 +118,14 @@ def test_truncate_metrics_on_a_full_disk_leaves_the_file_as_it_was(tmp_path, mon
     monkeypatch.undo()
     assert _metrics(path) == [1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_run_file_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.toml"
+    write_run_file(path, b"seed = 1\n")
+    monkeypatch.setattr(os, "replace", enospc)
+    with pytest.raises(RunFolderError, match="cannot write .*config.toml: No space left on device") as e:
+        write_run_file(path, b"seed = 2\n")
+    monkeypatch.undo()
+    one_line(str(e.value))
+    assert path.read_bytes() == b"seed = 1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]

@@ -23,7 +23,7 @@ from .._files import fsync_dir, write_atomic
 from .checkpoint import CheckpointError, checkpoint_root, list_checkpoints
 
 __all__ = ["LOCK_FILE", "RUN_FILES", "RunFolderError", "RunInUseError", "RunLock", "check_fresh_start",
-           "truncate_metrics"]
+           "truncate_metrics", "write_run_file"]
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
@@ -188,3 +188,12 @@ def truncate_metrics(run_dir: str | Path, step: int) -> int:
     except OSError as e:
         raise RunFolderError(f"cannot rewrite {path}: {e.strerror or e}") from None
     return dropped
+
+
+def write_run_file(path: str | Path, data: bytes) -> None:
+    """Replace a run's file (``config.toml``, ...) atomically; a failed write (a full disk)
+    leaves the previous file and is a one-line RunFolderError."""
+    try:
+        write_atomic(Path(path), data)
+    except OSError as e:
+        raise RunFolderError(f"cannot write {path}: {e.strerror or e}") from None

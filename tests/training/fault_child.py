@@ -57,7 +57,7 @@ def arm(kill_at: str) -> None:
         os.rename = lambda src, dst: (real_rename(src, dst), ".trash-" in str(dst) and die())
     elif kill_at == "prune":
         def rmtree(path, ignore_errors=False):  # one file of the pruned checkpoint deleted, then killed
-            os.unlink(os.path.join(path, sorted(os.listdir(path))[0]))
+            os.unlink(os.path.join(path, min(os.listdir(path))))
             die()
         shutil.rmtree = rmtree
     else:

@@ -63,7 +63,7 @@ def test_sigkill_while_writing_a_checkpoint_loses_nothing_earlier(kill_at, survi
     assert_intact(run, before)
     steps = [s for s, _ in ckpt.list_checkpoints(run)]
     assert (3 in steps) == survives, steps
-    path, model_state, state, _ = ckpt.load_latest(run, fallback=False)
+    _, model_state, state, _ = ckpt.load_latest(run, fallback=False)
     assert state["step"] == (3 if survives else 2)
     expected = state_of(state["step"])
     assert all(model_state[k].equal(expected[k]) for k in expected)
@@ -120,7 +120,7 @@ def test_a_real_full_disk_at_every_stage_of_a_save_keeps_the_earlier_checkpoint(
     ckpt.save_checkpoint(run, 1, state_of(1), {"step": 1}, 1.0, extra_files=big)
     before = {p.name: snapshot(p) for _, p in ckpt.list_checkpoints(run)}
     outcomes = []
-    for pages in range(0, 12):  # from no room at all to room for everything, a page at a time
+    for pages in range(12):  # from no room at all to room for everything, a page at a time
         _fill(small_disk, pages * 4096)
         try:
             path = ckpt.save_checkpoint(run, 2, state_of(2), {"step": 2}, 0.5, extra_files=big)

@@ -18,15 +18,15 @@ that leaves the earlier checkpoints untouched.
 from __future__ import annotations
 
 import json
-import pickle
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -34,8 +34,17 @@ from .._files import fsync_dir as _fsync_dir
 from .._files import write_atomic
 from ..data.corpora import sha256_of as _sha256
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest", "verify", "prune",
-           "list_checkpoints", "write_atomic"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_root",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "prune",
+    "save_checkpoint",
+    "verify",
+    "write_atomic",
+]
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"

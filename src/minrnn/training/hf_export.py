@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from .._files import write_atomic
 from ..data.tokenizers import FILE as TOKENIZER_FILE
@@ -34,8 +34,17 @@ from .checkpoint import (
     MANIFEST, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_root, list_checkpoints, load_latest, verify,
 )
 
-__all__ = ["CONFIG_FILE", "REMOTE_CODE_FILE", "pretrained_files", "add_pretrained_files", "load_run_tokenizer",
-           "check_pretrained_config", "pretrained_path", "link_checkpoints", "LINKS"]
+__all__ = [
+    "CONFIG_FILE",
+    "LINKS",
+    "REMOTE_CODE_FILE",
+    "add_pretrained_files",
+    "check_pretrained_config",
+    "link_checkpoints",
+    "load_run_tokenizer",
+    "pretrained_files",
+    "pretrained_path",
+]
 
 CONFIG_FILE = "config.json"
 LINKS = ("latest", "best")

@@ -95,7 +95,7 @@ class RunLock:
             pass
         os.close(fd)  # closing the descriptor drops the flock
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc) -> None:

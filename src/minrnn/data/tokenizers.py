@@ -1,24 +1,41 @@
 """Tokenizers for training: characters, bytes, or BPE (HF ``tokenizers``), saved with a run.
 
-Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``
-and a ``unit`` ("char", "byte" or "token") naming what one id stands for. `load_tokenizer`
-reads back whichever one a run directory holds (``tokenizer.json``).
+Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``,
+``to_hf()`` (the same mapping as a ``tokenizers.Tokenizer``) and a ``unit`` ("char", "byte" or
+"token") naming what one id stands for.
+
+On disk a tokenizer is what transformers reads: ``tokenizer.json`` in the ``tokenizers``
+format plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained(dir)`` gives a fast
+tokenizer with the same ids. `load_tokenizer` reads that, and the format of earlier versions
+(``{"kind": ...}`` in ``tokenizer.json``, BPE merges in ``bpe.json``).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
+from .._files import write_atomic
+
 FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
 
 
 class VocabularyError(ValueError):
     """Text holds symbols the tokenizer cannot encode (the message names them)."""
 
 
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be read or written (the message names the file)."""
+
+
 class CharTokenizer:
-    """One id per character of a fixed alphabet (built from the corpus, sorted)."""
+    """One id per character of a fixed alphabet (built from the corpus, sorted).
+
+    Text with a character outside the alphabet is an error (VocabularyError here; the
+    ``tokenizers`` form raises too, as it has no unknown token), never a silent substitute.
+    """
 
     kind = "char"
     unit = "char"
@@ -28,7 +45,7 @@ class CharTokenizer:
         self.index = {c: i for i, c in enumerate(self.chars)}
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
+    def train(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
@@ -48,8 +65,31 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(self.chars[i] for i in ids)
 
+    def to_hf(self):
+        from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+        # every character its own word (newlines too, hence [\s\S]), words joined without spaces
+        tok = Tokenizer(models.WordLevel(dict(self.index), unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return tok
+
     def save(self, directory: Path) -> None:
-        _write_json(Path(directory) / FILE, {"kind": self.kind, "chars": self.chars})
+        save_hf(self, directory)
+
+
+def byte_symbols() -> list[str]:
+    """The printable character standing for each byte in byte-level BPE (GPT-2's mapping):
+    printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + extra))
+            extra += 1
+    return out
 
 
 class ByteTokenizer:
@@ -65,8 +105,18 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def to_hf(self):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        # byte-level BPE without merges: id b is byte b
+        vocab = {s: b for b, s in enumerate(byte_symbols())}
+        tok = Tokenizer(models.BPE(vocab, []))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
     def save(self, directory: Path) -> None:
-        _write_json(Path(directory) / FILE, {"kind": self.kind})
+        save_hf(self, directory)
 
 
 class BPETokenizer:
@@ -79,7 +129,7 @@ class BPETokenizer:
         self.tok = tok
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -101,10 +151,11 @@ class BPETokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids))
 
+    def to_hf(self):
+        return self.tok
+
     def save(self, directory: Path) -> None:
-        directory = Path(directory)
-        self.tok.save(str(directory / "bpe.json"))
-        _write_json(directory / FILE, {"kind": self.kind, "file": "bpe.json"})
+        save_hf(self, directory)
 
 
 def build_tokenizer(kind: str, train_text: str, bpe_vocab_size: int = 8192):
@@ -117,22 +168,91 @@ def build_tokenizer(kind: str, train_text: str, bpe_vocab_size: int = 8192):
     raise ValueError(f"tokenizer must be char, byte or bpe, got {kind!r}")
 
 
+# --- the files transformers reads -------------------------------------------------------------
+
+def hf_files(tokenizer) -> dict[str, bytes]:
+    """{file name: content} of ``tokenizer`` as a transformers fast tokenizer: what
+    ``PreTrainedTokenizerFast.save_pretrained`` writes (``tokenizer.json``,
+    ``tokenizer_config.json``). Decoding keeps spaces as they are (no clean-up)."""
+    from transformers import PreTrainedTokenizerFast
+
+    # no bos/eos/pad/unk: every id is a symbol of the text, as in training
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), clean_up_tokenization_spaces=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        fast.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def save_hf(tokenizer, directory: Path) -> None:
+    """Write ``tokenizer``'s files into ``directory``, each replaced atomically: a failed write
+    (a full disk) leaves the previous file or none, never a partial one; TokenizerError then."""
+    directory = Path(directory)
+    files = hf_files(tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    # tokenizer.json last: it is what `load_tokenizer` reads, so it never pairs with a stale config
+    for name in sorted(files, key=lambda n: n == FILE):
+        try:
+            write_atomic(directory / name, files[name])
+        except OSError as e:
+            raise TokenizerError(f"cannot write {directory / name}: {e.strerror or e}") from None
+    stale = directory / "bpe.json"  # an earlier version's BPE file, now inside tokenizer.json
+    stale.unlink(missing_ok=True)
+
+
 def load_tokenizer(directory: str | Path):
+    """The tokenizer saved in ``directory`` (either format); FileNotFoundError when there is
+    none, TokenizerError when its file is damaged."""
     directory = Path(directory)
     path = directory / FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: not a training run directory?")
-    spec = json.loads(path.read_text())
-    if spec["kind"] == "char":
-        return CharTokenizer(spec["chars"])
-    if spec["kind"] == "byte":
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} cannot be read ({_one_line(e)}): damaged") from None
+    if not isinstance(spec, dict):
+        raise TokenizerError(f"{path} holds no tokenizer: damaged")
+    if "kind" in spec:
+        return _load_old_format(directory, spec)
+    return _from_hf(path, spec)
+
+
+def _from_hf(path: Path, spec: dict):
+    """The project's tokenizer equal to a ``tokenizer.json`` of the ``tokenizers`` format."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_str(json.dumps(spec))
+    except Exception as e:  # tokenizers raises its own exception types
+        raise TokenizerError(f"{path} is not a valid tokenizer ({_one_line(e)}): damaged") from None
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if model.get("type") == "WordLevel" and isinstance(vocab, dict):
+        chars = sorted(vocab, key=vocab.get)
+        if [vocab[c] for c in chars] == list(range(len(chars))) and all(len(c) == 1 for c in chars):
+            return CharTokenizer(chars)
+    if model.get("type") == "BPE" and not model.get("merges") and isinstance(vocab, dict) \
+            and vocab == {s: b for b, s in enumerate(byte_symbols())}:
         return ByteTokenizer()
-    if spec["kind"] == "bpe":
+    return BPETokenizer(tok)
+
+
+def _load_old_format(directory: Path, spec: dict):
+    path = directory / FILE
+    kind = spec["kind"]
+    if kind == "char" and isinstance(spec.get("chars"), list):
+        return CharTokenizer(spec["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe" and isinstance(spec.get("file"), str):
         from tokenizers import Tokenizer
 
-        return BPETokenizer(Tokenizer.from_file(str(directory / spec["file"])))
-    raise ValueError(f"{path}: unknown tokenizer kind {spec['kind']!r}")
+        try:
+            return BPETokenizer(Tokenizer.from_file(str(directory / spec["file"])))
+        except Exception as e:  # tokenizers raises its own exception types
+            raise TokenizerError(f"{directory / spec['file']} cannot be read ({_one_line(e)})") from None
+    raise TokenizerError(f"{path}: unknown tokenizer kind {kind!r}")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False))
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]

@@ -110,16 +110,50 @@ def test_chunked_prefill_and_returned_cache():
     assert out.cache.get_seq_length() == 13 + NEW - 1  # the last token is generated, not yet read
 
 
-def test_generate_continues_from_a_given_cache():
-    """Read a prefix once, then generate from its cache with only the rest of the prompt."""
-    model = tiny_lm()
-    ids = random_ids(2, 9)
-    ref = generate(model, ids, True, do_sample=False)
+def prefilled_cache(model, ids):
     cache = MinRNNCache(model.config)
     with torch.no_grad():
-        model(ids[:, :6], cache=cache)
-    cont = generate(model, ids[:, 6:], True, do_sample=False, cache=cache)
-    assert torch.equal(cont[:, 3:], ref[:, 9:])
+        model(ids, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("options", [
+    dict(do_sample=False),
+    dict(do_sample=False, prefill_chunk_size=2),
+    dict(do_sample=False, repetition_penalty=3.0, no_repeat_ngram_size=2),
+    dict(do_sample=False, num_beams=3),
+    dict(do_sample=True, num_return_sequences=2, top_k=10),
+], ids=["greedy", "chunked-prefill", "penalties", "beam-search", "return-sequences"])
+def test_generate_continues_from_a_given_cache(options):
+    """Read a prefix once, then generate from its cache: with the whole sequence (as for any
+    transformers model), or with only the rest and an attention mask covering all of it. Either
+    way the result is what generating from the whole prompt without a cache gives."""
+    model = gen_lm()
+    ids = random_ids(2, 9)
+    ref = generate(model, ids, False, **{k: v for k, v in options.items() if k != "prefill_chunk_size"})
+    whole = generate(model, ids, True, cache=prefilled_cache(model, ids[:, :6]), **options)
+    assert torch.equal(whole, ref)  # the penalties see the cached prompt tokens too
+    rest = generate(model, ids[:, 6:], True, cache=prefilled_cache(model, ids[:, :6]),
+                    attention_mask=torch.ones(2, 9, dtype=torch.long), **options)
+    if "repetition_penalty" not in options:  # (they see only the given tokens here)
+        assert torch.equal(rest, ref[:, 6:])
+    # the cache went on from the prefix: its count includes it
+    cache = prefilled_cache(model, ids[:, :6])
+    generate(model, ids, True, cache=cache, **options)
+    rows = max(options.get("num_beams", 1), options.get("num_return_sequences", 1)) * 2
+    assert cache.get_seq_length() == 9 + NEW - 1 and cache.batch_size == rows
+
+
+def test_generate_from_a_cache_needs_the_cached_positions_in_the_input():
+    model = tiny_lm()
+    ids = random_ids(2, 9)
+    # only the rest, no mask: 3 positions given, but the cache has read 6 of the sequence
+    with pytest.raises(ValueError, match="already read 6 positions") as info:
+        generate(model, ids[:, 6:], True, cache=prefilled_cache(model, ids[:, :6]))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="attention_mask of 5"):
+        generate(model, ids[:, 6:], True, cache=prefilled_cache(model, ids[:, :6]),
+                 attention_mask=torch.ones(2, 5, dtype=torch.long))
 
 
 class ShapeRecorder:
@@ -156,19 +190,53 @@ def test_per_token_work_does_not_grow_with_context(use_cache):
         assert fed[200][-1] == (2, 200 + NEW - 1, 16)
 
 
-def test_unsupported_generation_modes_raise():
+@pytest.mark.parametrize("options,message", [
+    (dict(cache_implementation="static"), "cache_implementation='static'"),
+    (dict(assistant_model="draft"), "assisted .*assistant_model given"),
+    (dict(prompt_lookup_num_tokens=3), "assisted .*prompt_lookup_num_tokens given"),
+    (dict(assistant_early_exit=1), "assisted .*assistant_early_exit given"),
+    (dict(penalty_alpha=0.6, top_k=4), "contrastive search"),
+    (dict(use_cache=False, cache="prefilled"), "cache and use_cache=False"),
+], ids=["static-cache", "assistant-model", "prompt-lookup", "early-exit", "contrastive", "cache-without-use-cache"])
+def test_unsupported_generation_modes_raise_one_line(options, message):
     model = tiny_lm()
     ids = random_ids(1, 4)
-    with pytest.raises(ValueError, match="cache_implementation"):
-        model.generate(ids, max_new_tokens=2, cache_implementation="static")
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(ids, max_new_tokens=2, assistant_model=tiny_lm(seed=1))
+    if options.get("assistant_model") == "draft":
+        options = {**options, "assistant_model": tiny_lm(seed=1)}
+    if options.get("cache") == "prefilled":
+        options = {**options, "cache": prefilled_cache(model, ids)}
+    with pytest.raises(ValueError, match=message) as info:
+        model.generate(ids, max_new_tokens=2, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_generation_refuses_other_caches_and_rollbacks():
+    model = tiny_lm()
+    ids = random_ids(1, 4)
     from transformers import DynamicCache
 
-    with pytest.raises(TypeError, match="MinRNNCache"):
-        model.generate(ids, max_new_tokens=2, cache=DynamicCache())
-    with pytest.raises(RuntimeError, match="rolled back|cannot"):
-        MinRNNCache(model.config).activate_past_recording()
+    for key in ("cache", "past_key_values"):
+        with pytest.raises(TypeError, match="MinRNNCache"):
+            model.generate(ids, max_new_tokens=2, **{key: DynamicCache()})
+    cache = MinRNNCache(model.config)
+    assert not cache.is_croppable  # so transformers never plans a rollback
+    for call in (cache.activate_past_recording, lambda: cache.activate_past_recording(recurrent_states_to_keep=2),
+                 lambda: cache.crop(-1), cache.layers[0].activate_past_recording, lambda: cache.layers[0].crop(-1)):
+        with pytest.raises(RuntimeError, match="rolled back|rollback|cropped"):
+            call()
+
+
+def test_generation_uses_no_private_transformers_hook():
+    """generate() is reached through transformers' public methods only (generate,
+    prepare_inputs_for_generation), so a release that renames its private helpers cannot
+    break it silently."""
+    from minrnn.models import MinRNNForCausalLM
+    from minrnn.models.generation_minrnn import MinRNNGenerationMixin
+
+    for cls in (MinRNNForCausalLM, MinRNNGenerationMixin):
+        overridden = {name for name in vars(cls) if name.startswith("_") and not name.startswith("__")}
+        from transformers import GenerationMixin
+        assert not overridden & set(vars(GenerationMixin)), overridden & set(vars(GenerationMixin))
 
 
 def test_generate_from_inputs_embeds():

@@ -11,7 +11,7 @@ It follows transformers' conventions for linear-attention / state-space caches: 
 a `LinearAttentionCacheLayerMixin` (so `Cache.get_conv_state`, `update_conv_state`,
 `get_recurrent_state`, `update_recurrent_state`, `reorder_cache` (beam search) and
 `is_linear` work as for Mamba), and the container is a `Cache`. A recurrent state cannot be
-rolled back, so `crop` and past recording (assisted decoding) raise.
+rolled back, so `crop` and past recording (assisted decoding) raise, and `is_croppable` is False.
 """
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ from torch import Tensor
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
 
+_NO_ROLLBACK = ("MinRNNCache cannot record its past for a rollback: a recurrent state is overwritten at every token, "
+                "so a MinRNN model cannot be used for assisted (speculative) decoding")
+_NO_CROP = "MinRNNCache cannot be cropped: the recurrent state keeps no per-token history"
+
+
 class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
     """One block's state (state index 0 only).
 
@@ -28,6 +33,10 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         conv_window: how many past conv inputs the block's conv needs (kernel - 1; 0 when the
             block has no conv or a kernel of 1).
     """
+
+    # transformers asks this before it would record states for a rollback (assisted decoding,
+    # deferred stopping); this layer keeps no per-token history to roll back to
+    is_croppable = False
 
     def __init__(self, conv_window: int = 0):
         super().__init__(number_of_states=1)
@@ -44,6 +53,9 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         for t in (conv_states, recurrent_states):
             if t is not None and self.device is None:
                 self.device, self.dtype = t.device, t.dtype
+            if t is not None:
+                # read by Cache.batch_size (transformers looks for this attribute on each layer)
+                self.batch_size = t.shape[0]
         if conv_states is not None:
             B, D = conv_states.shape[:2]
             self.conv_states[state_idx] = conv_states.new_zeros(B, D, self.conv_kernel_size[state_idx])
@@ -81,16 +93,27 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         self.seen_tokens += int(num_tokens)
         return self.recurrent_states[state_idx]
 
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
     def reset(self) -> None:
         super().reset()
         self.seen_tokens = 0
+
+    def activate_past_recording(self, *args, **kwargs):
+        raise RuntimeError(_NO_ROLLBACK)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(_NO_CROP)
 
     def _map_batch(self, fn) -> None:
         for i in range(self.number_of_states):
             if self.is_conv_states_initialized[i]:
                 self.conv_states[i] = fn(self.conv_states[i])
+                self.batch_size = self.conv_states[i].shape[0]
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = fn(self.recurrent_states[i])
+                self.batch_size = self.recurrent_states[i].shape[0]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -113,6 +136,9 @@ class MinRNNCache(Cache):
     def __init__(self, config):
         window = config.conv_kernel - 1 if config.use_conv else 0
         super().__init__(layers=[MinRNNCacheLayer(window) for _ in range(config.num_hidden_layers)])
+        # set by generate() when it continues from this cache: how many of the prompt's last
+        # positions the cache has not read (the rest it has)
+        self.prompt_positions_to_read: int | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx >= len(self.layers):
@@ -124,14 +150,11 @@ class MinRNNCache(Cache):
         # The decode step branches in Python on the shapes; don't let generate() auto-compile it.
         return False
 
-    def activate_past_recording(self):
-        raise RuntimeError(
-            "MinRNNCache cannot record its past for a rollback: a recurrent state is overwritten at every token, "
-            "so a MinRNN model cannot be used for assisted (speculative) decoding"
-        )
+    def activate_past_recording(self, *args, **kwargs):
+        raise RuntimeError(_NO_ROLLBACK)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("MinRNNCache cannot be cropped: the recurrent state keeps no per-token history")
+        raise RuntimeError(_NO_CROP)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         raise RuntimeError("MinRNNCache has no attention layers, so there are no attention mask sizes")

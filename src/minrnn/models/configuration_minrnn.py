@@ -2,15 +2,17 @@
 
 A transformers 5 configuration: a strict dataclass, so every field is type-checked and
 range-checked when the config is built, loaded (from_pretrained) or assigned to, and a
-bad value fails there with a message naming the field, not later inside the model.
+bad value fails there with a one-line ValueError naming the field, not later inside the model.
 """
 
 # No `from __future__ import annotations`: the strict dataclass checks the annotations at
 # run time, so they must stay real types.
 
+import functools
 import math
 
 from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
 
 from ..ops import BACKENDS
@@ -164,6 +166,28 @@ class MinRNNConfig(PreTrainedConfig):
                 f"mlp_mult={self.mlp_mult} with hidden_size={self.hidden_size} gives an MLP width of "
                 f"{self.mlp_hidden_size}; it must be >= 1"
             )
+
+
+def _one_line_value_errors(method):
+    """Re-raise the strict dataclass's two-line wrapper error as the one-line ValueError of the
+    validator (or type check) inside it, which already names the field and what it expects."""
+
+    @functools.wraps(method)
+    def checked(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except StrictDataclassError as err:
+            cause = err.__cause__ if err.__cause__ is not None else err
+            message = " ".join(str(cause).split())
+            raise ValueError(f"MinRNNConfig: {message}") from None
+
+    return checked
+
+
+# After @strict: building (also from_pretrained / from_dict), assigning and validating.
+for _name in ("__init__", "__setattr__", "validate"):
+    setattr(MinRNNConfig, _name, _one_line_value_errors(getattr(MinRNNConfig, _name)))
+del _name
 
 
 __all__ = ["MinRNNConfig", "CELLS"]

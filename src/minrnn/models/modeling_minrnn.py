@@ -25,7 +25,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -42,6 +42,8 @@ from ..ops.cells import get_cell
 from ..ops.conv import causal_conv
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
+from .generation_minrnn import MinRNNGenerationMixin
+from .loading_minrnn import check_loaded_weights
 
 # transformers 5 calls the cache `cache`; these older names are accepted with a warning.
 _CACHE_ALIASES = ("past_key_values", "cache_params")
@@ -208,8 +210,20 @@ class MinRNNPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MinRNNBlock"]
-    # a recurrent state cannot be rolled back: generate() refuses assisted decoding for it
+    # a recurrent state cannot be rolled back (older transformers read this to refuse assisted decoding)
     _is_stateful = True
+    # task heads that a checkpoint of another task may lack (created fresh) or hold (dropped)
+    _new_head_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """transformers' ``from_pretrained``, but weights that do not fit the config (a layer
+        missing or left over, ``tie_word_embeddings`` changed) raise a one-line ValueError
+        instead of leaving random or dropped weights; a task head new to the checkpoint (e.g.
+        the classifier's ``score`` on a language model's weights) is still created fresh."""
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        check_loaded_weights(model, info, source=args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return (model, info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -300,8 +314,6 @@ class MinRNNModel(MinRNNPreTrainedModel):
             raise ValueError(f"inputs_embeds must be (batch, time, {self.config.hidden_size}), "
                              f"got shape {tuple(inputs_embeds.shape)}")
         B, T = inputs_embeds.shape[:2]
-        if T == 0:
-            raise ValueError("the input has zero positions")
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         if use_cache is None:
@@ -316,7 +328,8 @@ class MinRNNModel(MinRNNPreTrainedModel):
         hidden_states = self.dropout(inputs_embeds)
         all_hidden = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
-            hidden_states = block(hidden_states, mask=mask, cache=cache)
+            # no positions: nothing to read, and the cache stays as it is
+            hidden_states = block(hidden_states, mask=mask, cache=cache) if T > 0 else hidden_states
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         return BaseModelOutputWithPast(
@@ -326,16 +339,17 @@ class MinRNNModel(MinRNNPreTrainedModel):
         )
 
 
-class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
+class MinRNNForCausalLM(MinRNNPreTrainedModel, MinRNNGenerationMixin):
     """MinRNNModel + a linear LM head (tied to the embeddings when ``tie_word_embeddings``).
 
     ``generate()`` runs the prompt through the model in parallel once (the prefill), then
     feeds one token per step from a ``MinRNNCache``: the work and memory of a step do not
     depend on how long the context is. Greedy search, sampling (temperature, top-k, top-p,
-    ...), beam search, repetition penalties, stop tokens, ``prefill_chunk_size``
-    and batched left-padded prompts work as for any transformers model. Not supported, with
-    an error: assisted / speculative decoding (a recurrent state cannot be rolled back) and
-    ``cache_implementation`` values other than "dynamic" (the cache has a fixed size already).
+    ...), beam search, repetition penalties, stop tokens, ``prefill_chunk_size``, batched
+    left-padded prompts and continuing from a given cache work as for any transformers model.
+    Not supported, with a one-line error: assisted / speculative decoding (a recurrent state
+    cannot be rolled back), contrastive search and ``cache_implementation`` values other than
+    "dynamic" (the cache has a fixed size already). See ``MinRNNGenerationMixin``.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -345,23 +359,6 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, GenerationMixin):
         self.model = MinRNNModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        # generate() would otherwise build a key/value DynamicCache from the config.
-        impl = generation_config.cache_implementation
-        if impl not in (None, "dynamic"):
-            raise ValueError(
-                f"cache_implementation={impl!r} is not supported by MinRNN: its cache is a fixed-size recurrent "
-                "state (MinRNNCache), already as small as a static cache; leave cache_implementation unset"
-            )
-        cache = model_kwargs.get("cache")
-        if cache is not None:
-            _check_cache(cache, self.config)
-            cache._is_user_defined = True
-            return
-        if generation_config.use_cache is False:
-            return
-        model_kwargs["cache"] = MinRNNCache(self.config)
 
     @_accept_cache_aliases
     @can_return_tuple
@@ -408,7 +405,10 @@ class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
     The last real token of a row is the rightmost position whose ``attention_mask`` is 1
     (left or right padding), else the rightmost token that is not ``pad_token_id``, else the
     last position. Since the model is causal, that position has read the whole sequence.
+    ``from_pretrained`` on a language model's weights creates ``score`` fresh.
     """
+
+    _new_head_modules = ("score",)
 
     def __init__(self, config: MinRNNConfig):
         super().__init__(config)
@@ -437,6 +437,8 @@ class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
                          output_attentions=kwargs.pop("output_attentions", None))
         hidden = out.last_hidden_state
         B, T = hidden.shape[:2]
+        if T == 0:
+            raise ValueError("the input has no positions: a sequence classifier needs at least one token per row")
         positions = torch.arange(T, device=hidden.device)
         if attention_mask is not None:
             real = _positions_mask(attention_mask, B, T)

@@ -52,15 +52,17 @@ def test_greedy_with_and_without_cache_agree(block):
     dict(do_sample=True, top_k=5),
     dict(do_sample=True, top_p=0.7, temperature=1.3),
     dict(do_sample=False, repetition_penalty=1.5),
-    dict(do_sample=False, num_beams=3),
+    dict(do_sample=False, num_beams=3, no_repeat_ngram_size=1),  # varied tokens: the state is exercised
     dict(do_sample=True, num_beams=2, top_k=10),
     dict(do_sample=True, num_return_sequences=3),
 ], ids=["temperature", "top-k", "top-p", "repetition-penalty", "beam-search", "beam-sample", "return-sequences"])
 def test_decoding_options_with_and_without_cache_agree(options):
-    model = tiny_lm(cell="minlstm")
+    """Without the cache every step re-reads the whole sequence in one full forward pass."""
+    model = gen_lm(cell="minlstm")
     ids = random_ids(2, 5)
     cached = generate(model, ids, True, **options)
     assert torch.equal(cached, generate(model, ids, False, **options))
+    assert len(set(cached[:, 5:].flatten().tolist())) >= 4  # varied tokens, not one repeated
 
 
 def test_decoding_options_take_effect():

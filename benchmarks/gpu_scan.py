@@ -267,8 +267,8 @@ def run_rows(s: Setting) -> list[dict]:
                     if s.device.type == "cuda":
                         torch.cuda.empty_cache()
                     rows.append(row)
-                    print(f"  {table:5s} {name:40s} C={C:5d} T={T:6d}  "
-                          f"{'%.3f ms' % row['ms'] if row['ms'] is not None else row['note']}", flush=True)
+                    shown = f"{row['ms']:.3f} ms" if row["ms"] is not None else row["note"]
+                    print(f"  {table:5s} {name:40s} C={C:5d} T={T:6d}  {shown}", flush=True)
     return rows
 
 

@@ -8,7 +8,8 @@ import torch
 
 import minrnn
 from minrnn.bench.decode import KVCacheDecoder
-from minrnn.bench.layers import PaperMinGRU, layer_candidates, paper_mingru, run as run_layers
+from minrnn.bench.layers import PaperMinGRU, layer_candidates, paper_mingru
+from minrnn.bench.layers import run as run_layers
 from minrnn.bench.runner import Budget
 from minrnn.bench.settings import Settings
 from minrnn.ops import BACKENDS

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from minrnn.bench.measure import (copy_bandwidth, num_threads, peak_from_events, peak_memory, saved_tensor_bytes,
-                                  scan_bytes, set_malloc_policy)
+from minrnn.bench.measure import (
+    copy_bandwidth,
+    num_threads,
+    peak_from_events,
+    peak_memory,
+    saved_tensor_bytes,
+    scan_bytes,
+    set_malloc_policy,
+)
 
 MiB = 2**20
 F32 = 4  # bytes

@@ -4,7 +4,6 @@ dispatch, and the errors."""
 import pytest
 import torch
 
-from minrnn.ops import conv as conv_ops
 from minrnn.ops import cpu
 from minrnn.ops.conv import causal_conv, causal_conv_reference
 

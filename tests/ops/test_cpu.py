@@ -183,7 +183,7 @@ def test_cache_serves_a_cycle_larger_than_its_limit():
     before that layer asks for them again)."""
     cache = cpu.OutputCache(limit_bytes=20 << 10, min_bytes=0)
     hits = []
-    for step in range(5):
+    for _ in range(5):
         for floats in (1024, 2048):  # layer A: two 4 KiB outputs, layer B: two 8 KiB ones
             held = {b.ctypes.data for b in cache._idle.values()}
             ts = [cache.empty((floats,), torch.float32) for _ in range(2)]
@@ -316,14 +316,14 @@ def test_minlstm_gates_elementwise_on_both_sides_of_the_raw_threshold(dtype, one
     names = ["h", "grad hidden", "grad forget", "grad input", "grad h0"]
     got = run_with_grads(lambda *a: cpu.cpu_minlstm(*a, True), [t.to(dtype) for t in (x, f, i, h0)], w)
     for name, g, r in zip(names, got, ref):
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"cell, {name}: {m}")
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"cell, {name}: {m}")
     C = shape[2]
     eye = torch.eye(3 * C, dtype=dtype)
     got = run_with_grads(lambda p, h: cpu.cpu_projected_cell(get_cell("minlstm"), p, eye, None, h, (True,)),
                          [torch.cat([x, f, i], -1).to(dtype), h0.to(dtype)], w)
     dpre = got[1].split(C, -1)
     for name, g, r in zip(names, [got[0], *dpre, got[2]], ref):
-        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m: f"layer, {name}: {m}")
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"layer, {name}: {m}")
 
 
 def _fused_ops(t):
@@ -393,7 +393,7 @@ def test_projected_cell_passes_gradcheck():
         b = torch.randn(n * 4, dtype=torch.float64, requires_grad=True)
         h0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
         spec = get_cell(cell)
-        assert torch.autograd.gradcheck(lambda *t: cpu.cpu_projected_cell(spec, *t, spec.options()), (x, w, b, h0))
+        assert torch.autograd.gradcheck(lambda *t, spec=spec: cpu.cpu_projected_cell(spec, *t, spec.options()), (x, w, b, h0))
 
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])

@@ -14,7 +14,7 @@ from ..conftest import FAST_BACKENDS, SIGNED_BACKENDS, TOL, assert_close_scaled,
 LENGTHS = [1, 2, 3, 17, 64, 1000, 4097]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(T, with_h0, positive):
     a, b, h0 = make_scan_inputs(2, T, 3, positive=positive, seed=T, with_h0=with_h0)
     w = torch.randn(2, T, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))

@@ -219,12 +219,12 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
     """The interpreter runs the kernels' Python; the compiler checks what it does not (types
     of loop-carried values, the pipelined loads) down to an sm_90 binary, and the shared
     memory that the default tiles need against the H100's 227 KB."""
-    from minrnn.ops import _triton_kernels, triton as backend
+    from minrnn.ops import _triton_kernels
+    from minrnn.ops import triton as backend
 
     if _triton_kernels.INTERPRETED:
         pytest.skip("this process runs Triton's interpreter")
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from minrnn.ops.triton import triton_minlstm, triton_mingru, triton_scan
+from minrnn.ops.triton import triton_mingru, triton_minlstm, triton_scan
 
 
 def _strided(x):

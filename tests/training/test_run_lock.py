@@ -9,8 +9,15 @@ import pytest
 
 from minrnn.training import checkpoint as ckpt
 from minrnn.training.run_folder import (
-    LOCK_FILE, RunFolderError, RunInUseError, RunLock, check_fresh_start, existing_run_files, lock_holder,
-    truncate_metrics, write_run_file,
+    LOCK_FILE,
+    RunFolderError,
+    RunInUseError,
+    RunLock,
+    check_fresh_start,
+    existing_run_files,
+    lock_holder,
+    truncate_metrics,
+    write_run_file,
 )
 
 from .fault_child import state_of

@@ -7,7 +7,12 @@ import torch
 
 from minrnn.data.text import DataError, eval_offsets, load_splits, split_90_10, train_offsets, windows
 from minrnn.data.tokenizers import (
-    BPETokenizer, ByteTokenizer, CharTokenizer, VocabularyError, build_tokenizer, load_tokenizer,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    VocabularyError,
+    build_tokenizer,
+    load_tokenizer,
 )
 
 from .conftest import TINY, minrnn

@@ -10,7 +10,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 import minrnn.data.tokenizers as T
 from minrnn.data.tokenizers import (
-    BPETokenizer, ByteTokenizer, CharTokenizer, TokenizerError, VocabularyError, build_tokenizer, load_tokenizer,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    TokenizerError,
+    VocabularyError,
+    build_tokenizer,
+    load_tokenizer,
 )
 
 from .run_helpers import enospc, one_line, shakespeare

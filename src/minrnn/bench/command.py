@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 HELP = ("time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
         "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m minrnn.bench [options]`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="python -m minrnn.bench", description=HELP)

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,10 @@ class LayerCandidate:
     role: str  # "minrnn" | "paper" | "rnn" | "floor"
     #: (width, device, dtype) -> a module with forward(x (B, T, width)) -> (B, T, out)
     build: Callable[[int, torch.device, torch.dtype], nn.Module]
-    backend: Optional[str] = None
+    backend: str | None = None
     default: bool = False  # the backend "auto" resolves to on this device
     #: the module's input projection, for the float64 reference (minrnn forms only)
-    projection: Optional[Callable[[nn.Module], nn.Linear]] = None
+    projection: Callable[[nn.Module], nn.Linear] | None = None
 
 
 def runnable_backends(device: torch.device) -> list[str]:
@@ -148,7 +148,7 @@ def layer_candidates(device: torch.device) -> list[LayerCandidate]:
     return out
 
 
-def float64_error(cand: LayerCandidate, module: nn.Module, x: Tensor) -> Optional[float]:
+def float64_error(cand: LayerCandidate, module: nn.Module, x: Tensor) -> float | None:
     """Max abs error of the module's output against the same weights in float64, scanned
     by the sequential loop; None for candidates that are not a minrnn form."""
     if cand.projection is None:

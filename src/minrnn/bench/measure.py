@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor

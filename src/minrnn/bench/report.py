@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 MiB = 2**20
 DASH = "—"
@@ -18,7 +18,7 @@ DASH = "—"
 # --- formatting ----------------------------------------------------------------------
 
 
-def fmt(x: Optional[float], kind: str = "ms") -> str:
+def fmt(x: float | None, kind: str = "ms") -> str:
     """A cell: "ms" (3 significant digits), "ratio" (2 decimals), "mib", "err" (1.2e-07),
     "pct"; None is a dash."""
     if x is None:
@@ -153,7 +153,7 @@ ERROR_LENGTH = 4096
 ERROR_MAX = 1e-5
 
 
-def _target(text: str, value: str, ok: Optional[bool]) -> dict:
+def _target(text: str, value: str, ok: bool | None) -> dict:
     return {"target": text, "measured": value, "pass": ok}
 
 

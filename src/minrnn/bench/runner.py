@@ -27,8 +27,8 @@ and the run goes on. All of this is recorded in its ``note``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ class Budget:
     repeats: int = 5
     max_step_s: float = 5.0
     budget_s: float = 20.0
-    max_bytes: Optional[int] = None
+    max_bytes: int | None = None
     measure_memory: bool = True
     #: a repeat of a step shorter than this runs it several times (reset included) and
     #: divides, so that timer resolution and per-call jitter do not dominate tiny sizes
@@ -66,14 +66,14 @@ class Budget:
 
 @dataclass
 class Result:
-    ms: Optional[float] = None  # median, None when skipped
+    ms: float | None = None  # median, None when skipped
     times_ms: list[float] = field(default_factory=list)
-    peak_bytes: Optional[int] = None
-    saved_bytes: Optional[int] = None
+    peak_bytes: int | None = None
+    saved_bytes: int | None = None
     steps_per_repeat: int = 1
     #: minor page faults of the process per step, one value per timed repeat (None where
     #: the platform cannot count them)
-    faults: list[Optional[float]] = field(default_factory=list)
+    faults: list[float | None] = field(default_factory=list)
     #: the warm step before each timed repeat, timed alone (empty for a step of at least
     #: Budget.warm_below_s): the first step after the other candidates
     cold_ms: list[float] = field(default_factory=list)
@@ -91,12 +91,12 @@ class Result:
                 "cold_ms": _median_or_none(self.cold_ms), "note": self.note}
 
 
-def _median_or_none(xs: list[Optional[float]]) -> Optional[float]:
+def _median_or_none(xs: list[float | None]) -> float | None:
     known = [x for x in xs if x is not None]
     return median(known) if known else None
 
 
-def minor_page_faults() -> Optional[int]:
+def minor_page_faults() -> int | None:
     """Minor page faults of this process so far (None where ``resource`` is missing)."""
     try:
         import resource
@@ -193,7 +193,7 @@ def run_cases(cases: list[Case], device: torch.device, budget: Budget,
                                     / res.steps_per_repeat)
                 f1 = minor_page_faults()
                 res.faults.append(None if f0 is None else (f1 - f0) / res.steps_per_repeat)
-    for name, res in results.items():
+    for res in results.values():
         if res.times_ms:
             res.ms = median(res.times_ms)
     return results

@@ -56,7 +56,7 @@ class Settings:
     decode_batch: int = 1
 
     @classmethod
-    def make(cls, quick: bool = False, **overrides) -> "Settings":
+    def make(cls, quick: bool = False, **overrides) -> Settings:
         """The run of record, or with ``quick`` the tiny one; ``overrides`` replace fields
         (None values are ignored, so a CLI can pass its unset options straight through)."""
         overrides = {k: v for k, v in overrides.items() if v is not None}

@@ -7,9 +7,10 @@ import datetime
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, TextIO
+from typing import NamedTuple, TextIO
 
 import torch
 
@@ -23,7 +24,7 @@ class Suite(NamedTuple):
     run: Callable[[Settings], dict]
     table: Callable[[dict, dict], str]
     plot: Callable[[dict, dict, Path], None]
-    targets: Optional[Callable[[dict], list]] = None
+    targets: Callable[[dict], list] | None = None
 
 
 SUITES = {
@@ -43,7 +44,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=5)

@@ -46,10 +46,9 @@ slower). ``mamba_scan="auto"`` (default) takes mambapy when installed, else the 
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn

@@ -15,8 +15,8 @@ for every model. The parts: plan.py turns the request into runs, runner.py train
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .plan import CompareConfig, CompareError, RunSpec, check_optim, parse_optim, parse_options, plan_runs
 from .presets import load_preset

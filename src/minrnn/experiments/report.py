@@ -72,7 +72,7 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
             reach_name = "steps to Transformer's best"
         final_name = "test accuracy" if task_kind else "final loss, whole eval split"
         extra = ["ppl"] if "wikitext" in preset.experiment else []
-        header = ["run", "params", "steps", "peak lr", f"final val {metric}", f"best val (step)", final_name, *extra,
+        header = ["run", "params", "steps", "peak lr", f"final val {metric}", "best val (step)", final_name, *extra,
                   reach_name, "wall s", "tokens/s", "peak MiB"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in rows:

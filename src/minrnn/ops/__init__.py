@@ -14,13 +14,13 @@ and one ``register(...)`` line at the bottom of this file (docs/design.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-ScanFn = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
+ScanFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 @dataclass(frozen=True)
@@ -30,26 +30,26 @@ class Backend:
     name: str
     fn: ScanFn
     #: device types it runs on ("cpu", "cuda", ...); None means any
-    devices: Optional[frozenset] = None
+    devices: frozenset | None = None
     #: accepts values of any sign (False: positive b and h0 only)
     signed: bool = True
     #: computes float16/bfloat16 itself (with float32 accumulation); else scan() upcasts
     native_half: bool = False
     #: tried by "auto" in ascending order; None keeps it out of "auto"
-    auto_rank: Optional[int] = None
+    auto_rank: int | None = None
     #: whether its dependencies are importable here
     available: Callable[[], bool] = lambda: True
     doc: str = ""
     #: a cell over a whole sequence, for the cells named in ``cell_names`` (None: every cell):
     #: cell(spec, pre, h0, options, mask) -> h, pre the cell's (B, T, C) pre-activations in the
     #: accumulation dtype; minrnn.functional runs every other cell through ``fn``
-    cell: Optional[Callable] = None
-    cell_names: Optional[frozenset] = None
+    cell: Callable | None = None
+    cell_names: frozenset | None = None
     #: whether ``cell`` takes a padding mask (B, T); else a masked call goes through ``fn``
     cell_masks: bool = False
     #: a layer's projection and cell as one Function, for the cells in ``cell_names``, used by
     #: minrnn.functional.projected_cell: projected_cell(spec, x, weight, bias, h0, options) -> h
-    projected_cell: Optional[Callable] = None
+    projected_cell: Callable | None = None
 
     def runs_cell(self, spec, masked: bool = False) -> bool:
         """Whether ``cell`` computes this cell itself (with a mask when ``masked``)."""
@@ -183,11 +183,11 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
 
 
 # --- registration: one line per backend -------------------------------------------
-from .reference import reference_cell, sequential_scan  # noqa: E402
-from .chunked import chunked_scan  # noqa: E402
-from .log import log_cell, log_scan, log_space_scan  # noqa: E402
 from . import cpu  # noqa: E402
 from . import triton as _triton  # noqa: E402  (imports no triton)
+from .chunked import chunked_scan  # noqa: E402
+from .log import log_cell, log_scan, log_space_scan  # noqa: E402
+from .reference import reference_cell, sequential_scan  # noqa: E402
 
 register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True,
                  doc="the plain loop; the reference"))

@@ -34,7 +34,7 @@ from .packing import pack_chunks
 DEFAULT_BLOCK_T = 32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     try:
         importlib.import_module("triton")

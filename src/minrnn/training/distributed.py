@@ -28,7 +28,7 @@ class Dist:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: torch.device) -> "Dist":
+    def from_env(cls, device: torch.device) -> Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()

@@ -31,7 +31,14 @@ from .._files import write_atomic
 from ..data.tokenizers import FILE as TOKENIZER_FILE
 from ..data.tokenizers import TokenizerError, hf_files, load_tokenizer
 from .checkpoint import (
-    MANIFEST, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_root, list_checkpoints, load_latest, verify,
+    MANIFEST,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_root,
+    list_checkpoints,
+    load_latest,
+    verify,
 )
 
 __all__ = [

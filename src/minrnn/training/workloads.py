@@ -16,7 +16,8 @@ exactly what an uninterrupted one would; under torchrun each process takes its o
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class TextWorkload:
         self.description = f"{name}: {self.tokens['train'].numel():,} train tokens, evaluated on {eval_split}"
 
     @classmethod
-    def from_splits(cls, splits: dict[str, str], tokenizer, **kwargs) -> "TextWorkload":
+    def from_splits(cls, splits: dict[str, str], tokenizer, **kwargs) -> TextWorkload:
         """Encode ``splits`` (train and the evaluation split, as text) with ``tokenizer``."""
         from ..data.text import DataError
 

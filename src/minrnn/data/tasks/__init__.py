@@ -23,7 +23,8 @@ from .common import (
     random_length_batch,
     sample_length,
 )
-from .selective_copying import VOCAB_SIZE as SELECTIVE_COPYING_VOCAB, selective_copying
+from .selective_copying import VOCAB_SIZE as SELECTIVE_COPYING_VOCAB
+from .selective_copying import selective_copying
 
 TASKS: dict[str, SyntheticTask] = {
     "selective_copying": SyntheticTask(

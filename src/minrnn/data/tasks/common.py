@@ -15,8 +15,9 @@ the same seed gives the same batch, on any machine, and the batch is on the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor

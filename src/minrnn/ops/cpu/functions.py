@@ -13,8 +13,8 @@ forms the backward reads, and the backward kernel writes dL/dpre over those.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

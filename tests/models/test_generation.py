@@ -217,9 +217,10 @@ def test_generation_refuses_other_caches_and_rollbacks():
     ids = random_ids(1, 4)
     from transformers import DynamicCache
 
-    for key in ("cache", "past_key_values"):
-        with pytest.raises(TypeError, match="MinRNNCache"):
-            model.generate(ids, max_new_tokens=2, **{key: DynamicCache()})
+    with pytest.raises(TypeError, match="MinRNNCache"):
+        model.generate(ids, max_new_tokens=2, cache=DynamicCache())
+    with pytest.raises(TypeError, match="MinRNNCache"), pytest.warns(FutureWarning, match="past_key_values"):
+        model.generate(ids, max_new_tokens=2, past_key_values=DynamicCache())  # the old name, as transformers'
     cache = MinRNNCache(model.config)
     assert not cache.is_croppable  # so transformers never plans a rollback
     for call in (cache.activate_past_recording, lambda: cache.activate_past_recording(recurrent_states_to_keep=2),

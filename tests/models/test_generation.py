@@ -156,6 +156,17 @@ def test_generate_from_a_cache_needs_the_cached_positions_in_the_input():
     with pytest.raises(ValueError, match="attention_mask of 5"):
         generate(model, ids[:, 6:], True, cache=prefilled_cache(model, ids[:, :6]),
                  attention_mask=torch.ones(2, 5, dtype=torch.long))
+    # only the rest, longer than the cached prefix: it cannot be the whole sequence either
+    with pytest.raises(ValueError, match="does not start with the 3 tokens the cache has read") as info:
+        generate(model, ids[:, 3:], True, cache=prefilled_cache(model, ids[:, :3]))
+    assert "\n" not in str(info.value)
+    # after embeddings the cache does not know its tokens, and takes the whole sequence on trust
+    cache = MinRNNCache(model.config)
+    with torch.no_grad():
+        model(inputs_embeds=model.get_input_embeddings()(ids[:, :3]), cache=cache)
+    assert cache.recent_tokens is None
+    assert torch.equal(generate(model, ids, True, cache=cache, do_sample=False),
+                       generate(model, ids, True, do_sample=False))
 
 
 class ShapeRecorder:

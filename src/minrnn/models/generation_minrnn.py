@@ -88,6 +88,22 @@ def _positions_to_read(cache: MinRNNCache, length: int, attention_mask) -> int:
     return todo
 
 
+def _check_prompt_starts_with_cache(cache: MinRNNCache, ids) -> None:
+    """A prompt given whole must hold the tokens the cache has read before the new ones; a
+    prompt of only the new tokens (without a mask over the cached positions) would otherwise
+    lose its first tokens without a word."""
+    seen, recent = cache.get_seq_length(), cache.recent_tokens
+    if recent is None or recent.shape[0] != ids.shape[0]:
+        return
+    k = min(recent.shape[1], seen)
+    if not torch.equal(ids[:, seen - k:seen], recent[:, recent.shape[1] - k:].to(ids.device)):
+        raise ValueError(
+            f"input_ids does not start with the {seen} tokens the cache has read: pass the whole sequence "
+            f"(the cached tokens, then the new ones), or only the new tokens with an attention_mask of {seen} + new "
+            "columns"
+        )
+
+
 class MinRNNGenerationMixin(GenerationMixin):
     """``generate()`` with a ``MinRNNCache``; see the module docstring."""
 
@@ -130,6 +146,8 @@ class MinRNNGenerationMixin(GenerationMixin):
         if cache.get_seq_length() > 0 and prompt is not None:
             # decided here: generate() drops an all-ones attention_mask before the prefill
             cache.prompt_positions_to_read = _positions_to_read(cache, prompt.shape[1], mask)
+            if ids is not None and (mask is None or mask.shape[1] == ids.shape[1]):
+                _check_prompt_starts_with_cache(cache, ids)
         return super().generate(inputs, generation_config, **kwargs)
 
     @torch.no_grad()  # as generate() itself

@@ -156,6 +156,17 @@ def test_generate_from_a_cache_needs_the_cached_positions_in_the_input():
     with pytest.raises(ValueError, match="attention_mask of 5"):
         generate(model, ids[:, 6:], True, cache=prefilled_cache(model, ids[:, :6]),
                  attention_mask=torch.ones(2, 5, dtype=torch.long))
+    # only the rest, longer than the cached prefix: it cannot be the whole sequence either
+    with pytest.raises(ValueError, match="does not start with the 3 tokens the cache has read") as info:
+        generate(model, ids[:, 3:], True, cache=prefilled_cache(model, ids[:, :3]))
+    assert "\n" not in str(info.value)
+    # after embeddings the cache does not know its tokens, and takes the whole sequence on trust
+    cache = MinRNNCache(model.config)
+    with torch.no_grad():
+        model(inputs_embeds=model.get_input_embeddings()(ids[:, :3]), cache=cache)
+    assert cache.recent_tokens is None
+    assert torch.equal(generate(model, ids, True, cache=cache, do_sample=False),
+                       generate(model, ids, True, do_sample=False))
 
 
 class ShapeRecorder:
@@ -217,9 +228,10 @@ def test_generation_refuses_other_caches_and_rollbacks():
     ids = random_ids(1, 4)
     from transformers import DynamicCache
 
-    for key in ("cache", "past_key_values"):
-        with pytest.raises(TypeError, match="MinRNNCache"):
-            model.generate(ids, max_new_tokens=2, **{key: DynamicCache()})
+    with pytest.raises(TypeError, match="MinRNNCache"):
+        model.generate(ids, max_new_tokens=2, cache=DynamicCache())
+    with pytest.raises(TypeError, match="MinRNNCache"), pytest.warns(FutureWarning, match="past_key_values"):
+        model.generate(ids, max_new_tokens=2, past_key_values=DynamicCache())  # the old name, as transformers'
     cache = MinRNNCache(model.config)
     assert not cache.is_croppable  # so transformers never plans a rollback
     for call in (cache.activate_past_recording, lambda: cache.activate_past_recording(recurrent_states_to_keep=2),

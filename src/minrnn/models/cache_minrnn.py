@@ -6,6 +6,8 @@ Per block it holds what the next token needs and nothing that grows with the con
                                     (float32 for half-precision models, as the cells return it)
     conv state        (B, D, k - 1) the conv's last k - 1 inputs (zeros before the first token);
                                     absent without a conv, empty for k = 1
+and, for the whole model, the last few token ids read (so that generate() can tell a prompt
+given whole from one given without its cached part).
 
 It follows transformers' conventions for linear-attention / state-space caches: each layer is
 a `LinearAttentionCacheLayerMixin` (so `Cache.get_conv_state`, `update_conv_state`,
@@ -139,6 +141,41 @@ class MinRNNCache(Cache):
         # set by generate() when it continues from this cache: how many of the prompt's last
         # positions the cache has not read (the rest it has)
         self.prompt_positions_to_read: int | None = None
+        # the last token ids read (B, <= RECENT_TOKENS), None after inputs_embeds: lets
+        # generate() check that a prompt given whole starts with what the cache has read
+        self.recent_tokens: Tensor | None = None
+
+    RECENT_TOKENS = 8
+
+    def note_tokens(self, input_ids: Tensor | None, length: int) -> None:
+        """Record the ids of ``length`` positions just read (None: they came as embeddings)."""
+        if length == 0:
+            return
+        if input_ids is None or (self.recent_tokens is None and self.get_seq_length() > length):
+            self.recent_tokens = None
+            return
+        ids = input_ids if self.recent_tokens is None else torch.cat([self.recent_tokens, input_ids], dim=1)
+        self.recent_tokens = ids[:, -self.RECENT_TOKENS:].clone()
+
+    def _map_recent_tokens(self, fn) -> None:
+        if self.recent_tokens is not None:
+            self.recent_tokens = fn(self.recent_tokens)
+
+    def reorder_cache(self, beam_idx: Tensor):
+        super().reorder_cache(beam_idx)
+        self._map_recent_tokens(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_recent_tokens(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor):
+        super().batch_select_indices(indices)
+        self._map_recent_tokens(lambda t: t[indices, ...])
+
+    def reset(self):
+        super().reset()
+        self.recent_tokens = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if layer_idx >= len(self.layers):

@@ -15,7 +15,11 @@ prompt positions a cache has not read yet in a private prefill step whose rule f
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from transformers import GenerationMixin
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_minrnn import MinRNNCache
 
@@ -30,6 +34,18 @@ def _setting(name: str, kwargs: dict, given, model_default):
         if value is not None:
             return value
     return None
+
+
+def _unset(name: str, kwargs: dict, given):
+    """Set a generation setting to None where generate() reads it (the keyword, else a copy of
+    the GenerationConfig passed in, since transformers warns on both at once); returns that
+    GenerationConfig."""
+    if name in kwargs or given is None:
+        kwargs[name] = None
+        return given
+    given = copy.deepcopy(given)
+    setattr(given, name, None)
+    return given
 
 
 def _refuse_unsupported(model, kwargs: dict, given) -> None:
@@ -72,9 +88,27 @@ def _positions_to_read(cache: MinRNNCache, length: int, attention_mask) -> int:
     return todo
 
 
+def _check_prompt_starts_with_cache(cache: MinRNNCache, ids) -> None:
+    """A prompt given whole must hold the tokens the cache has read before the new ones; a
+    prompt of only the new tokens (without a mask over the cached positions) would otherwise
+    lose its first tokens without a word."""
+    seen, recent = cache.get_seq_length(), cache.recent_tokens
+    if recent is None or recent.shape[0] != ids.shape[0]:
+        return
+    k = min(recent.shape[1], seen)
+    if not torch.equal(ids[:, seen - k:seen], recent[:, recent.shape[1] - k:].to(ids.device)):
+        raise ValueError(
+            f"input_ids does not start with the {seen} tokens the cache has read: pass the whole sequence "
+            f"(the cached tokens, then the new ones), or only the new tokens with an attention_mask of {seen} + new "
+            "columns"
+        )
+
+
 class MinRNNGenerationMixin(GenerationMixin):
     """``generate()`` with a ``MinRNNCache``; see the module docstring."""
 
+    # the same old name for the cache that transformers' own generate() accepts
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """transformers' ``generate()``: greedy search, sampling, beam search, beam sampling and
         their logits processors, stop tokens, ``prefill_chunk_size``, left-padded batches.
@@ -86,11 +120,6 @@ class MinRNNGenerationMixin(GenerationMixin):
         model. Assisted decoding, contrastive search and ``cache_implementation`` values other
         than "dynamic" raise a ValueError.
         """
-        for old in ("past_key_values", "cache_params"):
-            if old in kwargs:
-                if kwargs.get("cache") is not None:
-                    raise ValueError(f"pass the cache once, as cache=..., not also as {old}=...")
-                kwargs["cache"] = kwargs.pop(old)
         if kwargs.get("custom_generate") is not None:
             return super().generate(inputs, generation_config, **kwargs)
         _refuse_unsupported(self, kwargs, generation_config)
@@ -104,20 +133,24 @@ class MinRNNGenerationMixin(GenerationMixin):
         elif not isinstance(cache, MinRNNCache):
             raise TypeError(f"cache must be a MinRNNCache (or None), got {type(cache).__name__}; "
                             "a MinRNN model keeps a recurrent state, not keys and values")
-        # the cache is passed in, so transformers must not also build one from this setting
-        kwargs["cache_implementation"] = None
+        if _setting("cache_implementation", kwargs, generation_config, self.generation_config) is not None:
+            # "dynamic": the cache is passed in, so transformers must not also build one
+            generation_config = _unset("cache_implementation", kwargs, generation_config)
         chunk = _setting("prefill_chunk_size", kwargs, generation_config, self.generation_config)
         ids, mask = kwargs.get("input_ids", inputs), kwargs.get("attention_mask")
         if chunk and ids is not None:
             self._read_in_chunks(ids, mask, cache, chunk)
-            kwargs["prefill_chunk_size"] = None
+            generation_config = _unset("prefill_chunk_size", kwargs, generation_config)
         prompt = ids if ids is not None else kwargs.get("inputs_embeds")
         cache.prompt_positions_to_read = None
         if cache.get_seq_length() > 0 and prompt is not None:
             # decided here: generate() drops an all-ones attention_mask before the prefill
             cache.prompt_positions_to_read = _positions_to_read(cache, prompt.shape[1], mask)
+            if ids is not None and (mask is None or mask.shape[1] == ids.shape[1]):
+                _check_prompt_starts_with_cache(cache, ids)
         return super().generate(inputs, generation_config, **kwargs)
 
+    @torch.no_grad()  # as generate() itself
     def _read_in_chunks(self, ids, attention_mask, cache: MinRNNCache, chunk: int) -> None:
         """Read the unread prompt positions but the last into ``cache``, ``chunk`` at a time, so
         that generate()'s own prefill has one position left. (transformers' chunked prefill

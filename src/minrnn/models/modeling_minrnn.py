@@ -332,6 +332,8 @@ class MinRNNModel(MinRNNPreTrainedModel):
             hidden_states = block(hidden_states, mask=mask, cache=cache) if T > 0 else hidden_states
             if output_hidden_states:
                 all_hidden += (hidden_states,)
+        if cache is not None:
+            cache.note_tokens(input_ids, T)
         return BaseModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             cache=cache,

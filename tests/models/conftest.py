@@ -1,6 +1,5 @@
 """Shared helpers for the transformers-model tests: tiny configs, seeded models."""
 
-import pytest
 import torch
 
 VOCAB = 50

@@ -183,7 +183,7 @@ def test_auto_classes_resolve_to_minrnn():
     # and through minrnn's top level, resolved lazily
     assert minrnn.MinRNNForCausalLM is MinRNNForCausalLM and minrnn.MinRNNConfig is MinRNNConfig
     with pytest.raises(AttributeError):
-        minrnn.NoSuchThing
+        _ = minrnn.NoSuchThing
 
 
 def test_import_minrnn_does_not_import_transformers():

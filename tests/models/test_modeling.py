@@ -6,16 +6,16 @@ import torch
 
 pytest.importorskip("transformers")
 
+import minrnn.functional as MF  # noqa: E402
 from minrnn.models import (  # noqa: E402
-    MinRNNConfig,
     MinRNNCache,
+    MinRNNConfig,
     MinRNNForCausalLM,
     MinRNNForSequenceClassification,
     MinRNNModel,
 )
 
 from .conftest import ALL_BLOCKS, BLOCKS, random_ids, tiny_config, tiny_lm  # noqa: E402
-import minrnn.functional as MF  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32
 

@@ -98,14 +98,6 @@ def test_a_classifier_needs_a_position():
         clf(random_ids(2, 5)[:, :0])
 
 
-# The scan and conv kernels of the default CPU backend fail on B = 0 inside the mixer and
-# the conv (ops/cpu.py, not the model's code); strict, so that this turns into a failure
-# to remove the marker once they return empty tensors.
-EMPTY_BATCH_IN_OPS = pytest.mark.xfail(raises=(ZeroDivisionError, RuntimeError), strict=True,
-                                       reason="ops/cpu.py kernels reject an empty batch")
-
-
-@EMPTY_BATCH_IN_OPS
 @pytest.mark.parametrize("use_conv", [True, False], ids=["conv", "no-conv"])
 def test_an_empty_batch_gives_empty_logits(use_conv):
     model = tiny_lm(use_conv=use_conv)

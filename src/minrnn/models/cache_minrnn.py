@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
 
-
 _NO_ROLLBACK = ("MinRNNCache cannot record its past for a rollback: a recurrent state is overwritten at every token, "
                 "so a MinRNN model cannot be used for assisted (speculative) decoding")
 _NO_CROP = "MinRNNCache cannot be cropped: the recurrent state keeps no per-token history"

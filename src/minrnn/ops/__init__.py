@@ -14,6 +14,7 @@ and one ``register(...)`` line at the bottom of this file (docs/design.md).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+_SKIPPED_FOR_AUTO: set[str] = set()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,6 +91,11 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
         for be in ranked:
             if be.supports(device):
                 return be
+            if (be.devices is None or device.type in be.devices) and be.name not in _SKIPPED_FOR_AUTO:
+                # a faster backend for this device is missing its dependency: say so, once a process
+                _SKIPPED_FOR_AUTO.add(be.name)
+                warnings.warn(f"minrnn: backend {be.name!r} is not available ({be.doc}); "
+                              "falling back to a slower one", RuntimeWarning, stacklevel=2)
         raise RuntimeError(f"no scan backend supports device {device}")  # chunked runs anywhere
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
@@ -196,7 +203,7 @@ register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=
                  doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
                  cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, projected_cell=cpu.cpu_projected_cell,
-                 doc="compiled CPU kernels (needs numba: pip install minrnn[fast])"))
+                 doc="compiled CPU kernels; needs numba (pip install numba)"))
 register(Backend("triton", _triton.triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
                  available=_triton.available, cell=_triton.triton_cell, cell_names=_triton.FUSED_CELLS,
                  doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))

@@ -71,7 +71,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backen
     fits_cpu = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
     if backend == "cpu":
         if not cpu.available():
-            raise RuntimeError("conv backend 'cpu' is not available here: it needs numba (pip install minrnn[fast])")
+            raise RuntimeError("conv backend 'cpu' is not available here: it needs numba (pip install numba)")
         if not fits_cpu:
             raise ValueError(f"conv backend 'cpu' takes float32/float64 CPU tensors, got {x.dtype} on {x.device}")
     if x.numel() == 0:  # an empty batch or sequence: an empty y, still in the inputs' graph

@@ -14,7 +14,7 @@ numba is optional: without it ``available()`` is False and the backend is not of
 
 from __future__ import annotations
 
-try:  # numba is an optional dependency (pip install minrnn[fast])
+try:  # numba is an optional dependency (pip install numba)
     import numba  # noqa: F401
 
     HAVE_NUMBA = True
@@ -43,7 +43,7 @@ else:  # pragma: no cover
     FUSED_CELLS = frozenset()
 
     def _missing(*args, **kwargs):
-        raise RuntimeError("backend 'cpu' needs numba (pip install minrnn[fast])")
+        raise RuntimeError("backend 'cpu' needs numba (pip install numba)")
 
     cpu_scan = cpu_cell = cpu_mingru = cpu_minlstm = cpu_projected_cell = cpu_causal_conv = _missing
 

@@ -70,15 +70,16 @@ def bench(p: argparse.ArgumentParser) -> Runner:
 
 def _user_errors():
     from .data.text import DataError
-    from .data.tokenizers import VocabularyError
+    from .data.tokenizers import TokenizerError, VocabularyError
     from .training.checkpoint import CheckpointError
     from .training.config import ConfigError
+    from .training.run_folder import RunFolderError, RunInUseError
     from .experiments.plan import CompareError
     from .experiments.presets import PresetError
 
     # FloatingPointError: a diverged run (non-finite loss), reported with the step
-    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError,
-            CompareError, PresetError)
+    return (ConfigError, DataError, VocabularyError, TokenizerError, CheckpointError, RunFolderError, RunInUseError,
+            FileNotFoundError, FloatingPointError, CompareError, PresetError)
 
 
 def _run_reporting_user_errors(fn, args) -> int:

@@ -105,7 +105,7 @@ def test_any_workload_and_model_train_in_the_same_loop(tmp_path):
 
 
 def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
-    from minrnn.training.loop import check_same_config
+    from minrnn.training.config import check_same_config
 
     class TwoRanks:  # what all_gather_object returns on every rank of a 2-process job
         enabled, rank = True, 0
@@ -118,7 +118,7 @@ def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
 
     mine = TrainConfig(lr=1e-3, model={"hidden_size": 8})
     other = {**mine.to_dict(), "lr": 0.5, "model": {"hidden_size": 16}}
-    from minrnn.training.loop import _flat
+    from minrnn.training.config import flat_config as _flat
 
     same = TwoRanks([_flat(mine.to_dict()), _flat(mine.to_dict())])
     check_same_config(mine, same)

@@ -43,7 +43,7 @@ PRESET_DIR = Path(__file__).with_name("presets")
 _NOT_MODEL_KEYS = {"vocab_size", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_keys() -> dict[str, type]:
     """{key: type} of the ``[model]`` table: MinRNNConfig's own fields (imports transformers)."""
     from ..models import MinRNNConfig
@@ -166,7 +166,7 @@ class TrainConfig:
         return "\n".join(lines) + "\n\n[model]\n" + "\n".join(model) + "\n"
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
@@ -184,7 +184,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+    def from_file(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")

@@ -28,9 +28,9 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -41,6 +41,7 @@ from .hf_export import check_pretrained_config, link_checkpoints, load_run_token
 from .metrics import MetricsLog, plot_losses
 from .run_folder import RunLock, check_fresh_start, truncate_metrics, write_run_file
 from .workloads import TextWorkload, Workload
+
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of a transformers causal LM (no cache: training and scoring read whole windows)."""

@@ -61,9 +61,9 @@ def run_copy(run, tmp_path) -> Path:
 # --- a finished run is a transformers model -------------------------------------------------
 
 def test_best_and_latest_are_folders_transformers_loads(run):
-    import minrnn.models  # noqa: F401  (registers the model type with the Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
+    import minrnn.models  # noqa: F401  (registers the model type with the Auto classes)
     from minrnn.training import load_run
 
     assert (run / "latest").is_symlink() and (run / "best").is_symlink()
@@ -107,6 +107,23 @@ def test_a_second_trainer_on_a_locked_folder_exits_2_naming_the_holder(small_tex
     r = minrnn_process(*train_args(small_text, out, "--steps", 2))  # free again: it trains
     assert r.returncode == 0, r.stderr
     assert [row["step"] for row in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch build has no gloo backend")
+def test_under_torchrun_every_rank_stops_with_rank_0s_lock_error(small_text, tmp_path):
+    """Rank 0 alone takes the lock; its failure reaches rank 1 too (else rank 1 waits for ever)."""
+    out = tmp_path / "busy"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "minrnn", *train_args(small_text, out, "--steps", 2)]
+    with RunLock(out):
+        r = subprocess.run(list(map(str, args)), env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if "minrnn train: error:" in line]
+    assert len(errors) == 2 and all(f"pid {os.getpid()}" in line and "in use" in line for line in errors), \
+        r.stderr[-3000:]
+    assert "Traceback" not in "".join(errors)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
 # --- eval refuses what it cannot trust ------------------------------------------------------

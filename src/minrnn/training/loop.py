@@ -133,9 +133,11 @@ class Trainer:
     ``config.out_dir``.
 
     ``resume=True`` continues from the newest good checkpoint there (an error when there is
-    none, or when a setting outside RESUMABLE_KEYS changed); without it, a folder that already
-    holds a run is an error unless ``overwrite=True``, so a run is never mixed into another.
-    ``name`` labels the log lines and progress bar; ``log`` receives the lines meant for the user.
+    none, or when a setting outside config.RESUMABLE_KEYS changed); without it, a folder that
+    already holds a run is an error unless ``overwrite=True``, so a run is never mixed into
+    another. The folder is locked from construction to `close` (a second trainer there is a
+    RunInUseError). ``name`` labels the log lines and progress bar; ``log`` receives the lines
+    meant for the user.
     """
 
     def __init__(self, config: TrainConfig, workload: Workload | None = None, model: ModelSpec | None = None,

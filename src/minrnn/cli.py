@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
-Runner = Callable[[argparse.Namespace], Optional[int]]
+Runner = Callable[[argparse.Namespace], int | None]
 _SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
 
 
@@ -70,15 +70,16 @@ def bench(p: argparse.ArgumentParser) -> Runner:
 
 def _user_errors():
     from .data.text import DataError
-    from .data.tokenizers import VocabularyError
-    from .training.checkpoint import CheckpointError
-    from .training.config import ConfigError
+    from .data.tokenizers import TokenizerError, VocabularyError
     from .experiments.plan import CompareError
     from .experiments.presets import PresetError
+    from .training.checkpoint import CheckpointError
+    from .training.config import ConfigError
+    from .training.run_folder import RunFolderError, RunInUseError
 
     # FloatingPointError: a diverged run (non-finite loss), reported with the step
-    return (ConfigError, DataError, VocabularyError, CheckpointError, FileNotFoundError, FloatingPointError,
-            CompareError, PresetError)
+    return (ConfigError, DataError, VocabularyError, TokenizerError, CheckpointError, RunFolderError, RunInUseError,
+            FileNotFoundError, FloatingPointError, CompareError, PresetError)
 
 
 def _run_reporting_user_errors(fn, args) -> int:
@@ -248,7 +249,8 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                         "(for python -m minrnn.experiments.recall)")
 
     def run(args: argparse.Namespace) -> int:
-        from .experiments.compare import CompareConfig, compare as run_compare
+        from .experiments.compare import CompareConfig
+        from .experiments.compare import compare as run_compare
         from .experiments.plan import parse_optim, parse_options
 
         split = (lambda text: [t.strip() for t in text.split(",") if t.strip()] if text else None)
@@ -284,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["minrnn", *argv])

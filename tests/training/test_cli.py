@@ -133,7 +133,9 @@ def test_checkpoint_of_another_architecture(trained_run, small_text, tmp_path):
                                                              / "model.safetensors")), "ckpt")
 
 
-def test_corrupt_checkpoint_is_reported_and_older_kept(trained_run, tmp_path):
+def test_corrupt_checkpoint_is_refused_by_eval_naming_the_file(trained_run, tmp_path):
+    """eval and generate score the checkpoint asked for or none: a damaged newest one is an
+    error naming its file, not a silent fall back to an older model (training's resume does fall back)."""
     import shutil
 
     out = tmp_path / "copy"
@@ -141,13 +143,13 @@ def test_corrupt_checkpoint_is_reported_and_older_kept(trained_run, tmp_path):
     steps = sorted((out / "checkpoints").glob("step_*"))
     newest = steps[-1] / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
-    r = minrnn("eval", "--run", out)
-    assert r.returncode == 0, r.stderr
-    assert "skipping damaged checkpoint" in r.stderr and "truncated" in r.stderr
-    assert json.loads(r.stdout)["checkpoint"] == str(steps[-2])
-    for s in steps[:-1]:
-        (s / "model.safetensors").write_bytes(b"")
-    assert_user_error(minrnn("eval", "--run", out), "no usable checkpoint")
+    for command in (("eval", "--run", out), ("generate", "--run", out, "--tokens", 5)):
+        assert_user_error(minrnn(*command), str(newest), "truncated", f"refusing to use {steps[-1].name}")
+    # the older checkpoints are intact and still usable by a resume
+    from minrnn.training import checkpoint as ckpt
+
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert ckpt.load_latest(out)[0] == steps[-2]
 
 
 def test_run_dir_with_checkpoints_needs_resume(trained_run):

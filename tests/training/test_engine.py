@@ -105,7 +105,7 @@ def test_any_workload_and_model_train_in_the_same_loop(tmp_path):
 
 
 def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
-    from minrnn.training.loop import check_same_config
+    from minrnn.training.config import check_same_config
 
     class TwoRanks:  # what all_gather_object returns on every rank of a 2-process job
         enabled, rank = True, 0
@@ -118,7 +118,7 @@ def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
 
     mine = TrainConfig(lr=1e-3, model={"hidden_size": 8})
     other = {**mine.to_dict(), "lr": 0.5, "model": {"hidden_size": 16}}
-    from minrnn.training.loop import _flat
+    from minrnn.training.config import flat_config as _flat
 
     same = TwoRanks([_flat(mine.to_dict()), _flat(mine.to_dict())])
     check_same_config(mine, same)
@@ -128,3 +128,36 @@ def test_every_rank_refuses_a_config_that_differs_from_rank_0s():
         with pytest.raises(ConfigError, match=r"differ from rank 0's in: lr, model.hidden_size \(this is rank "
                                               + str(rank)):
             check_same_config(mine, dist)
+
+
+def test_a_start_that_fails_gives_the_lock_back(small_text, tmp_path):
+    from minrnn.training.run_folder import RunLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert_user_error(_run(tmp_path / "no_such_corpus.txt", out), "no_such_corpus")
+    with RunLock(out):  # taken at once: the failed trainer released it
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    fresh = tmp_path / "fresh"
+    assert_user_error(_run(tmp_path / "no_such_corpus.txt", fresh), "no_such_corpus")
+    assert not fresh.exists(), "a failed start into a new folder leaves it behind"
+
+
+def test_metrics_on_a_full_disk_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from minrnn.training.metrics import MetricsLog
+    from minrnn.training.run_folder import RunFolderError
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.write({"step": 1, "train_loss": 1.0})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(RunFolderError, match=r"cannot write .*metrics.jsonl: No space left on device$"):
+        log.write({"step": 2, "train_loss": 1.0})

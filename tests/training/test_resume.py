@@ -107,7 +107,7 @@ def test_crash_during_save_leaves_no_checkpoint(small_text, tmp_path, monkeypatc
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_newest_checkpoint_falls_back_to_older(small_text, tmp_path, damage):
     _short_run(small_text, tmp_path)
-    (step_new, newest), (step_old, _) = ckpt.list_checkpoints(tmp_path)[-1], ckpt.list_checkpoints(tmp_path)[-2]
+    (_, newest), (step_old, _) = ckpt.list_checkpoints(tmp_path)[-1], ckpt.list_checkpoints(tmp_path)[-2]
     f = newest / ckpt.MODEL_FILE
     data = bytearray(f.read_bytes())
     if damage == "truncate":

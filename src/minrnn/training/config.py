@@ -43,7 +43,7 @@ PRESET_DIR = Path(__file__).with_name("presets")
 _NOT_MODEL_KEYS = {"vocab_size", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_keys() -> dict[str, type]:
     """{key: type} of the ``[model]`` table: MinRNNConfig's own fields (imports transformers)."""
     from ..models import MinRNNConfig
@@ -166,7 +166,7 @@ class TrainConfig:
         return "\n".join(lines) + "\n\n[model]\n" + "\n".join(model) + "\n"
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in values.items():
@@ -184,7 +184,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+    def from_file(cls, path: str | Path, overrides: dict | None = None) -> TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
@@ -329,3 +329,41 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+# --- one run, one config ----------------------------------------------------------------------
+
+# Settings a resumed run may change: they decide how long it runs and what it reports, not
+# what it computes up to the step it resumes from.
+RESUMABLE_KEYS = frozenset({"steps", "eval_every", "checkpoint_every", "keep_last", "log_every", "progress",
+                            "plot", "sample_tokens", "budget_s", "threads", "out_dir", "data_dir", "device"})
+
+
+def flat_config(values: dict) -> dict:
+    """A config dict with its [model] table as ``model.KEY`` entries."""
+    out = {k: v for k, v in values.items() if k != "model"}
+    out.update({f"model.{k}": v for k, v in values.get("model", {}).items()})
+    return out
+
+
+def check_resume_settings(saved: TrainConfig, config: TrainConfig) -> None:
+    """A ConfigError naming the settings outside RESUMABLE_KEYS where ``config`` differs from
+    the run's ``saved`` one: a resumed run keeps its settings."""
+    old, new = flat_config(saved.to_dict()), flat_config(config.to_dict())
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_KEYS)
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's config.toml; a resumed "
+                          f"run keeps its settings (only {', '.join(sorted(RESUMABLE_KEYS))} may change)")
+
+
+def check_same_config(config: TrainConfig, dist) -> None:
+    """Every process of a torchrun job (``dist``: a training.distributed.Dist) must train the
+    same run: a ConfigError on every rank naming the keys where its config differs from rank 0's."""
+    if not dist.enabled:
+        return
+    configs = dist.gather(flat_config(config.to_dict()))  # every rank sees every config, so every rank stops
+    main = configs[0]
+    differ = sorted({k for other in configs[1:] for k in set(main) | set(other) if main.get(k) != other.get(k)})
+    if differ:
+        raise ConfigError(f"the processes' configs differ from rank 0's in: {', '.join(differ)} "
+                          f"(this is rank {dist.rank})")

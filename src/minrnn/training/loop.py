@@ -12,7 +12,9 @@ the minGRU/minLSTM language model of ``config.model``.
 
 What a run directory holds: ``config.toml`` (the resolved config), ``tokenizer.json`` (text
 runs), ``metrics.jsonl`` (one line per step, validation figures at each evaluation),
-``loss.png`` and ``checkpoints/`` (see checkpoint.py).
+``loss.png``, ``checkpoints/`` (see checkpoint.py), ``latest`` and ``best`` (links to the
+checkpoint folders that transformers' ``from_pretrained`` loads, see hf_export.py) and
+``.lock`` (held while a trainer writes there, see run_folder.py).
 
 Why a resumed run equals an uninterrupted one: the batch of step s is a function of
 (seed, s) alone (see workloads.py), the learning rate is a function of s, and the checkpoint
@@ -24,26 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, check_model_config
+from .config import ConfigError, TrainConfig, check_model_config, check_resume_settings, check_same_config
 from .distributed import Dist
-from .metrics import FILE as METRICS_FILE
-from .metrics import MetricsLog, plot_losses, truncate_after
+from .hf_export import check_pretrained_config, link_checkpoints, load_run_tokenizer, pretrained_files
+from .metrics import MetricsLog, plot_losses
+from .run_folder import RunLock, check_fresh_start, truncate_metrics, write_run_file
 from .workloads import TextWorkload, Workload
-
-# Settings a resumed run may change: they decide how long it runs and what it reports, not
-# what it computes up to the step it resumes from.
-RESUMABLE_KEYS = frozenset({"steps", "eval_every", "checkpoint_every", "keep_last", "log_every", "progress",
-                            "plot", "sample_tokens", "budget_s", "threads", "out_dir", "data_dir", "device"})
 
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -110,32 +107,18 @@ def autocast_context(config: TrainConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-def check_same_config(config: TrainConfig, dist: Dist) -> None:
-    """Every process of a torchrun job must train the same run: a ConfigError on every rank
-    naming the keys where its config differs from rank 0's."""
-    if not dist.enabled:
-        return
-    configs = dist.gather(_flat(config.to_dict()))  # every rank sees every config, so every rank stops
-    main = configs[0]
-    differ = sorted({k for other in configs[1:] for k in set(main) | set(other) if main.get(k) != other.get(k)})
-    if differ:
-        raise ConfigError(f"the processes' configs differ from rank 0's in: {', '.join(differ)} "
-                          f"(this is rank {dist.rank})")
-
-
-def text_setup(config: TrainConfig, run_dir: Path, dist: Dist, resume: bool):
-    """(workload, tokenizer) of ``config.data``: the tokenizer is built from the data (or read
-    back from the run on resume); it is saved by `save_tokenizer` once the run folder exists."""
+def text_setup(config: TrainConfig, dist: Dist, resumed_tokenizer=None):
+    """(splits, tokenizer) of ``config.data``: on a fresh start rank 0 builds the tokenizer from
+    the data (the others read it back once rank 0 has saved it: None here); a resumed run
+    passes the tokenizer it was trained with."""
     from ..data.text import load_splits
-    from ..data.tokenizers import build_tokenizer, load_tokenizer
+    from ..data.tokenizers import build_tokenizer
 
     splits = load_splits(config.data, config.data_dir or None)
-    if resume or not dist.is_main:
-        tokenizer = None if not resume and not dist.is_main else load_tokenizer(run_dir)
-    else:
-        text = "".join(splits.values()) if config.tokenizer == "char" else splits["train"]
-        tokenizer = build_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-    return splits, tokenizer
+    if resumed_tokenizer is not None or not dist.is_main:
+        return splits, resumed_tokenizer
+    text = "".join(splits.values()) if config.tokenizer == "char" else splits["train"]
+    return splits, build_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
 
 
 def text_workload(config: TrainConfig, tokenizer, splits: dict[str, str]) -> TextWorkload:
@@ -150,9 +133,11 @@ class Trainer:
     ``config.out_dir``.
 
     ``resume=True`` continues from the newest good checkpoint there (an error when there is
-    none, or when a setting outside RESUMABLE_KEYS changed); without it, a folder that already
-    holds a run is an error unless ``overwrite=True``, so a run is never mixed into another.
-    ``name`` labels the log lines and progress bar; ``log`` receives the lines meant for the user.
+    none, or when a setting outside config.RESUMABLE_KEYS changed); without it, a folder that
+    already holds a run is an error unless ``overwrite=True``, so a run is never mixed into
+    another. The folder is locked from construction to `close` (a second trainer there is a
+    RunInUseError). ``name`` labels the log lines and progress bar; ``log`` receives the lines
+    meant for the user.
     """
 
     def __init__(self, config: TrainConfig, workload: Workload | None = None, model: ModelSpec | None = None,
@@ -176,25 +161,44 @@ class Trainer:
         if config.batch_size % self.dist.world_size:
             raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the number of processes "
                               f"({self.dist.world_size})")
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other")
         self.per_rank = config.batch_size // self.dist.world_size
         check_same_config(config, self.dist)
-        self._check_run_dir(resume, overwrite)
-
-        # the data, and the model's validity, are settled before the run folder is made
-        self.tokenizer = None
-        if workload is None:
-            splits, self.tokenizer = text_setup(config, self.run_dir, self.dist, resume)
-            if self.tokenizer is not None:
-                workload = text_workload(config, self.tokenizer, splits)
         if model is None:
             check_model_config(config.model)
-        if self.dist.is_main:
-            if overwrite:
-                _clear_run(self.run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.tokenizer is not None and not resume:
-                self.tokenizer.save(self.run_dir)
-        self.dist.barrier()
+        # one trainer per run folder, taken before anything is written there
+        self._lock, self.metrics = None, None
+        created = not self.run_dir.exists()
+        self._lock = self._on_main(lambda: RunLock(self.run_dir))
+        try:
+            self._setup(workload, model, resume, overwrite)
+        except BaseException:
+            if created and self._lock is not None:  # a start that failed leaves no folder behind
+                with contextlib.suppress(OSError):
+                    if [p.name for p in self.run_dir.iterdir()] == [self._lock.path.name]:
+                        self._lock.path.unlink()
+                        self.run_dir.rmdir()
+            self.release()
+            raise
+
+    def _setup(self, workload: Workload | None, model: ModelSpec | None, resume: bool, overwrite: bool) -> None:
+        config = self.config
+        loaded = None
+        if resume:
+            self._check_resume()
+            loaded = ckpt.load_latest(self.run_dir)
+        else:  # refused before the data is read; cleared (with overwrite) once it has been
+            self._on_main(lambda: check_fresh_start(self.run_dir) if not overwrite else None)
+
+        # the data, and the model's validity, are settled before the run folder is written to
+        self.tokenizer = None
+        if workload is None:
+            resumed = load_run_tokenizer(self.run_dir, loaded[0]) if loaded else None
+            splits, self.tokenizer = text_setup(config, self.dist, resumed)
+            if self.tokenizer is not None:
+                workload = text_workload(config, self.tokenizer, splits)
+        self._on_main(lambda: self._prepare_run_dir(resume, overwrite))
         if workload is None:  # the other processes read rank 0's tokenizer back
             from ..data.tokenizers import load_tokenizer
 
@@ -207,6 +211,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = self.spec.build().to(self.device)
         self.model.train()
+        # a checkpoint of the project's language model is also a transformers model folder
+        self._hf_files = (pretrained_files(self.model, self.tokenizer)
+                          if model is None and self.tokenizer is not None and self.dist.is_main else None)
         exempt = None if config.decay_recurrence else _recurrent_projection
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay, exempt), lr=config.lr,
                                            betas=(config.beta1, config.beta2),
@@ -215,10 +222,10 @@ class Trainer:
         # dropout streams differ per process
         torch.manual_seed(config.seed + 1 + self.dist.rank)
         self.step, self.wall_s, self.best = 0, 0.0, None
-        if resume:
-            self._restore()
-        if self.dist.is_main:  # after _restore: a config the checkpoint rejects never replaces the run's
-            ckpt.write_atomic(self.run_dir / "config.toml", config.to_toml().encode())
+        if loaded:
+            self._restore(*loaded)
+        # after _restore: a config the checkpoint rejects never replaces the run's
+        self._on_main(lambda: write_run_file(self.run_dir / "config.toml", config.to_toml().encode()))
         self.ddp = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -227,32 +234,45 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.metrics = MetricsLog(self.run_dir) if self.dist.is_main else None
 
+    def _on_main(self, fn: Callable[[], object]):
+        """``fn()`` in rank 0 only (its result there, None elsewhere). Its error is raised in
+        every process: the others would otherwise wait for rank 0 at the next collective."""
+        error, result = None, None
+        if self.dist.is_main:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        if self.dist.enabled:
+            shared = self.dist.broadcast(None if error is None else (type(error), str(error)))
+            if shared is not None and error is None:
+                kind, message = shared
+                try:
+                    error = kind(message)
+                except Exception:  # an exception type that takes other arguments
+                    error = RuntimeError(message)
+        if error is not None:
+            raise error
+        return result
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        if not resume:
+            check_fresh_start(self.run_dir, overwrite=overwrite)
+            if self.tokenizer is not None:
+                self.tokenizer.save(self.run_dir)
+
     # --- checks -----------------------------------------------------------------------------
 
-    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
-        existing = ckpt.list_checkpoints(self.run_dir)
-        if resume and overwrite:
-            raise ConfigError("--resume and --overwrite exclude each other")
-        if resume and not existing:
+    def _check_resume(self) -> None:
+        if not ckpt.list_checkpoints(self.run_dir):
             raise ckpt.CheckpointError(f"--resume: no checkpoint in {ckpt.checkpoint_root(self.run_dir)}")
-        if resume:
-            saved_path = self.run_dir / "config.toml"
-            if saved_path.is_file():
-                saved = _flat(TrainConfig.from_file(saved_path).to_dict())
-                mine = _flat(self.config.to_dict())
-                changed = sorted(k for k in set(saved) | set(mine)
-                                 if saved.get(k) != mine.get(k) and k not in RESUMABLE_KEYS)
-                if changed:
-                    raise ConfigError(f"--resume: {', '.join(changed)} differ from the run's config.toml; a resumed "
-                                      f"run keeps its settings (only {', '.join(sorted(RESUMABLE_KEYS))} may change)")
-        elif not overwrite and (existing or any((self.run_dir / f).exists() for f in (METRICS_FILE, "config.toml"))):
-            raise ConfigError(f"{self.run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                              "replace it, or choose another out_dir")
+        saved = self.run_dir / "config.toml"
+        if saved.is_file():
+            check_resume_settings(TrainConfig.from_file(saved), self.config)
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    def _restore(self) -> None:
-        path, model_state, state, manifest = ckpt.load_latest(self.run_dir)
+    def _restore(self, path: Path, model_state: dict, state: dict, manifest: dict) -> None:
         data = self.workload.signature()
         if state.get("data_signature", data) != data:
             raise ckpt.CheckpointError(f"{path} was trained on other data ({state['data_signature']}); "
@@ -275,8 +295,9 @@ class Trainer:
                       "dropout draws differ from an uninterrupted run")
         self.step, self.wall_s = state["step"], state.get("wall_s", 0.0)
         self.best = state.get("best")
+        # the rows after the checkpoint are about to be written again
+        self._on_main(lambda: truncate_metrics(self.run_dir, self.step))
         if self.dist.is_main:
-            truncate_after(self.run_dir, self.step)
             self._log(f"{self._prefix()}resumed from {path} (step {self.step})")
 
     def _rng_state(self) -> dict:
@@ -285,13 +306,17 @@ class Trainer:
 
     def save(self, val_loss: float | None) -> None:
         rngs = self.dist.gather(self._rng_state())
-        if self.dist.is_main:
-            state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": rngs, "wall_s": self.wall_s, "best": self.best,
-                     "model_signature": self.spec.signature, "data_signature": self.workload.signature()}
-            ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, val_loss)
-            ckpt.prune(self.run_dir, self.config.keep_last)
-        self.dist.barrier()
+        self._on_main(lambda: self._save_on_main(rngs, val_loss))
+
+    def _save_on_main(self, rngs: list, val_loss: float | None) -> None:
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rngs, "wall_s": self.wall_s, "best": self.best,
+                 "model_signature": self.spec.signature, "data_signature": self.workload.signature()}
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, val_loss,
+                             extra_files=self._hf_files)
+        ckpt.prune(self.run_dir, self.config.keep_last)
+        if self._hf_files is not None:
+            link_checkpoints(self.run_dir)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -408,23 +433,16 @@ class Trainer:
         return {"step": self.step, "train_loss": train_loss, "val": val, "val_loss": val.get("loss"),
                 "wall_s": self.wall_s, "stopped_by_budget": out_of_time and self.step < c.steps}
 
+    def release(self) -> None:
+        """Give the run folder's lock up (idempotent)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._lock is not None:
+            self._lock.release()
+
     def close(self) -> None:
+        self.release()
         self.dist.close()
-
-
-def _flat(values: dict) -> dict:
-    """A config dict with its [model] table as ``model.KEY`` entries."""
-    out = {k: v for k, v in values.items() if k != "model"}
-    out.update({f"model.{k}": v for k, v in values.get("model", {}).items()})
-    return out
-
-
-def _clear_run(run_dir: Path) -> None:
-    """Remove what a run writes (not other files a user keeps in the folder)."""
-    for name in ("checkpoints", "tb"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in (METRICS_FILE, "config.toml", "loss.png", "tokenizer.json"):
-        (run_dir / name).unlink(missing_ok=True)
 
 
 def load_model_state(model, state: dict, path) -> None:
@@ -457,16 +475,19 @@ def evaluate(model, tokens: torch.Tensor, config: TrainConfig, device, dist: Dis
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "latest", device: str = "cpu"):
-    """(config, tokenizer, model in eval mode, checkpoint path) of a finished or running run."""
-    from ..data.tokenizers import load_tokenizer
+    """(config, tokenizer, model in eval mode, checkpoint path) of a finished or running run.
 
+    The checkpoint must check out (a damaged one is an error naming the file, not a silent
+    fall back to an older model), and the run's config.toml must describe the weights' model
+    (checked against the checkpoint's config.json when it has one)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.toml'} not found: {run_dir} is not a training run directory")
     config = TrainConfig.from_file(run_dir / "config.toml")
-    tokenizer = load_tokenizer(run_dir)
+    path, state, _, _ = ckpt.load_latest(run_dir, checkpoint, fallback=False)
+    tokenizer = load_run_tokenizer(run_dir, path)
     model = build_model(config, tokenizer.vocab_size)
-    path, state, _, _ = ckpt.load_latest(run_dir, checkpoint)
+    check_pretrained_config(path, model.config)
     load_model_state(model, state, path)
     model.to(device).eval()
     return config, tokenizer, model, path

@@ -2,7 +2,7 @@
 TensorBoard event files in ``tb/`` when tensorboard is installed.
 
 Records carry a ``step``; a resumed run first drops the records after its checkpoint's step
-(`truncate_after`) so the file reads as one uninterrupted run.
+(`run_folder.truncate_metrics`) so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from .checkpoint import write_atomic
+from .run_folder import RunFolderError
 
 FILE = "metrics.jsonl"
 
@@ -28,12 +28,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
         except ValueError:  # the last line of a run killed mid-write
             continue
     return out
-
-
-def truncate_after(run_dir: Path, step: int) -> None:
-    """Keep the records of steps <= ``step`` (those the checkpoint of ``step`` has seen)."""
-    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    write_atomic(Path(run_dir) / FILE, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 class MetricsLog:
@@ -52,10 +46,13 @@ class MetricsLog:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk: the checkpoints so far are intact, a resume continues
+            raise RunFolderError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -65,6 +62,7 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def plot_losses(run_dir: Path, out: Path | None = None) -> Path | None:

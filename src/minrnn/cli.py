@@ -245,8 +245,8 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads per run (torch, OpenMP, numba); default: every core")
     p.add_argument("--keep-weights", action="store_true",
-                   help="each run trained now also writes its final weights to runs/RUN/weights.pt "
-                        "(for python -m minrnn.experiments.recall)")
+                   help="each run trained now also writes its final weights to RUN/weights.pt "
+                        "(a torch state dict, for analyses of your own)")
 
     def run(args: argparse.Namespace) -> int:
         from .experiments.compare import CompareConfig

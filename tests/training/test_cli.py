@@ -64,7 +64,7 @@ def test_eval_of_a_split_the_data_lacks(trained_run):
 
 
 def test_user_errors_are_one_line(small_text, tmp_path, trained_run):
-    assert_user_error(minrnn("train", TINY, "--stpes", 3), "unknown config key 'stpes'", "did you mean 'steps'")
+    assert_user_error(minrnn("train", TINY, "--stpes", 3), "command line: unknown config key 'stpes'", "did you mean 'steps'")
     assert_user_error(minrnn("train", TINY, "--model.hiden_size", 3), "did you mean 'model.hidden_size'")
     assert_user_error(minrnn("train", TINY, "--steps", "many"), "steps expects int")
     missing = tmp_path / "nothing.txt"

@@ -173,7 +173,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
               keep_weights: bool = False) -> dict:
     """Train one run to ``spec.steps`` (continuing from its checkpoint if there is one) and
     write result.json; returns the result. ``keep_weights`` also writes the trained model's
-    state dict to ``run_dir/weights.pt`` (for analyses such as minrnn.experiments.recall)."""
+    state dict to ``run_dir/weights.pt`` (compare deletes a finished run's checkpoints)."""
     from ..training.checkpoint import list_checkpoints
 
     preset = load_preset(spec.experiment, spec.preset)

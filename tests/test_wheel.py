@@ -133,3 +133,24 @@ print(out)
 """
     for folder in folders:
         _run([python, "-c", code, folder], work, env)
+
+
+def test_compare_text_on_a_users_file(installed):
+    """`minrnn compare text --data FILE`: minGRU beside a Transformer on a corpus of one's own."""
+    python, work, env = installed
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "from", "home"]
+    corpus = work / "corpus.txt"
+    corpus.write_text(" ".join(words[(i * 7 + i // 13) % len(words)] for i in range(6000)))
+    _run([python.parent / "minrnn", "compare", "text", "--data", corpus, "--models", "mingru,llama", "--steps", 5,
+          "--out", work / "compare", "--no-progress"], work, env)
+    results = json.loads((work / "compare" / "text-cpu" / "results.json").read_text())
+    assert sorted(r["model"] for r in results) == ["llama", "mingru"]
+
+
+def test_pipeline_on_the_runs_best_link(installed, trained_run):
+    python, work, env = installed
+    code = ("import sys, minrnn.models; from transformers import pipeline; "
+            "print(pipeline('text-generation', model=sys.argv[1])('ROMEO:', max_new_tokens=5, do_sample=False)"
+            "[0]['generated_text'])")
+    r = _run([python, "-c", code, trained_run / "best"], work, env)
+    assert r.stdout.startswith("ROMEO:") and len(r.stdout.strip()) > len("ROMEO:")

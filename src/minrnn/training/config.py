@@ -195,10 +195,10 @@ class TrainConfig:
                 values = tomllib.loads(path.read_text())
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path} is not valid TOML: {e}") from None
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"model." + k for k in model_keys()}
         for key in overrides or {}:  # a typo on the command line is the command line's, not the file's
-            if key not in known:
-                raise ConfigError("command line: " + _unknown(key, sorted(known) + ["model." + k for k in model_keys()]))
+            if key not in known and key != "model":
+                raise ConfigError("command line: " + _unknown(key, sorted(known)))
         return cls.from_dict(merge(values, overrides or {}), source=str(path))
 
 

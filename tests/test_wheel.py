@@ -8,6 +8,7 @@ It needs an index (PyPI or a local one) for the build backend and the dependenci
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -150,7 +151,8 @@ def test_compare_text_on_a_users_file(installed):
 def test_pipeline_on_the_runs_best_link(installed, trained_run):
     python, work, env = installed
     code = ("import sys, minrnn.models; from transformers import pipeline; "
-            "print(pipeline('text-generation', model=sys.argv[1])('ROMEO:', max_new_tokens=5, do_sample=False)"
-            "[0]['generated_text'])")
+            "print(repr(pipeline('text-generation', model=sys.argv[1])('ROMEO:', max_new_tokens=5, do_sample=False)"
+            "[0]['generated_text']))")
     r = _run([python, "-c", code, trained_run / "best"], work, env)
-    assert r.stdout.startswith("ROMEO:") and len(r.stdout.strip()) > len("ROMEO:")
+    out = ast.literal_eval(r.stdout.strip().splitlines()[-1])  # the repr of the generated text (5 steps: often spaces)
+    assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 5, out

@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from . import argtypes
+
 Runner = Callable[[argparse.Namespace], int | None]
 _SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Runner]]] = {}
 
@@ -28,32 +30,8 @@ def subcommand(name: str, help: str):
     return register
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
 
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _device(text: str):
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
-    return device
+_positive_int, _positive_float, _device = argtypes.positive_int, argtypes.positive_float, argtypes.device
 
 
 @subcommand("bench", "time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import argtypes
+
 HELP = ("time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
         "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
 #: untracked by default; a quick run goes beside, so that it never replaces a full one
@@ -20,32 +22,8 @@ DEFAULT_OUT = Path("runs/bench")
 QUICK_OUT = DEFAULT_OUT / "quick"
 
 
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return v
 
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return v
-
-
-def _device(text: str):
-    import torch
-
-    try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if device.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError("CUDA is not available on this machine")
-    return device
+_positive_int, _positive_float, _device = argtypes.positive_int, argtypes.positive_float, argtypes.device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

@@ -149,5 +149,7 @@ def test_peak_memory_of_a_layer_step_is_the_same_warm_or_cold(backend):
     step()
     step()  # a cache, if any, now holds blocks of exactly these sizes
     warm = peak_memory(step)
-    assert warm == cold
+    # a hidden output would drop the peak by at least one (B, T, C) tensor; small first-call
+    # allocations (autograd, numba's dispatch) may differ by a page between the two steps
+    assert abs(warm - cold) < B * T * C * F32, (warm, cold)
     assert warm >= B * T * C * F32  # at least the output h

@@ -57,3 +57,14 @@ def trained_run(small_text, tmp_path_factory):
                "--plot", "true")
     assert r.returncode == 0, r.stderr
     return out, r
+
+
+def assert_one_line_error(result, *fragments) -> str:
+    """A CLI user error: exit code 2, no traceback, one 'error:' line holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]

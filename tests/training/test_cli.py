@@ -10,15 +10,7 @@ import torch
 from minrnn.training.config import ConfigError, TrainConfig, model_keys, parse_overrides
 
 from .conftest import TINY, minrnn
-
-
-def assert_user_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
+from .conftest import assert_one_line_error as assert_user_error
 
 
 def test_short_run_lowers_validation_loss(trained_run):

@@ -19,7 +19,7 @@ from minrnn.training import checkpoint as ckpt
 from minrnn.training.metrics import read_metrics
 from minrnn.training.run_folder import RunLock
 
-from .conftest import TINY, cli_env
+from .conftest import TINY, assert_one_line_error, cli_env
 
 
 def minrnn_process(*args, timeout=180) -> subprocess.CompletedProcess:
@@ -29,16 +29,6 @@ def minrnn_process(*args, timeout=180) -> subprocess.CompletedProcess:
 
 def train_args(data, out, *more):
     return ("train", TINY, "--data", data, "--out_dir", out, "--progress", "never", *more)
-
-
-def assert_one_line_error(result, *fragments) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(lines) == 1, result.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,28 @@ def test_lock_excludes_a_second_holder_until_released(tmp_path):
     assert (run / LOCK_FILE).exists(), "the lock file stays: deleting it would let two holders lock two files"
 
 
+def test_a_holder_that_has_not_yet_written_its_pid_is_still_named(tmp_path):
+    """A second trainer may try the lock between the holder's flock and its pid write."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held, no pid yet
+        late = threading.Timer(0.2, lambda: os.pwrite(fd, b"4242\n", 0))
+        late.start()
+        with pytest.raises(RunInUseError, match=r"\(pid 4242\)"):
+            RunLock(run)
+        late.join()
+        os.ftruncate(fd, 0)  # a holder that never writes its pid is "another process"
+        with pytest.raises(RunInUseError, match=r"\(another process\)"):
+            RunLock(run)
+    finally:
+        os.close(fd)
+
+
 def test_an_abandoned_lock_object_releases_the_lock(tmp_path):
     RunLock(tmp_path)
     gc.collect()

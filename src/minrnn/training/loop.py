@@ -25,6 +25,7 @@ states that dropout draws from.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import sys
 import time
@@ -442,6 +443,11 @@ class Trainer:
 
     def close(self) -> None:
         self.release()
+        if getattr(self, "ddp", None) is not getattr(self, "model", None):
+            # DDP's reducer must not be the process group's last owner: its destructor keeps the
+            # GIL while it joins gloo's threads, which may need the GIL to free a tensor (deadlock)
+            self.ddp = self.model
+            gc.collect()
         self.dist.close()
 
 

@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from .._files import fsync_dir, write_atomic
@@ -64,9 +65,16 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            contended = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
             holder = _read_pid(fd)
+            # the holder writes its pid just after taking the lock: give it a moment to be named
+            for _ in range(20 if contended else 0):
+                if holder:
+                    break
+                time.sleep(0.05)
+                holder = _read_pid(fd)
             os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            if contended:
                 who = f"pid {holder}" if holder else "another process"
                 raise RunInUseError(f"{self.run_dir} is in use by another trainer ({who}); wait for it to end "
                                     "or choose another out_dir") from None

@@ -158,3 +158,17 @@ def test_run_file_write_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     one_line(str(e.value))
     assert path.read_bytes() == b"seed = 1\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_run_files_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    """Atomic writes go through a temporary file; it must not leave the owner-only 0600 of mkstemp."""
+    old = os.umask(umask)
+    try:
+        write_run_file(tmp_path / "config.toml", b"seed = 1\n")
+        with open(tmp_path / "plain.toml", "wb") as f:
+            f.write(b"seed = 1\n")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "config.toml").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.toml").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -15,10 +15,9 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .._files import fsync_dir, write_atomic
+from .._files import fsync_dir, temporary_file_beside, write_atomic
 from .corpora import CORPORA, locate_corpus, search_dirs
 
 URLS = {
@@ -114,7 +113,7 @@ def _parquet_rows(paths: list[Path]):
 def _rebuild_split(rows, target: Path, sha1: str, source: str) -> Path:
     """Write the rows as the original file beside ``target`` (a blank line, " \\n", is an empty row on the hub)."""
     h = hashlib.sha1()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    fd, tmp = temporary_file_beside(target)
     try:
         with os.fdopen(fd, "wb") as f:
             for row in rows:

@@ -3,6 +3,7 @@ and weights that do not fit the config are refused; the Auto classes resolve to 
 importing minrnn does not import transformers."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -161,6 +162,34 @@ def test_a_new_task_head_on_language_model_weights_is_created(tmp_path):
     clf, info = MinRNNForSequenceClassification.from_pretrained(tmp_path, num_labels=3, output_loading_info=True)
     assert info["missing_keys"] == {"score.weight"} and info["unexpected_keys"] == {"lm_head.weight"}
     assert all(torch.equal(a, b) for a, b in zip(clf.model.state_dict().values(), lm.model.state_dict().values()))
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_refused_load_is_one_line_without_transformers_weight_table(tmp_path):
+    """transformers logs its table of missing/unexpected weights; it is passed on only for a load
+    that is accepted (a new task head), not before the one-line refusal."""
+    lm = tiny_lm(tie_word_embeddings=False)
+    lm.save_pretrained(tmp_path / "run")
+    edited = _edited_copy(tmp_path / "run", tmp_path / "edited", num_hidden_layers=3)
+    logger, records = logging.getLogger("transformers.modeling_utils"), _Records()
+    logger.addHandler(records)
+    try:
+        with pytest.raises(ValueError, match="do not fit the config"):
+            MinRNNForCausalLM.from_pretrained(edited)
+        assert records.messages == []
+        MinRNNForSequenceClassification.from_pretrained(tmp_path / "run", num_labels=3)
+        assert any("score.weight" in m for m in records.messages), records.messages
+    finally:
+        logger.removeHandler(records)
+    assert not logger.filters, "the filter that holds the report back is removed after the load"
 
 
 def test_sequence_classifier_round_trip(tmp_path):

@@ -8,6 +8,8 @@ flipped, loads a model that silently computes something else; this turns it into
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 
 # the task heads of the MinRNN models: a checkpoint saved by one may hold another's
@@ -59,4 +61,25 @@ def check_loaded_weights(model, loading_info: dict, source=None) -> None:
                      f"({'; '.join(parts)}){detail}")
 
 
-__all__ = ["check_loaded_weights"]
+@contextlib.contextmanager
+def report_only_if_accepted(logger_name: str = "transformers.modeling_utils"):
+    """Hold back what transformers logs while loading (its table of missing and unexpected
+    weights) and pass it on only if the block succeeds: a refusal is one line, not a table
+    followed by the line."""
+    logger = logging.getLogger(logger_name)
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:  # reached only when the block raised nothing
+        logger.handle(record)
+
+
+__all__ = ["check_loaded_weights", "report_only_if_accepted"]

@@ -43,7 +43,7 @@ from ..ops.conv import causal_conv
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 from .generation_minrnn import MinRNNGenerationMixin
-from .loading_minrnn import check_loaded_weights
+from .loading_minrnn import check_loaded_weights, report_only_if_accepted
 
 # transformers 5 calls the cache `cache`; these older names are accepted with a warning.
 _CACHE_ALIASES = ("past_key_values", "cache_params")
@@ -221,8 +221,9 @@ class MinRNNPreTrainedModel(PreTrainedModel):
         missing or left over, ``tie_word_embeddings`` changed) raise a one-line ValueError
         instead of leaving random or dropped weights; a task head new to the checkpoint (e.g.
         the classifier's ``score`` on a language model's weights) is still created fresh."""
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        check_loaded_weights(model, info, source=args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        with report_only_if_accepted():
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            check_loaded_weights(model, info, source=args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return (model, info) if output_loading_info else model
 
     @torch.no_grad()

@@ -2,10 +2,8 @@
 plain loops, and end to end on two short `minrnn train` runs."""
 
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +11,9 @@ import torch
 from minrnn.cli import main as minrnn
 from minrnn.data import locate_corpus
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "recall.py"
-_spec = importlib.util.spec_from_file_location("recall", SCRIPT)
-recall = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(recall)
+from .scripts import load_script
+
+recall = load_script("recall")
 CLASSES, copy_classes, copy_classes_reference = recall.CLASSES, recall.copy_classes, recall.copy_classes_reference
 main, to_markdown = recall.main, recall.to_markdown
 

@@ -1,19 +1,16 @@
 """The table over many compare outputs (experiments/sweep_table.py): seeds grouped, means over
 losses, the errors it names; end to end on real 1-step `minrnn compare` runs."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from minrnn.cli import main as minrnn
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "sweep_table.py"
-_spec = importlib.util.spec_from_file_location("sweep_table", SCRIPT)
-sweep_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep_table)
+from .scripts import load_script
+
+sweep_table = load_script("sweep_table")
 SweepError, group_by_seed, load_results = sweep_table.SweepError, sweep_table.group_by_seed, sweep_table.load_results
 main, to_markdown = sweep_table.main, sweep_table.to_markdown
 

@@ -25,13 +25,14 @@ on the first class; this measures the same thing for minrnn's runs.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from minrnn.experiments.report import write_table
 
 CLASSES = ("bigram", "token", "new")
 
@@ -147,15 +148,6 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def emit_table(md: str, rows: list[dict], out: Path | None) -> None:
-    """Print the table; with ``out`` also write it there and its rows as JSON beside it."""
-    print(md)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/recall.py", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="training run folders (the first is the baseline "
@@ -178,7 +170,7 @@ def main(argv=None) -> int:
     except (DataError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emit_table(to_markdown(rows), rows, args.out)
+    write_table(to_markdown(rows), rows, args.out)
     return 0
 
 

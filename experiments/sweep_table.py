@@ -28,6 +28,8 @@ import math
 import sys
 from pathlib import Path
 
+from minrnn.experiments.report import write_table
+
 
 class SweepError(ValueError):
     """A folder without results, or runs that cannot share one table."""
@@ -133,15 +135,6 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def emit_table(md: str, rows: list[dict], out: Path | None) -> None:
-    """Print a table; with ``out`` also write it there and its rows as JSON beside it."""
-    print(md)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md)
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python experiments/sweep_table.py", description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="minrnn compare --out folders (or run folders)")
@@ -158,7 +151,7 @@ def main(argv=None) -> int:
     except (SweepError, FileNotFoundError, json.JSONDecodeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    emit_table(to_markdown(rows), rows, args.out)
+    write_table(to_markdown(rows), rows, args.out)
     return 0
 
 

@@ -108,6 +108,17 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     return md
 
 
+def write_table(md: str, rows: list[dict], out: Path | None) -> None:
+    """Print a Markdown table; with ``out`` also write it there and its rows as JSON beside it
+    (``out`` with a .json suffix), each file replaced atomically."""
+    print(md)
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, md.encode())
+        write_atomic(out.with_suffix(".json"), json.dumps(rows, indent=1).encode())
+
+
 def _task_average(groups: dict) -> list[str]:
     """Test accuracy of every model on every task, and its mean over the tasks."""
     tasks = list(groups)

@@ -262,7 +262,8 @@ def test_projected_cell_is_linear_then_cell(cell, backend, dtype, T, B, bias, wi
 
 def test_projected_cell_bad_input():
     x, w, b, h0 = _projected_inputs("mingru", 2, 5, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match=r"cell must be one of \['mingru', 'minlstm'\], got 'gru'"):
+    cells = r"\['mingru', 'mingru_signed', 'minlstm', 'minlstm_signed'\]"
+    with pytest.raises(ValueError, match=rf"cell must be one of {cells}, got 'gru'"):
         MF.projected_cell("gru", x, w, b)
     with pytest.raises(ValueError, match=r"x must be \(batch, time, input_size\)"):
         MF.projected_cell("mingru", x[0], w, b)

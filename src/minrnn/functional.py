@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import accumulation_dtype, check_sequences, resolve_backend
+from .ops import accumulation_dtype, check_backend_takes_cell, check_sequences, resolve_backend
 from .ops.cells import (  # noqa: F401  (the gates are part of this module's API)
     CELLS,
     CellSpec,
@@ -103,17 +103,25 @@ def _empty_result(pre: tuple[Tensor, ...], h0: Tensor | None, in_dtype: torch.dt
     return sum(p * 0 for p in pre).to(in_dtype), last
 
 
+def _cell_name(base: str, signed) -> str:
+    if not isinstance(signed, bool):
+        raise TypeError(f"signed must be True or False, got {signed!r}")
+    return f"{base}_signed" if signed else base
+
+
 def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = None, *, mask: Tensor | None = None,
              mode: str = "parallel", backend: str = "auto", **options) -> tuple[Tensor, Tensor]:
     """Any cell over a sequence.
 
     Args:
-        cell: a name in ``minrnn.ops.cells.CELLS`` ("mingru", "minlstm") or a CellSpec.
+        cell: a name in ``minrnn.ops.cells.CELLS`` ("mingru", "minlstm", "mingru_signed",
+            "minlstm_signed") or a CellSpec.
         pre: the cell's pre-activations, one (B, T, C) tensor per name in its ``pre_names``.
         h0: (B, C) start state (a value of h), zeros when None; float32 beside half inputs.
         mask: (B, T) bool, False where a position is padding (an identity step), or None.
         mode: "parallel" (a scan backend) or "sequential" (the step loop).
-        backend: scan backend for mode="parallel"; see ``minrnn.scan``.
+        backend: scan backend for mode="parallel"; see ``minrnn.scan``. A signed cell
+            (transitions in (-1, 1)) on backend "log" is a ValueError.
         options: the cell's options (minLSTM: ``normalize``).
     Returns:
         (h, h_last): h (B, T, C) in the inputs' dtype, h_last (B, C) the final state in the
@@ -146,6 +154,7 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
         h = torch.stack(out, dim=1)
     else:
         be = resolve_backend(backend, pre[0].device)
+        check_backend_takes_cell(spec, be)
         if be.runs_cell(spec, masked=mask is not None):
             h = be.cell(spec, pre, h0, opts, mask)
         else:
@@ -158,7 +167,7 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
 
 
 def mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, mask: Tensor | None = None,
-           mode: str = "parallel", backend: str = "auto") -> tuple[Tensor, Tensor]:
+           mode: str = "parallel", backend: str = "auto", signed: bool = False) -> tuple[Tensor, Tensor]:
     """minGRU over a sequence.
 
     Args:
@@ -168,15 +177,16 @@ def mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, mask: Tens
         mask: (B, T) bool, False at padded positions (identity steps), or None.
         mode: "parallel" (a scan backend) or "sequential" (the step loop).
         backend: scan backend for mode="parallel"; see ``minrnn.scan``.
+        signed: the "mingru_signed" cell, a = 1 - 2z in (-1, 1) (not on backend "log").
     Returns:
         (h, h_last): h (B, T, C) every state, h_last (B, C) the final one.
     """
-    return run_cell("mingru", (hidden, gate), h0, mask=mask, mode=mode, backend=backend)
+    return run_cell(_cell_name("mingru", signed), (hidden, gate), h0, mask=mask, mode=mode, backend=backend)
 
 
 def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, *,
             normalize: bool = True, mask: Tensor | None = None, mode: str = "parallel",
-            backend: str = "auto") -> tuple[Tensor, Tensor]:
+            backend: str = "auto", signed: bool = False) -> tuple[Tensor, Tensor]:
     """minLSTM over a sequence.
 
     Args:
@@ -185,10 +195,11 @@ def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = N
         h0: (B, C) start state (not passed through g), zeros when None.
         normalize: use f/(f+i), i/(f+i) (the paper's equations) rather than f, i.
         mask, mode, backend: as in ``mingru``.
+        signed: the "minlstm_signed" cell, a = 2f' - 1 in (-1, 1) (not on backend "log").
     Returns:
         (h, h_last): h (B, T, C), h_last (B, C).
     """
-    return run_cell("minlstm", (hidden, forget, input), h0, mask=mask, mode=mode, backend=backend,
+    return run_cell(_cell_name("minlstm", signed), (hidden, forget, input), h0, mask=mask, mode=mode, backend=backend,
                     normalize=normalize)
 
 
@@ -231,6 +242,7 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be ({weight.shape[0]},) to match weight, got shape {tuple(bias.shape)}")
     be = resolve_backend(backend, x.device)
+    check_backend_takes_cell(spec, be)
     dt = x.dtype
     B, T, _ = x.shape
     if (mask is None and be.projected_cell is not None and be.runs_cell(spec, masked=False) and B * T > 0
@@ -288,12 +300,14 @@ def cell_step(cell: str | CellSpec, pre_t: tuple[Tensor, ...], h: Tensor | None 
     return spec.step(tuple(p.to(cdt) for p in pre_t), None if h is None else h.to(cdt), opts, mask)
 
 
-def mingru_step(hidden_t: Tensor, gate_t: Tensor, h: Tensor | None = None, *, mask: Tensor | None = None) -> Tensor:
-    """One minGRU step. hidden_t, gate_t, h: (B, C) (h None means zeros). Returns the new h (B, C)."""
-    return cell_step("mingru", (hidden_t, gate_t), h, mask=mask)
+def mingru_step(hidden_t: Tensor, gate_t: Tensor, h: Tensor | None = None, *, mask: Tensor | None = None,
+                signed: bool = False) -> Tensor:
+    """One minGRU step (``signed``: mingru_signed's). hidden_t, gate_t, h: (B, C) (h None means
+    zeros). Returns the new h (B, C)."""
+    return cell_step(_cell_name("mingru", signed), (hidden_t, gate_t), h, mask=mask)
 
 
 def minlstm_step(hidden_t: Tensor, forget_t: Tensor, input_t: Tensor, h: Tensor | None = None, *,
-                 normalize: bool = True, mask: Tensor | None = None) -> Tensor:
-    """One minLSTM step. All (B, C); returns the new h (B, C)."""
-    return cell_step("minlstm", (hidden_t, forget_t, input_t), h, mask=mask, normalize=normalize)
+                 normalize: bool = True, mask: Tensor | None = None, signed: bool = False) -> Tensor:
+    """One minLSTM step (``signed``: minlstm_signed's). All (B, C); returns the new h (B, C)."""
+    return cell_step(_cell_name("minlstm", signed), (hidden_t, forget_t, input_t), h, mask=mask, normalize=normalize)

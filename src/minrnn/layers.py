@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import functional as MF
-from .ops import BACKENDS, accumulation_dtype
+from .ops import BACKENDS, accumulation_dtype, check_backend_takes_cell
 from .ops.cells import CellSpec, get_cell
 
 
@@ -87,7 +87,8 @@ class _MinRNN(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
-                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, **options):
+                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, signed: bool = False,
+                 **options):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -95,12 +96,14 @@ class _MinRNN(nn.Module):
         if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         for name, v in (("bias", bias), ("bidirectional", bidirectional), ("learn_init_state", learn_init_state),
-                        *options.items()):
+                        ("signed", signed), *options.items()):
             _check_flag(name, v)
         if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
         check_backend_name(backend)
-        self.spec = get_cell(self.cell)
+        self.spec = get_cell(f"{self.cell}_signed" if signed else self.cell)
+        if backend != "auto":
+            check_backend_takes_cell(self.spec, BACKENDS[backend])  # e.g. signed on "log": refused here
         self.spec.options(**options)  # an unknown option is an error here
         self.options = dict(options)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -212,7 +215,14 @@ class _MinRNN(nn.Module):
             s += ", bidirectional=True"
         if self.init_state is not None:
             s += ", learn_init_state=True"
+        if self.signed:
+            s += ", signed=True"
         return s
+
+    @property
+    def signed(self) -> bool:
+        """Whether the transitions range over (-1, 1) (the cell's signed variant)."""
+        return self.spec.signed
 
 
 class MinGRU(_MinRNN):
@@ -227,6 +237,9 @@ class MinGRU(_MinRNN):
         backend: the scan backend (see ``minrnn.scan``); "auto" picks the fastest.
         forget_bias: subtracted from the gate's bias at init (default 0.0, the paper's init),
             so that a positive value starts the layer remembering (a = 1 - z).
+        signed: transitions in (-1, 1) (the "mingru_signed" cell): a_t = 1 - 2 z_t,
+            h_t = (1 - 2 z_t) h_{t-1} + z_t g(h~_t), so that a state can flip its sign (parity).
+            Same parameters and shapes; runs on every backend but "log".
 
     Init: nn.Linear's default for weights and biases (as the official code).
     Parameters per layer: (input_size + bias) * 2 * hidden_size.
@@ -236,9 +249,9 @@ class MinGRU(_MinRNN):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
-                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None):
+                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, signed: bool = False):
         super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
-                         backend, forget_bias, device, dtype)
+                         backend, forget_bias, device, dtype, signed)
 
 
 class MinLSTM(_MinRNN):
@@ -249,6 +262,9 @@ class MinLSTM(_MinRNN):
         normalize: normalise the forget and input gates (default True, as in the paper).
         forget_bias: added to the forget gate's bias at init (default 3.0, the official
             code's default), so the layer starts by remembering.
+        signed: transitions in (-1, 1) (the "minlstm_signed" cell): a_t = 2 f'_t - 1,
+            h_t = (2 f'_t - 1) h_{t-1} + i'_t g(h~_t). Same parameters and shapes; runs on
+            every backend but "log".
 
     Init: nn.Linear's default, then forget_bias added to the forget-gate bias.
     Parameters per layer: (input_size + bias) * 3 * hidden_size.
@@ -259,9 +275,9 @@ class MinLSTM(_MinRNN):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
                  backend: str = "auto", normalize: bool = True, forget_bias: float = 3.0,
-                 device=None, dtype=None):
+                 device=None, dtype=None, signed: bool = False):
         super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
-                         backend, forget_bias, device, dtype, normalize=normalize)
+                         backend, forget_bias, device, dtype, signed, normalize=normalize)
 
     @property
     def normalize(self) -> bool:

@@ -60,13 +60,21 @@ CELL_SPECS = (
        for cell in ("mingru", "minlstm")]
     + [_spec(f"{cell}-saturated-pre-activations", 300, torch.float32, block_t=32, block_c=4, cell=cell,
              normalize=True, scale=50.0) for cell in ("mingru", "minlstm")]
+    # the signed cells, which no fused kernel knows: the generic path (gates, then triton_scan
+    # forward and in reverse for the backward), as minrnn.functional runs them on the GPU
+    + [_spec(f"{cell}{'' if norm else '-unnormalized'}-{str(dt)[6:]}-T{T}-{'h0' if h else 'noh0'}", T, dt, h,
+             cell=cell, normalize=norm)
+       for cell, norm in (("mingru_signed", False), ("minlstm_signed", True), ("minlstm_signed", False))
+       for dt in (torch.float64, torch.float32) for T in (1, 17, 129) for h in (True, False)]
+    + [_spec(f"{cell}-saturated-pre-activations", 300, torch.float32, block_t=32, block_c=4, cell=cell,
+             normalize=True, scale=50.0) for cell in ("mingru_signed", "minlstm_signed")]
 )
 GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
                    _spec("gradcheck-noh0", 4, torch.float64, with_h0=False, B=1, block_t=2)]
 
 
 def _cell_case(spec, device):
-    n = 2 if spec["cell"] == "mingru" else 3
+    n = get_cell(spec["cell"]).n_pre
     gen = torch.Generator().manual_seed(spec["T"] + 7 * n)
     B, T, C = spec["B"], spec["T"], spec["C"]
     parts = [spec.get("scale", 3.0) * torch.randn(B, T, C, generator=gen, dtype=torch.float64) for _ in range(n)]
@@ -100,12 +108,12 @@ def _reference(case):
     """The loop in float64 on the very (rounded) inputs: the answer each result is held to."""
     if case.get("cell"):
         *parts, h0 = [None if x is None else x.cpu().double() for x in case["inputs"]]
-        if case["cell"] == "mingru":
-            def fn(x, k, h0):
-                return MF.mingru(x, k, h0, mode="sequential")[0]
-        else:
-            def fn(x, f, i, h0):
-                return MF.minlstm(x, f, i, h0, normalize=case["normalize"], mode="sequential")[0]
+        spec = get_cell(case["cell"])
+        options = {"normalize": case["normalize"]} if "normalize" in spec.option_names else {}
+
+        def fn(*args):
+            return MF.run_cell(spec, args[:-1], args[-1], mode="sequential", **options)[0]
+
         return run_with_grads(fn, (*parts, h0), case["weight"].cpu().double())
     inputs = [None if x is None else x.cpu().double() for x in case["inputs"]]
     w = torch.ones_like(inputs[0]) if case["weight"] is None else case["weight"].cpu().double()
@@ -141,8 +149,8 @@ def _check(spec, got, case):
     ref = _reference(case)
     assert len(got) == len(ref)
     assert got[0].shape == (spec["B"], spec["T"], spec["C"])
-    names = (["h", "grad hidden", "grad gate"] if spec.get("cell") == "mingru" else
-             ["h", "grad hidden", "grad forget", "grad input"] if spec.get("cell") else ["h", "grad a", "grad b"])
+    names = (["h"] + [f"grad {n}" for n in get_cell(spec["cell"]).pre_names] if spec.get("cell")
+             else ["h", "grad a", "grad b"])
     for name, g, r in zip(names + ["grad h0"], got, ref):
         assert torch.isfinite(g).all(), f"{spec['name']} {name} not finite"
         assert_close_scaled(g, r, _tol(spec["dtype"]), f"{spec['name']} {name}")

@@ -8,7 +8,9 @@ a whole process, before triton is imported. CASES.pt holds a list of dicts:
     {"inputs": (a, b, h0 or None), "weight": w or None, "block_t": int or None,
      "block_c": int or None, "non_contiguous": bool, "gradcheck": bool}
 
-Cases with a "cell" key ("mingru" or "minlstm", with "normalize") run the fused cells instead:
+Cases with a "cell" key ("mingru" or "minlstm", with "normalize") run the fused cells instead
+(the signed cells, which have no fused kernel, run minrnn.functional's generic path on
+triton_scan):
     {"cell": ..., "normalize": bool, "inputs": (hidden, gate[s]..., h0 or None), "weight": w,
      "block_t", "block_c", "separate": bool}
 
@@ -22,6 +24,8 @@ import sys
 
 import torch
 
+import minrnn.functional as MF
+from minrnn.ops.cells import get_cell
 from minrnn.ops.triton import triton_mingru, triton_minlstm, triton_scan
 
 
@@ -45,11 +49,32 @@ def run_cell_case(case):
         chunks = leaf.chunk(len(parts), dim=-1)
     if case["cell"] == "mingru":
         h = triton_mingru(*chunks, h0, **tiles)
-    else:
+    elif case["cell"] == "minlstm":
         h = triton_minlstm(*chunks, h0, case["normalize"], **tiles)
+    else:
+        h = _generic_cell(case, chunks, h0, tiles)
     (h * case["weight"]).sum().backward()
     grads = [x.grad for x in leaves] if case.get("separate") else list(leaf.grad.chunk(len(parts), dim=-1))
     return [h.detach().double()] + [g.double() for g in grads] + ([] if h0 is None else [h0.grad.double()])
+
+
+def _generic_cell(case, chunks, h0, tiles):
+    """A cell no fused kernel knows, as minrnn.functional.run_cell runs it on the triton backend:
+    its gates, then triton_scan (forward, and in reverse for the backward). On CUDA the public
+    call itself; on CPU tensors (which run_cell would send to no GPU backend) the same Function."""
+    spec = get_cell(case["cell"])
+    options = {"normalize": case["normalize"]} if "normalize" in spec.option_names else {}
+    if chunks[0].is_cuda:
+        return MF.run_cell(spec, chunks, h0, backend="triton", **options)[0]
+    opts = spec.options(**options)
+
+    def gates(*p):
+        return spec.gates(*p, *opts)
+
+    def scan(a, b, start):
+        return triton_scan(a, b, start, **tiles)
+
+    return MF._RecomputeGates.apply(gates, scan, h0, *chunks)
 
 
 def run_case(case):

@@ -8,6 +8,8 @@
 Models (each from the library that maintains it, so nobody can call it a strawman):
 
     mingru, minlstm  minrnn.models.MinRNNForCausalLM (this package)
+    mingru-signed,   the same with transitions in (-1, 1) (cells mingru_signed, minlstm_signed):
+    minlstm-signed   the same parameters as mingru / minlstm of that width
     llama            transformers' LlamaForCausalLM: RoPE, RMSNorm, SwiGLU MLP
     gpt2             transformers' GPT2LMHeadModel: learned positions, LayerNorm, GELU MLP
                      (nanoGPT's architecture)
@@ -142,8 +144,13 @@ def _make_minrnn(cell):
     def make(vocab, width, mlp_width, layers, opts):
         from ..models import MinRNNConfig, MinRNNForCausalLM
 
-        config = MinRNNConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, cell=cell,
-                              dropout=opts["dropout"], tie_word_embeddings=opts["tie_embeddings"], **opts["extra"])
+        extra = dict(opts["extra"])
+        # a cell override may pick the family's signed variant (same parameters), nothing else
+        chosen = extra.pop("cell", cell)
+        if chosen not in (cell, cell.removesuffix("_signed") + "_signed"):
+            raise ValueError(f"cell must be {cell!r} or its signed variant for this model, got {chosen!r}")
+        config = MinRNNConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, cell=chosen,
+                              dropout=opts["dropout"], tie_word_embeddings=opts["tie_embeddings"], **extra)
         return LogitsOnly(MinRNNForCausalLM(config))
     return make
 
@@ -204,6 +211,8 @@ def _make_torch_rnn(cell):
 _FAMILIES: dict[str, _Family] = {
     "mingru": _Family(4, lambda opts: 1, _make_minrnn("mingru")),
     "minlstm": _Family(4, lambda opts: 1, _make_minrnn("minlstm")),
+    "mingru-signed": _Family(4, lambda opts: 1, _make_minrnn("mingru_signed")),
+    "minlstm-signed": _Family(4, lambda opts: 1, _make_minrnn("minlstm_signed")),
     "llama": _Family(4, lambda opts: 2 * _heads(opts, "num_attention_heads"), _make_llama,
                      default_mlp=lambda width: round(8 * width / 3)),
     "gpt2": _Family(4, lambda opts: _heads(opts, "n_head"), _make_gpt2, default_mlp=lambda width: 4 * width),

@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 
 from ..ops import BACKENDS
 
-CELLS = ("mingru", "minlstm")
+CELLS = ("mingru", "minlstm", "mingru_signed", "minlstm_signed")
 
 
 # --- field validators: each raises with the field's name in the message ---------------
@@ -95,7 +95,8 @@ class MinRNNConfig(PreTrainedConfig):
         vocab_size: number of tokens (default 256: bytes).
         hidden_size: the model width D (default 384).
         num_hidden_layers: number of blocks (default 6).
-        cell: "mingru" (default) or "minlstm".
+        cell: "mingru" (default), "minlstm", or their variants with transitions in (-1, 1)
+            "mingru_signed" / "minlstm_signed" (state tracking, e.g. parity; not with scan_backend "log").
         expansion_factor: the recurrent width is round(hidden_size * expansion_factor) (default 2.0).
         minlstm_normalize: minLSTM uses f/(f+i), i/(f+i) (the paper's equations; default True).
         forget_bias: added to minLSTM's forget-gate bias at init (default 3.0, the official code's).

@@ -96,7 +96,8 @@ class MinRNNResidualOut(nn.Linear):
 
 
 # The config field holding each cell's "remember more" bias at init.
-_FORGET_BIAS_FIELD = {"mingru": "mingru_forget_bias", "minlstm": "forget_bias"}
+_FORGET_BIAS_FIELD = {"mingru": "mingru_forget_bias", "minlstm": "forget_bias",
+                      "mingru_signed": "mingru_forget_bias", "minlstm_signed": "forget_bias"}
 
 
 class MinRNNMixer(nn.Module):

@@ -110,6 +110,15 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
     return be
 
 
+def check_backend_takes_cell(spec, be: Backend) -> None:
+    """A one-line ValueError when ``spec`` is a cell with transitions of either sign and ``be``
+    a backend that holds positive values only (the log-space scan)."""
+    if spec.signed and not be.signed:
+        takers = ", ".join(repr(n) for n in ["auto", *sorted(n for n, b in BACKENDS.items() if b.signed)])
+        raise ValueError(f"cell {spec.name!r} has transitions in (-1, 1), which backend {be.name!r} cannot "
+                         f"represent (it works in log space); use one of the backends {takers}")
+
+
 def _check_float_tensor(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

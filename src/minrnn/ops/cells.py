@@ -11,6 +11,16 @@ h_t = a_t h_{t-1} + b_t (Feng et al. 2024, gates depending on x_t only):
 
     g(x) = x + 0.5 (x >= 0),  sigmoid(x) (x < 0)       -- continuous, positive
 
+and their signed variants (Grazzi et al. 2024, arXiv 2411.12537), which keep b and map the
+transition a in (0, 1) to 2a - 1 in (-1, 1):
+
+    minGRU signed:   a = 1 - 2z = (1 - z) - z,   b = z g(hidden)
+    minLSTM signed:  a = 2f' - 1 = f' - (1 - f'), b = i' g(hidden)
+
+A transition in (0, 1) can only shrink a state towards the input; at a = -1 the step
+h -> -h + b is a reflection, which is what counting modulo 2 (parity) needs. The log
+backend cannot hold a negative a and refuses these cells (``CellSpec.signed``).
+
 Adding a cell: write its gates in log form below and add one ``CellSpec`` to ``CELLS``;
 every backend then runs it (the fused kernels only know the cells they were written for,
 and the others go through the backend's scan).
@@ -80,6 +90,27 @@ def minlstm_log_gates(hidden: Tensor, forget: Tensor, input: Tensor, normalize: 
     return log_f, log_i + log_g(hidden)
 
 
+def _signed(log_a: Tensor, log_not_a: Tensor) -> Tensor:
+    # 2a - 1 as a - (1 - a), each from its own log form: exact near both ends of (-1, 1), and
+    # saturated gates keep tiny non-zero gradients (tanh's 1 - y^2 would round them to 0)
+    return torch.exp(log_a) - torch.exp(log_not_a)
+
+
+def mingru_signed_gates(hidden: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) = (1 - 2z, z g(hidden)), z = sigmoid(gate): a in (-1, 1)."""
+    log_a, log_z = _mingru_log_az(gate)
+    return _signed(log_a, log_z), torch.exp(log_z) * g(hidden)
+
+
+def minlstm_signed_gates(hidden: Tensor, forget: Tensor, input: Tensor,
+                         normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """(a, b) = (2f' - 1, i' g(hidden)) with f', i' as in ``minlstm_gates``: a in (-1, 1)."""
+    log_f, log_i = _minlstm_log_fi(forget, input, normalize)
+    # 1 - f': i' when normalised (f' + i' = 1), else sigmoid(-forget)
+    log_not_f = log_i if normalize else F.logsigmoid(-forget)
+    return _signed(log_f, log_not_f), torch.exp(log_i) * g(hidden)
+
+
 @dataclass(frozen=True)
 class CellSpec:
     """One cell: its pre-activations, its gates and its options.
@@ -88,18 +119,21 @@ class CellSpec:
     take the pre-activations (any shape, one per name in ``pre_names``) followed by the
     option values in the order of ``option_names``. ``decay_slot`` is the pre-activation
     whose bias sets how much the cell remembers, and ``decay_bias_sign`` the sign with which
-    a "remember more" bias goes on it (minGRU: a = 1 - sigmoid(gate), so -1).
+    a "remember more" bias goes on it (minGRU: a = 1 - sigmoid(gate), so -1). ``signed``:
+    a ranges over (-1, 1), so the cell has no log form (``log_gates`` is None) and only the
+    backends that take values of any sign (``Backend.signed``) run it.
     """
 
     name: str
     pre_names: tuple[str, ...]
     gates: Callable[..., tuple[Tensor, Tensor]]
-    log_gates: Callable[..., tuple[Tensor, Tensor]]
+    log_gates: Callable[..., tuple[Tensor, Tensor]] | None
     decay_slot: int
     decay_bias_sign: float
     option_names: tuple[str, ...] = ()
     option_defaults: tuple = ()
     doc: str = ""
+    signed: bool = False
 
     @property
     def n_pre(self) -> int:
@@ -154,3 +188,9 @@ register_cell(CellSpec("mingru", ("hidden", "gate"), mingru_gates, mingru_log_ga
 register_cell(CellSpec("minlstm", ("hidden", "forget", "input"), minlstm_gates, minlstm_log_gates,
                        decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,),
                        doc="a = f', b = i' g(hidden), f' and i' normalised to sum 1 when normalize"))
+register_cell(CellSpec("mingru_signed", ("hidden", "gate"), mingru_signed_gates, None,
+                       decay_slot=1, decay_bias_sign=-1.0, signed=True,
+                       doc="a = 1 - 2 sigmoid(gate) in (-1, 1), b = sigmoid(gate) g(hidden)"))
+register_cell(CellSpec("minlstm_signed", ("hidden", "forget", "input"), minlstm_signed_gates, None,
+                       decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,),
+                       signed=True, doc="a = 2f' - 1 in (-1, 1), b = i' g(hidden), f' and i' as minlstm's"))

@@ -115,7 +115,11 @@ def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
 
 def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
     """The registered "log" backend's cells: the cell's log-gates (never a log of a sigmoid)
-    into the log-space scan; a padded position is log a = 0, log b = -inf."""
+    into the log-space scan; a padded position is log a = 0, log b = -inf. A cell with
+    transitions of either sign (no log form) is a ValueError."""
+    from . import BACKENDS, check_backend_takes_cell  # late import: the registry imports this module
+
+    check_backend_takes_cell(spec, BACKENDS["log"])
     if h0 is not None and not bool((h0 >= 0).all()):
         raise ValueError("h0 has negative entries, which backend='log' cannot represent; "
                          "use backend='chunked' (or 'auto')")

@@ -24,7 +24,8 @@ def models():
 
 
 def test_every_baseline_is_known():
-    assert set(BASELINES) == {"mingru", "minlstm", "llama", "gpt2", "mamba", "lstm", "gru"}
+    assert set(BASELINES) == {"mingru", "minlstm", "mingru-hybrid", "minlstm-hybrid", "llama", "gpt2", "mamba", "lstm",
+                              "gru"}
 
 
 @pytest.mark.parametrize("target", TARGETS)

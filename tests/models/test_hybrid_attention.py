@@ -25,7 +25,7 @@ HYBRIDS = {
     "full-mha": dict(attention_layers=[1]),
     "window3-gqa": dict(attention_layers=[1], attention_window=3, num_key_value_heads=2),
     "every2-mqa-noconv": dict(attention_every=1, num_hidden_layers=2, num_key_value_heads=1, use_conv=False,
-                              attention_window=4),
+                              attention_window=4, attention_head_dim=6),
     "minlstm-window5": dict(cell="minlstm", attention_layers=[0], attention_window=5, num_attention_heads=2),
 }
 
@@ -163,6 +163,13 @@ def test_window_limits_what_the_attention_layer_sees():
         assert depends.tolist() == [t - 3 < s <= t for s in range(10)], t
 
 
+def test_head_size_may_differ_from_the_width():
+    mixer = MinRNNAttention(tiny_config(attention_layers=[0], num_attention_heads=3, attention_head_dim=6))
+    assert mixer.q_proj.weight.shape == (18, 16) and mixer.out_proj.weight.shape == (16, 18)
+    y, new = mixer(torch.randn(2, 5, 16))
+    assert y.shape == (2, 5, 16) and new.keys.shape == (2, 3, 5, 6)
+
+
 def test_mixer_returns_its_keys_positions_and_next_position():
     config = tiny_config(attention_layers=[0], num_key_value_heads=2)
     mixer = MinRNNAttention(config)
@@ -191,6 +198,7 @@ def test_config_defaults_build_the_same_model_as_before():
     (dict(attention_layers=[0], num_attention_heads=3), "num_attention_heads=3 must divide hidden_size=16"),
     (dict(attention_layers=[0], num_attention_heads=16), "even head size"),
     (dict(attention_layers=[0], num_key_value_heads=3), "num_key_value_heads=3 must divide num_attention_heads=4"),
+    (dict(attention_layers=[0], attention_head_dim=5), "attention_head_dim must be even"),
     (dict(attention_window=0), "attention_window must be None or a positive integer"),
     (dict(rope_theta=0), "rope_theta must be a positive finite number"),
 ])

@@ -142,8 +142,9 @@ class MinRNNConfig(PreTrainedConfig):
         attention_layers: the 0-based indices of those blocks (default None: none), or
         attention_every: every k-th block (1-based: blocks k-1, 2k-1, ...; default None).
             At most one of the two may be set.
-        num_attention_heads: query heads; they must divide hidden_size into an even head
-            size, for RoPE (default 4).
+        num_attention_heads: query heads (default 4).
+        attention_head_dim: the size of a head, even (RoPE turns pairs); default None:
+            hidden_size / num_attention_heads, which must then be an even integer.
         num_key_value_heads: key/value heads (grouped-query attention), dividing
             num_attention_heads (default None: as many as the query heads).
         attention_window: each token sees itself and the attention_window - 1 tokens before
@@ -181,6 +182,8 @@ class MinRNNConfig(PreTrainedConfig):
     attention_every: int | None = validated_field(
         _optional_positive_int("attention_every", "every k-th block is attention"), default=None)
     num_attention_heads: int = validated_field(_positive_int("num_attention_heads"), default=4)
+    attention_head_dim: int | None = validated_field(
+        _optional_positive_int("attention_head_dim", "None: hidden_size / num_attention_heads"), default=None)
     num_key_value_heads: int | None = validated_field(
         _optional_positive_int("num_key_value_heads", "None: as many as num_attention_heads"), default=None)
     attention_window: int | None = validated_field(
@@ -228,6 +231,9 @@ class MinRNNConfig(PreTrainedConfig):
 
     @property
     def head_dim(self) -> int:
+        """The size of an attention head: attention_head_dim, or hidden_size / num_attention_heads."""
+        if self.attention_head_dim is not None:
+            return self.attention_head_dim
         return self.hidden_size // self.num_attention_heads
 
     def validate_attention(self):
@@ -241,9 +247,11 @@ class MinRNNConfig(PreTrainedConfig):
                              f"(num_hidden_layers={self.num_hidden_layers}), got {bad}")
         if not self.attention_layer_indices:
             return
-        if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
+        if self.attention_head_dim is not None and self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even (RoPE turns pairs), got {self.attention_head_dim}")
+        if self.attention_head_dim is None and (self.hidden_size % self.num_attention_heads or self.head_dim % 2):
             raise ValueError(f"num_attention_heads={self.num_attention_heads} must divide hidden_size="
-                             f"{self.hidden_size} into an even head size (RoPE rotates pairs)")
+                             f"{self.hidden_size} into an even head size (RoPE turns pairs), or set attention_head_dim")
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
                              f"num_attention_heads={self.num_attention_heads}")

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from minrnn.models import MinRNNConfig, MinRNNForCausalLM  # noqa: E402
+from minrnn.models import MinRNNForCausalLM  # noqa: E402
 from minrnn.models.attention_minrnn import (  # noqa: E402
     AttentionWindow,
     MinRNNAttention,

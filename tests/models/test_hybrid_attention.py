@@ -77,7 +77,7 @@ def test_reference_is_the_softmax_formula():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("window", [None, 4, 9, 20])  # 9, 20: as long as the sequence or longer
 @pytest.mark.parametrize("G", [4, 2, 1])
 @pytest.mark.parametrize("masked", [False, True])
 def test_fast_path_matches_reference_forward_and_grads(dtype, tol, window, G, masked):

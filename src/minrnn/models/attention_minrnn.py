@@ -78,7 +78,8 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Ten
 def attention_fast(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, window: int | None) -> Tensor:
     """scaled_dot_product_attention; ``visible`` None means plain causal (no padding, no past)."""
     gqa = q.shape[1] != k.shape[1]
-    if visible is None and window is None:
+    if visible is None and (window is None or window >= q.shape[2]):
+        # a window as long as the sequence is plain causal: the kernels' fastest case
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if visible is None:
         T = q.shape[2]

@@ -24,7 +24,8 @@ def models():
 
 
 def test_every_baseline_is_known():
-    assert set(BASELINES) == {"mingru", "minlstm", "mingru-signed", "minlstm-signed", "llama", "gpt2", "mamba", "lstm",
+    assert set(BASELINES) == {"mingru", "minlstm", "mingru-signed", "minlstm-signed", "mingru-hybrid", "minlstm-hybrid",
+                              "llama", "gpt2", "mamba", "lstm",
                               "gru"}
 
 

@@ -10,6 +10,9 @@ Models (each from the library that maintains it, so nobody can call it a strawma
     mingru, minlstm  minrnn.models.MinRNNForCausalLM (this package)
     mingru-signed,   the same with transitions in (-1, 1) (cells mingru_signed, minlstm_signed):
     minlstm-signed   the same parameters as mingru / minlstm of that width
+    mingru-hybrid,   the same with attention in every third block (blocks 2, 5, ...; the last
+    minlstm-hybrid   block when there are fewer than 3): RoPE, a window of 128 tokens, 4 heads
+                     of the even size nearest width / 4
     llama            transformers' LlamaForCausalLM: RoPE, RMSNorm, SwiGLU MLP
     gpt2             transformers' GPT2LMHeadModel: learned positions, LayerNorm, GELU MLP
                      (nanoGPT's architecture)
@@ -155,6 +158,21 @@ def _make_minrnn(cell):
     return make
 
 
+def _make_minrnn_hybrid(cell):
+    plain = _make_minrnn(cell)
+
+    def make(vocab, width, mlp_width, layers, opts):
+        extra = dict(opts["extra"])
+        if "attention_layers" not in extra and "attention_every" not in extra:
+            extra["attention_layers"] = list(range(2, layers, 3)) or [layers - 1]
+        extra.setdefault("attention_window", 128)
+        heads = extra.setdefault("num_attention_heads", 4)
+        if "attention_head_dim" not in extra and width % (2 * heads):
+            extra["attention_head_dim"] = max(2, 2 * round(width / (2 * heads)))
+        return plain(vocab, width, mlp_width, layers, {**opts, "extra": extra})
+    return make
+
+
 def _heads(opts, key):
     return opts["extra"].get(key, 4)
 
@@ -213,6 +231,8 @@ _FAMILIES: dict[str, _Family] = {
     "minlstm": _Family(4, lambda opts: 1, _make_minrnn("minlstm")),
     "mingru-signed": _Family(4, lambda opts: 1, _make_minrnn("mingru_signed")),
     "minlstm-signed": _Family(4, lambda opts: 1, _make_minrnn("minlstm_signed")),
+    "mingru-hybrid": _Family(4, lambda opts: 1, _make_minrnn_hybrid("mingru")),
+    "minlstm-hybrid": _Family(4, lambda opts: 1, _make_minrnn_hybrid("minlstm")),
     "llama": _Family(4, lambda opts: 2 * _heads(opts, "num_attention_heads"), _make_llama,
                      default_mlp=lambda width: round(8 * width / 3)),
     "gpt2": _Family(4, lambda opts: _heads(opts, "n_head"), _make_gpt2, default_mlp=lambda width: 4 * width),

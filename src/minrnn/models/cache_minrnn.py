@@ -6,6 +6,14 @@ Per block it holds what the next token needs and nothing that grows with the con
                                     (float32 for half-precision models, as the cells return it)
     conv state        (B, D, k - 1) the conv's last k - 1 inputs (zeros before the first token);
                                     absent without a conv, empty for k = 1
+and, in the attention blocks of a hybrid model (``config.attention_layer_indices``), in place
+of the recurrent state:
+
+    keys, values      (B, G, W, hd)  a ring buffer of the last W = attention_window positions'
+                                    keys (after RoPE) and values, slot = position index mod W;
+                                    with attention_window None it grows (full attention)
+    positions, valid  (B, W)        each slot's token position and whether it holds a token
+
 and, for the whole model, the last few token ids read (so that generate() can tell a prompt
 given whole from one given without its cached part).
 
@@ -21,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+from .attention_minrnn import AttentionWindow
 
 _NO_ROLLBACK = ("MinRNNCache cannot record its past for a rollback: a recurrent state is overwritten at every token, "
                 "so a MinRNN model cannot be used for assisted (speculative) decoding")
@@ -123,11 +133,81 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         self._map_batch(lambda t: t[indices, ...])
 
 
+def _slot_dim(t: Tensor) -> int:
+    """The positions' axis: 2 for keys / values (B, G, S, hd), 1 for positions / valid (B, S)."""
+    return 2 if t.dim() == 4 else 1
+
+
+class MinRNNAttentionCacheLayer(MinRNNCacheLayer):
+    """An attention block's state: the conv window (as `MinRNNCacheLayer`) and the keys/values
+    of the last ``attention_window`` positions in a ring buffer (all of them when it is None).
+
+    ``Cache.get_recurrent_state`` gives the buffer as an ``AttentionWindow``;
+    ``update_recurrent_state`` takes one call's new keys/values (an ``AttentionWindow``) and
+    writes them into their slots.
+    """
+
+    def __init__(self, conv_window: int = 0, attention_window: int | None = None):
+        super().__init__(conv_window)
+        if attention_window is not None and (not isinstance(attention_window, int) or attention_window < 1):
+            raise ValueError(f"attention_window must be None or an integer >= 1, got {attention_window!r}")
+        self.attention_window = attention_window
+
+    def __repr__(self):
+        return (f"{self.__class__.__name__}(conv_window={self.conv_kernel_size[0]}, "
+                f"attention_window={self.attention_window}, seen_tokens={self.seen_tokens})")
+
+    def update_recurrent_state(self, recurrent_states: AttentionWindow, state_idx: int = 0, num_tokens: int = 0,
+                               **kwargs) -> AttentionWindow:
+        new, past = recurrent_states, self.recurrent_states[state_idx] if self.has_previous_state[state_idx] else None
+        if past is None or past.batch_size != new.batch_size:
+            self.device, self.dtype, self.batch_size = new.keys.device, new.keys.dtype, new.batch_size
+        W, T = self.attention_window, new.keys.shape[2]
+        if W is None:
+            fields = new[:4] if past is None else [torch.cat([a, b], dim=_slot_dim(a)) for a, b in zip(past[:4], new[:4])]
+        else:
+            if past is None:
+                B, G, _, hd = new.keys.shape
+                past = AttentionWindow(new.keys.new_zeros(B, G, W, hd), new.values.new_zeros(B, G, W, hd),
+                                       new.positions.new_zeros(B, W), new.valid.new_zeros(B, W), new.next_position)
+            # the last min(T, W) positions of this call go to their slots; out of place, so no
+            # autograd graph that read the old buffer is disturbed
+            n = min(T, W)
+            slots = (self.seen_tokens + T - n + torch.arange(n, device=new.keys.device)) % W
+            fields = [old.to(fresh.dtype).index_copy(_slot_dim(old), slots, fresh.narrow(_slot_dim(fresh), T - n, n))
+                      for old, fresh in zip(past[:4], new[:4])]
+        self.recurrent_states[state_idx] = AttentionWindow(*fields, new.next_position)
+        self.has_previous_state[state_idx] = True
+        self.seen_tokens += int(num_tokens)
+        return self.recurrent_states[state_idx]
+
+    def reset(self) -> None:
+        super().reset()
+        self.recurrent_states = dict.fromkeys(range(self.number_of_states))
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def _map_batch(self, fn) -> None:
+        super()._map_batch(fn)  # the conv window
+        for i in range(self.number_of_states):
+            if self.recurrent_states[i] is not None:
+                self.recurrent_states[i] = AttentionWindow(*(fn(t) for t in self.recurrent_states[i]))
+                self.batch_size = self.recurrent_states[i].batch_size
+
+    def offload(self):
+        raise NotImplementedError("MinRNNAttentionCacheLayer does not offload its keys and values")
+
+    def prefetch(self):
+        raise NotImplementedError("MinRNNAttentionCacheLayer does not offload its keys and values")
+
+
 class MinRNNCache(Cache):
     """The recurrent cache of a MinRNN model: one `MinRNNCacheLayer` per block.
 
-    Its size is fixed by the config and the batch (B * (E + D * (k - 1)) numbers per block),
-    whatever the number of tokens seen. ``get_seq_length()`` counts the positions consumed
+    Its size is fixed by the config and the batch (B * (E + D * (k - 1)) numbers per minRNN
+    block; B * (2 G hd + 2) * W more per attention block with a window W), whatever the number
+    of tokens seen; only an attention block without a window grows with the context. ``get_seq_length()`` counts the positions consumed
     (padding included, as an attention mask counts them).
 
     Args:
@@ -136,7 +216,10 @@ class MinRNNCache(Cache):
 
     def __init__(self, config):
         window = config.conv_kernel - 1 if config.use_conv else 0
-        super().__init__(layers=[MinRNNCacheLayer(window) for _ in range(config.num_hidden_layers)])
+        attention = set(getattr(config, "attention_layer_indices", ()))
+        super().__init__(layers=[
+            MinRNNAttentionCacheLayer(window, config.attention_window) if i in attention else MinRNNCacheLayer(window)
+            for i in range(config.num_hidden_layers)])
         # set by generate() when it continues from this cache: how many of the prompt's last
         # positions the cache has not read (the rest it has)
         self.prompt_positions_to_read: int | None = None
@@ -193,7 +276,7 @@ class MinRNNCache(Cache):
         raise RuntimeError(_NO_CROP)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        raise RuntimeError("MinRNNCache has no attention layers, so there are no attention mask sizes")
+        raise RuntimeError("MinRNNCache builds no attention masks: its attention layers read the padding mask and positions themselves")
 
 
-__all__ = ["MinRNNCache", "MinRNNCacheLayer"]
+__all__ = ["MinRNNCache", "MinRNNCacheLayer", "MinRNNAttentionCacheLayer"]

@@ -75,6 +75,24 @@ def _activation(value):
         raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {value!r}")
 
 
+# --- attention (hybrid) fields -------------------------------------------------------------
+
+
+def _optional_positive_int(name, what):
+    def check(value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or a positive integer ({what}), got {value!r}")
+    return check
+
+
+def _attention_layers(value):
+    if value is None:
+        return
+    if (not isinstance(value, list) or len(set(value)) != len(value)
+            or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in value)):
+        raise ValueError(f"attention_layers must be None or a list of distinct layer indices >= 0, got {value!r}")
+
+
 def _scan_backend(value):
     if value != "auto" and value not in BACKENDS:
         raise ValueError(f"scan_backend must be 'auto' or one of {sorted(BACKENDS)}, got {value!r}")
@@ -117,6 +135,22 @@ class MinRNNConfig(PreTrainedConfig):
         tie_word_embeddings: share the embedding matrix with the LM head (default True).
         use_cache: return the recurrent cache from forward (default True).
         pad_token_id, bos_token_id, eos_token_id: special tokens (default None).
+
+    Attention layers (a hybrid; none by default): in the blocks they name, a causal multi-head
+    attention (``minrnn.models.attention_minrnn``) takes the place of the minRNN mixer; the
+    conv, the MLP and the norms stay as they are.
+
+        attention_layers: the 0-based indices of those blocks (default None: none), or
+        attention_every: every k-th block (1-based: blocks k-1, 2k-1, ...; default None).
+            At most one of the two may be set.
+        num_attention_heads: query heads (default 4).
+        attention_head_dim: the size of a head, even (RoPE turns pairs); default None:
+            hidden_size / num_attention_heads, which must then be an even integer.
+        num_key_value_heads: key/value heads (grouped-query attention), dividing
+            num_attention_heads (default None: as many as the query heads).
+        attention_window: each token sees itself and the attention_window - 1 tokens before
+            it (default None: every token before it); the cache keeps that many keys/values.
+        rope_theta: the base of the rotary position embedding (default 10000.0).
     """
 
     model_type = "minrnn"
@@ -144,6 +178,18 @@ class MinRNNConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # attention (hybrid) fields: the defaults give no attention layer
+    attention_layers: list[int] | None = validated_field(_attention_layers, default=None)
+    attention_every: int | None = validated_field(
+        _optional_positive_int("attention_every", "every k-th block is attention"), default=None)
+    num_attention_heads: int = validated_field(_positive_int("num_attention_heads"), default=4)
+    attention_head_dim: int | None = validated_field(
+        _optional_positive_int("attention_head_dim", "None: hidden_size / num_attention_heads"), default=None)
+    num_key_value_heads: int | None = validated_field(
+        _optional_positive_int("num_key_value_heads", "None: as many as num_attention_heads"), default=None)
+    attention_window: int | None = validated_field(
+        _optional_positive_int("attention_window", "None: full causal attention"), default=None)
+    rope_theta: int | float = validated_field(_positive_number("rope_theta"), default=10000.0)
 
     @property
     def rnn_hidden_size(self) -> int:
@@ -167,6 +213,49 @@ class MinRNNConfig(PreTrainedConfig):
                 f"mlp_mult={self.mlp_mult} with hidden_size={self.hidden_size} gives an MLP width of "
                 f"{self.mlp_hidden_size}; it must be >= 1"
             )
+
+
+    @property
+    def attention_layer_indices(self) -> tuple[int, ...]:
+        """The blocks whose mixer is attention, in order (empty: a pure minRNN model)."""
+        if self.attention_layers is not None:
+            return tuple(sorted(self.attention_layers))
+        if self.attention_every is not None:
+            k = self.attention_every
+            return tuple(range(k - 1, self.num_hidden_layers, k))
+        return ()
+
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads: num_key_value_heads, or num_attention_heads when None."""
+        return self.num_key_value_heads if self.num_key_value_heads is not None else self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """The size of an attention head: attention_head_dim, or hidden_size / num_attention_heads."""
+        if self.attention_head_dim is not None:
+            return self.attention_head_dim
+        return self.hidden_size // self.num_attention_heads
+
+    def validate_attention(self):
+        """Part of the strict validation: the attention fields agree with each other and the widths."""
+        if self.attention_layers is not None and self.attention_every is not None:
+            raise ValueError("set at most one of attention_layers and attention_every, "
+                             f"got {self.attention_layers!r} and {self.attention_every!r}")
+        bad = [i for i in self.attention_layers or () if i >= self.num_hidden_layers]
+        if bad:
+            raise ValueError(f"attention_layers must be indices in [0, {self.num_hidden_layers}) "
+                             f"(num_hidden_layers={self.num_hidden_layers}), got {bad}")
+        if not self.attention_layer_indices:
+            return
+        if self.attention_head_dim is not None and self.attention_head_dim % 2:
+            raise ValueError(f"attention_head_dim must be even (RoPE turns pairs), got {self.attention_head_dim}")
+        if self.attention_head_dim is None and (self.hidden_size % self.num_attention_heads or self.head_dim % 2):
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must divide hidden_size="
+                             f"{self.hidden_size} into an even head size (RoPE turns pairs), or set attention_head_dim")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must divide "
+                             f"num_attention_heads={self.num_attention_heads}")
 
 
 def _one_line_value_errors(method):

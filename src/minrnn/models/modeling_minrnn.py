@@ -40,6 +40,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..layers import projected_cell_sequence, projected_cell_step
 from ..ops.cells import get_cell
 from ..ops.conv import causal_conv
+from .attention_minrnn import MinRNNAttention
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
 from .generation_minrnn import MinRNNGenerationMixin
@@ -160,7 +161,9 @@ class MinRNNBlock(GradientCheckpointingLayer):
         # depthwise, unpadded: forward() puts the k - 1 past inputs (or zeros) in front itself
         self.conv = nn.Conv1d(D, D, config.conv_kernel, groups=D, bias=True) if config.use_conv else None
         self.rnn_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
-        self.mixer = MinRNNMixer(config)
+        # a hybrid's attention blocks: attention in place of the recurrence, all else the same
+        self.mixer = (MinRNNAttention(config) if layer_idx in config.attention_layer_indices
+                      else MinRNNMixer(config))
         if config.use_mlp:
             self.mlp_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
             self.mlp = MinRNNMLP(config)
@@ -171,7 +174,7 @@ class MinRNNBlock(GradientCheckpointingLayer):
     def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None) -> Tensor:
         """hidden_states (B, T, D), mask (B, T) bool or None; reads and updates ``cache``."""
         h0 = None if cache is None else cache.get_recurrent_state(self.layer_idx)
-        if h0 is not None and h0.shape[0] != hidden_states.shape[0]:
+        if isinstance(h0, Tensor) and h0.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"the cache holds a state for batch {h0.shape[0]}, but the input has batch "
                              f"{hidden_states.shape[0]}; use a fresh cache for a new batch")
         if self.conv is not None:
@@ -305,7 +308,7 @@ class MinRNNModel(MinRNNPreTrainedModel):
             hidden_states (embeddings, block 1, ..., block L) when asked.
         """
         if kwargs.get("output_attentions"):
-            raise ValueError("MinRNN has no attention, so there are no attentions to output")
+            raise ValueError("output_attentions is not supported: MinRNN models return no attention weights")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, T) and inputs_embeds (B, T, D)")
         if inputs_embeds is None:

@@ -52,8 +52,12 @@ def model_keys() -> dict[str, type]:
     for name, annotation in MinRNNConfig.__annotations__.items():
         if name in _NOT_MODEL_KEYS:
             continue
-        args = set(typing.get_args(annotation))
-        out[name] = float if float in args else annotation
+        # "X | None": the key takes an X (leaving it out keeps None); lists from TOML arrays
+        args = set(typing.get_args(annotation)) - {type(None)}
+        if any(typing.get_origin(a) is list for a in args):
+            out[name] = list
+        else:
+            out[name] = float if float in args else args.pop() if len(args) == 1 else annotation
     return out
 
 
@@ -316,6 +320,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
                 return int(text)
             if typ is float:
                 return float(text)
+            if typ is list:
+                return json.loads(text)  # from the command line: a JSON / TOML array such as [2, 5]
         except ValueError:
             raise ConfigError(f"{key} expects {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):

@@ -63,3 +63,19 @@ def test_a_tiny_run_writes_rows_json_and_table(tmp_path):
     assert on_disk["result"]["rows"] == result["rows"]
     table = printed.getvalue()
     assert "### Decoding tokens/s, batch 2" in table and "| minGRU generate" in table
+
+
+@pytest.mark.parametrize("name", ["minGRU", "Llama"])
+def test_generate_from_the_prefilled_cache_continues_the_prompt(name):
+    """The timed generate() runs continue from a cache that read all but the prompt's last
+    token: they give the tokens a generate() from scratch gives."""
+    s = Settings.make(quick=True)
+    model = decode.build_models(s)[name]
+    prefill, _ = decode._step_fn(name, model)
+    prompt = torch.randint(1, s.decode_vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = prefill(prompt[:, :-1])[1]
+        kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        continued = model.generate(prompt, cache=cache, **kw)
+        scratch = model.generate(prompt, **kw)
+    assert torch.equal(continued, scratch)

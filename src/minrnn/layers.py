@@ -67,7 +67,8 @@ def projected_cell_step(spec: CellSpec, proj: nn.Module, x_t: Tensor, h: Tensor 
     prev = None if h is None else h.to(accumulation_dtype(pre.dtype))
     if (fused_applies(pre, prev) and (prev is None or prev.shape == (pre.shape[0], pre.shape[-1] // spec.n_pre))
             and (mask is None or mask.shape == pre.shape[:1])):
-        # one kernel for the whole cell update (the checks below are for shapes it cannot get wrong)
+        # one kernel for the whole update; other shapes, dtypes and autograd go to MF.cell_step,
+        # which checks them
         state = fused_cell_step(spec, pre[:, 0] if timed else pre, prev, spec.options(**options), mask)
     else:
         parts = [p[:, 0] if timed else p for p in pre.chunk(spec.n_pre, dim=-1)]

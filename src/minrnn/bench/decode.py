@@ -2,8 +2,8 @@
 
     minGRU   minrnn.models.MinRNNForCausalLM (``decode_width`` x ``decode_layers``, the
              config's defaults otherwise): a recurrent state of fixed size
-    minLSTM  the same with cell="minlstm" and expansion factor 1.5, which gives it exactly
-             minGRU's parameter count (its input projection is 3E wide, minGRU's 2E)
+    minLSTM  the same with cell="minlstm" and expansion factor 1.5, which brings its parameters
+             to minGRU's (its input projection is 3E wide, minGRU's 2E)
     Llama    transformers' LlamaForCausalLM, same width, depth and vocabulary, ``decode_heads``
              heads, its MLP width chosen so that its parameters match minGRU's; a KV cache
              (DynamicCache) that grows by a token per step

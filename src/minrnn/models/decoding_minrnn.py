@@ -10,7 +10,7 @@ numbers (tests hold the two together).
 Per block, on float32/float64 CPU tensors:
 
     conv_norm_step        x + conv over the cached window, the new window, RMSNorm   (one kernel)
-    addmm                 the mixer's input projection
+    linear                the mixer's input projection
     cell_step             the minGRU / minLSTM state update                          (one kernel)
     addmm                 x + the output projection
     rms_norm, linear, act, addmm                                                     (the MLP)

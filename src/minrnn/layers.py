@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from . import functional as MF
 from .ops import BACKENDS, accumulation_dtype, check_backend_takes_cell
 from .ops.cells import CellSpec, get_cell
+from .ops.step import cell_step as fused_cell_step
+from .ops.step import fused_applies
 
 
 def is_plain_linear(module: nn.Module, cls: type) -> bool:
@@ -62,9 +64,15 @@ def projected_cell_step(spec: CellSpec, proj: nn.Module, x_t: Tensor, h: Tensor 
     """
     pre = proj(x_t)
     timed = pre.dim() == 3
-    parts = [p[:, 0] if timed else p for p in pre.chunk(spec.n_pre, dim=-1)]
     prev = None if h is None else h.to(accumulation_dtype(pre.dtype))
-    state = MF.cell_step(spec, parts, prev, mask=mask, **options)
+    if (fused_applies(pre, prev) and (prev is None or prev.shape == (pre.shape[0], pre.shape[-1] // spec.n_pre))
+            and (mask is None or mask.shape == pre.shape[:1])):
+        # one kernel for the whole update; other shapes, dtypes and autograd go to MF.cell_step,
+        # which checks them
+        state = fused_cell_step(spec, pre[:, 0] if timed else pre, prev, spec.options(**options), mask)
+    else:
+        parts = [p[:, 0] if timed else p for p in pre.chunk(spec.n_pre, dim=-1)]
+        state = MF.cell_step(spec, parts, prev, mask=mask, **options)
     y = state.to(pre.dtype)
     return (y.unsqueeze(1) if timed else y), state
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import minrnn
-from minrnn.bench.decode import KVCacheDecoder
 from minrnn.bench.layers import PaperMinGRU, layer_candidates, paper_mingru
 from minrnn.bench.layers import run as run_layers
 from minrnn.bench.runner import Budget
@@ -46,20 +45,6 @@ def test_paper_layer_matches_mingru_layer_with_the_same_weights():
 def test_paper_listing_rejects_a_misshapen_h0():
     with pytest.raises(ValueError, match="h0"):
         paper_mingru(torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.rand(3, 3))
-
-
-def test_kv_cache_decoder_step_matches_its_causal_forward():
-    torch.manual_seed(0)
-    dec = KVCacheDecoder(16, layers=2, heads=4, dtype=torch.float64).eval()
-    x = torch.randn(2, 12, 16, dtype=torch.float64)
-    cache = dec.new_cache(2, max_len=12)
-    with torch.no_grad():
-        steps = torch.stack([dec.step(x[:, t], cache) for t in range(12)], dim=1)
-        full = dec(x)
-    torch.testing.assert_close(steps, full, rtol=1e-10, atol=1e-12)
-    assert cache.length == 12 and cache.nbytes() == 2 * 2 * 2 * 12 * 16 * 8  # (k, v) x layers x B x T x W
-    with pytest.raises(ValueError, match="full"):
-        dec.step(x[:, 0], cache)
 
 
 def test_every_registered_backend_becomes_a_candidate(monkeypatch):

@@ -86,11 +86,17 @@ def test_scan_and_decode_rows(quick_run):
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / scan["copy"]["gbps"])
         assert r["max_abs_err"] < 1e-5 and r["grad_rel_err"] < 1e-5
     decode = _load(out, "decode")["result"]
-    assert {(r["model"], r["context"]) for r in decode["rows"]} == {(m, c) for m in ("minGRU", "Transformer")
-                                                                    for c in (8, 16)}
-    kv = {r["context"]: r["state_bytes"] for r in decode["rows"] if r["model"] == "Transformer"}
-    assert kv[16] == 2 * kv[8]  # the KV cache grows with the context; the minGRU state does not
-    assert len({r["state_bytes"] for r in decode["rows"] if r["model"] == "minGRU"}) == 1
+    models = ("minGRU", "minLSTM", "Llama", "LSTM")
+    expected = {(m, mode, b, c) for m in models for mode in ("generate", "step") for b in (1, 3) for c in (8, 16)
+                if (m, mode) != ("LSTM", "generate")}
+    expected |= {("minGRU", "matmul", b, c) for b in (1, 3) for c in (8, 16)}
+    assert {(r["model"], r["mode"], r["batch"], r["context"]) for r in decode["rows"]} == expected
+    kv = {(r["batch"], r["context"]): r["state_bytes"] for r in decode["rows"]
+          if r["model"] == "Llama" and r["mode"] == "step"}
+    assert kv[(1, 16)] == 2 * kv[(1, 8)] and kv[(3, 8)] == 3 * kv[(1, 8)]  # the KV cache grows
+    for m in ("minGRU", "minLSTM", "LSTM"):  # a recurrent state does not
+        assert len({r["state_bytes"] for r in decode["rows"]
+                    if r["model"] == m and r["mode"] == "step" and r["batch"] == 1}) == 1
 
 
 def test_import_minrnn_does_not_import_bench_or_matplotlib():

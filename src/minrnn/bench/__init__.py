@@ -8,8 +8,9 @@ Suites (each writes <out>/<suite>.json and <out>/<suite>.png and prints Markdown
              (the floor); median ms, ratios, peak and saved memory, float32 error
     scan     the scan alone per backend: effective GB/s beside the measured copy
              bandwidth, float32 error against a float64 loop
-    decode   tokens/s of MinGRU.step() against a Transformer with a KV cache as the
-             context grows
+    decode   tokens/s of the minGRU and minLSTM language models against transformers'
+             Llama (KV cache) and an nn.LSTM LM of equal parameters, through generate()
+             and a plain step loop, as the context grows; the weight matmuls' ceiling
 
 Entry points: `minrnn bench` or `python -m minrnn.bench` (``command.main``); from Python,
 ``suites.run(names, Settings.make(...))``. Not imported by ``import minrnn``, and this

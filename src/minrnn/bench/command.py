@@ -39,7 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     p.add_argument("--batches", nargs="+", type=_positive_int, metavar="B",
                    help="batch sizes; the first is the main configuration (default 16 64)")
     p.add_argument("--contexts", nargs="+", type=_positive_int, metavar="N",
-                   help="decoding context lengths (default 128 256 ... 8192)")
+                   help="decoding context lengths (default 128 512 2048 8192)")
+    p.add_argument("--decode-batches", nargs="+", type=_positive_int, metavar="B",
+                   help="decoding batch sizes (default 1 32)")
+    p.add_argument("--decode-window", type=_positive_int, metavar="N",
+                   help="tokens decoded (and timed) at each context (default 64)")
     p.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="timed repeats per candidate and size (median; default 7)")
     p.add_argument("--max-step-s", type=_positive_float, metavar="S",
@@ -66,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
     s = Settings.make(
         quick=args.quick, lengths=args.lengths, widths=args.widths, batches=args.batches,
-        decode_contexts=args.contexts, threads=args.threads, device=args.device,
+        decode_contexts=args.contexts, decode_batches=args.decode_batches, decode_window=args.decode_window,
+        threads=args.threads, device=args.device,
         out=args.out or (QUICK_OUT if args.quick else DEFAULT_OUT),
         plots=not args.no_plot, malloc=args.malloc,
     )

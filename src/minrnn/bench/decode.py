@@ -1,173 +1,255 @@
-"""Decode suite: tokens per second of one-token steps as the context grows.
+"""Decode suite: language model against language model, tokens per second as the context grows.
 
-    minGRU       minrnn.MinGRU(W, W, num_layers=L).step(x_t, h): a state of L x B x W
-                 numbers, the same at every context length
-    Transformer  ``KVCacheDecoder`` below: L pre-norm blocks (W wide, ``decode_heads``
-                 heads, MLP 4 W) attending over a key/value cache that grows by a token
-                 per step, via F.scaled_dot_product_attention
+    minGRU   minrnn.models.MinRNNForCausalLM (``decode_width`` x ``decode_layers``, the
+             config's defaults otherwise): a recurrent state of fixed size
+    minLSTM  the same with cell="minlstm" and expansion factor 1.5, which brings its parameters
+             to minGRU's (its input projection is 3E wide, minGRU's 2E)
+    Llama    transformers' LlamaForCausalLM, same width, depth and vocabulary, ``decode_heads``
+             heads, its MLP width chosen so that its parameters match minGRU's; a KV cache
+             (DynamicCache) that grows by a token per step
+    LSTM     nn.LSTM (2 layers) between a tied embedding and head, its width chosen likewise
 
-Both models see the same random input vectors (B, W) per token and have no embedding
-or output head (those cost the same in both). Each decodes ``max(contexts) + window``
-tokens from an empty state under ``torch.inference_mode``, timing every step; the
-per-token time at context c is the median over the ``window`` tokens decoded with c
-tokens already in the context. ``state_bytes`` is what the model carries between
-steps at that context (the KV cache for the Transformer).
+For every batch in ``decode_batches`` and context c in ``decode_contexts``, each model reads the
+first c - 1 tokens of a random prompt once (its prefill, untimed); every timed run continues
+from a copy of that cache, reads the prompt's last token, then decodes ``decode_window``
+tokens greedily, two ways:
 
-The Transformer is written here (about 60 lines, no positional encoding: a rotary or
-learned position costs O(W) per token and would not change how the cost grows with
-context) rather than taken from transformers, so that the suite needs torch only and
-both models are equally bare.
+    generate  ``model.generate(prompt, max_new_tokens=window, do_sample=False)``, each token
+              timed from a stopping criterion (called once per token, after the model's step
+              and generate's own work on it); the median over the window
+    step      a plain loop ``model(next_token, cache) -> logits -> argmax``, each step timed;
+              the median over the window (the LSTM has no generate(): this mode only)
+
+and the repeats' medians are reported (their median). ``matmul`` rows time every weight
+matrix a minGRU step multiplies (the blocks' four and the head), ``x @ W.T`` on a (batch,
+in) input, in the same run: the per-token ceiling of a decoder that did nothing else.
+``state_bytes`` is what each model carries between steps at that context (its cache).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import MinGRU
 from .measure import median, synchronize
 from .runner import progress
 from .settings import Settings
 
+LSTM_LAYERS = 2
 
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, device=None, dtype=None):
+
+class LSTMLM(nn.Module):
+    """Embedding -> nn.LSTM -> head (tied to the embedding); ``step`` carries (h, c)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = LSTM_LAYERS):
         super().__init__()
-        if width % heads:
-            raise ValueError(f"width {width} must be divisible by heads {heads}")
-        kw = dict(device=device, dtype=dtype)
-        self.heads = heads
-        self.ln1 = nn.LayerNorm(width, **kw)
-        self.qkv = nn.Linear(width, 3 * width, **kw)
-        self.out = nn.Linear(width, width, **kw)
-        self.ln2 = nn.LayerNorm(width, **kw)
-        self.fc1 = nn.Linear(width, 4 * width, **kw)
-        self.fc2 = nn.Linear(4 * width, width, **kw)
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.rnn = nn.LSTM(hidden_size, hidden_size, num_layers, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size, bias=False)
+        self.head.weight = self.embed.weight
 
-    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # x (B, T, W) -> q, k, v (B, heads, T, W / heads)
-        B, T, W = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        return q, k, v
-
-    def _finish(self, x: Tensor, att: Tensor) -> Tensor:
-        # att (B, heads, T, W / heads)
-        B, _, T, _ = att.shape
-        x = x + self.out(att.transpose(1, 2).reshape(B, T, -1))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
-
-    def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self._qkv(x)
-        return self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-
-    def step(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int) -> Tensor:
-        # x (B, 1, W); caches (B, heads, max_len, W / heads), filled up to pos
-        q, k, v = self._qkv(x)
-        k_cache[:, :, pos:pos + 1] = k
-        v_cache[:, :, pos:pos + 1] = v
-        att = F.scaled_dot_product_attention(q, k_cache[:, :, :pos + 1], v_cache[:, :, :pos + 1])
-        return self._finish(x, att)
+    def forward(self, ids: Tensor, state=None):
+        y, state = self.rnn(self.embed(ids), state)
+        return self.head(y), state
 
 
-class KVCache:
-    """Preallocated keys and values: per layer (B, heads, max_len, W / heads), and how many
-    positions are filled."""
-
-    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, max_len: int, device=None, dtype=None):
-        shape = (batch, heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
-        self.length = 0
-
-    def nbytes(self, length: int | None = None) -> int:
-        """Bytes of keys and values for ``length`` positions (default: those filled)."""
-        n = self.length if length is None else length
-        per_pos = sum(t[:, :, :1].numel() * t.element_size() for t in self.k + self.v)
-        return per_pos * n
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
-class KVCacheDecoder(nn.Module):
-    """A minimal Transformer decoder stack on vectors: forward (B, T, W) -> (B, T, W) with
-    causal attention, step (B, W) -> (B, W) with a ``KVCache``."""
-
-    def __init__(self, width: int, layers: int, heads: int, device=None, dtype=None):
-        super().__init__()
-        self.width, self.heads = width, heads
-        self.blocks = nn.ModuleList(_Block(width, heads, device, dtype) for _ in range(layers))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for blk in self.blocks:
-            x = blk(x)
-        return x
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        p = self.blocks[0].qkv.weight
-        return KVCache(len(self.blocks), batch, self.heads, self.width // self.heads, max_len, p.device, p.dtype)
-
-    def step(self, x_t: Tensor, cache: KVCache) -> Tensor:
-        if cache.length >= cache.k[0].shape[2]:
-            raise ValueError(f"the KV cache is full ({cache.length} positions)")
-        x = x_t.unsqueeze(1)
-        for blk, k, v in zip(self.blocks, cache.k, cache.v):
-            x = blk.step(x, k, v, cache.length)
-        cache.length += 1
-        return x.squeeze(1)
+def _closest(count, target: int, lo: int, hi: int) -> int:
+    """The integer n in [lo, hi] whose count(n) is closest to target (count increasing)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
+    return min((lo, hi), key=lambda n: abs(count(n) - target))
 
 
-def _decode_times(step, xs: Tensor, device) -> list[float]:
-    """Seconds of each call step(x_t), t = 0 .. len(xs) - 1, garbage collector paused."""
+def build_models(s: Settings) -> dict[str, nn.Module]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..models import MinRNNConfig, MinRNNForCausalLM
+
+    V, W, L = s.decode_vocab, s.decode_width, s.decode_layers
+    torch.manual_seed(s.seed)
+    gru = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru"))
+    lstm_cell = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="minlstm",
+                                               expansion_factor=1.5))
+    target = _params(gru)
+    llama_params = lambda mlp: V * W + L * (4 * W * W + 3 * W * mlp + 2 * W) + W  # noqa: E731
+    mlp = _closest(llama_params, target, 1, 16 * W)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=W, intermediate_size=mlp, num_hidden_layers=L,
+                                         num_attention_heads=s.decode_heads, num_key_value_heads=s.decode_heads,
+                                         max_position_embeddings=max(s.decode_contexts) + s.decode_window + 8,
+                                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                                         pad_token_id=0))
+    lstm_params = lambda h: V * h + LSTM_LAYERS * (8 * h * h + 8 * h)  # noqa: E731
+    lstm = LSTMLM(V, _closest(lstm_params, target, 1, 64 * W))
+    models = {"minGRU": gru, "minLSTM": lstm_cell, "Llama": llama, "LSTM": lstm}
+    return {k: m.to(device=s.device, dtype=s.dtype).eval() for k, m in models.items()}
+
+
+def _describe(name: str, model: nn.Module) -> dict:
+    if name == "LSTM":
+        return {"params": _params(model), "layers": model.rnn.num_layers, "width": model.rnn.hidden_size}
+    c = model.config
+    info = {"params": _params(model), "layers": c.num_hidden_layers, "width": c.hidden_size}
+    if name == "Llama":
+        info.update(heads=c.num_attention_heads, mlp_width=c.intermediate_size)
+    else:
+        info.update(cell=c.cell, rnn_width=c.rnn_hidden_size, mlp_width=c.mlp_hidden_size)
+    return info
+
+
+def _state_bytes(state) -> int:
+    """Bytes of every tensor reachable in a cache / state (lists, tuples, attributes)."""
+    seen, total, todo = set(), 0, [state]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, Tensor):
+            if x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                total += x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            todo.extend(x)
+        elif isinstance(x, dict):
+            todo.extend(x.values())
+        elif hasattr(x, "__dict__") and not isinstance(x, nn.Module):
+            todo.extend(vars(x).values())
+    return total
+
+
+class _TokenClock:
+    """A stopping criterion that never stops and notes when each token was done."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _time_generate(model, prompt: Tensor, cache, window: int, device) -> float:
+    """Per-token seconds of generate() continuing from ``cache``, which has read all of
+    ``prompt`` but its last token."""
+    from transformers import StoppingCriteriaList
+
+    clock = _TokenClock(device)
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=window + 1,
+                   min_new_tokens=window + 1, do_sample=False, stopping_criteria=StoppingCriteriaList([clock]),
+                   pad_token_id=0)
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])]  # the first token read the prompt's last
+    return median(steps)
+
+
+def _step_fn(name: str, model):
+    """(prefill(prompt) -> (logits, state), step(tokens, state) -> (logits, state))."""
+    if name == "LSTM":
+        return (lambda ids: model(ids)), (lambda tok, st: model(tok, st))
+    if name == "Llama":
+        from transformers import DynamicCache
+
+        def prefill(ids):
+            out = model(input_ids=ids, cache=DynamicCache(config=model.config), use_cache=True)
+            return out.logits, out.cache
+
+        def step(tok, cache):
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            return out.logits, out.cache
+        return prefill, step
+    from ..models import MinRNNCache
+
+    def prefill_rnn(ids):
+        cache = MinRNNCache(model.config)
+        return model(input_ids=ids, cache=cache).logits, cache
+
+    return prefill_rnn, (lambda tok, cache: (model(input_ids=tok, cache=cache).logits, cache))
+
+
+def _time_steps(step, prompt: Tensor, state, window: int, device) -> tuple[float, int]:
+    """Per-token seconds of a loop of ``step`` from ``state``, which has read all of
+    ``prompt`` but its last token; and the state's bytes once it has read the whole prompt."""
+    logits, state = step(prompt[:, -1:], state)
+    nbytes = _state_bytes(state)
     times = []
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for x_t in xs:
-            start = time.perf_counter()
-            step(x_t)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-    finally:
-        if enabled:
-            gc.enable()
-    return times
+    for _ in range(window):
+        tok = logits[:, -1:].argmax(-1)
+        synchronize(device)
+        start = time.perf_counter()
+        logits, state = step(tok, state)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return median(times), nbytes
+
+
+def _time_matmuls(model, batch: int, device, dtype, window: int) -> float:
+    weights = [p for p in model.parameters() if p.dim() == 2 and p is not model.get_input_embeddings().weight]
+    weights.append(model.get_output_embeddings().weight)
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=dtype) for w in weights}
+    times = []
+    for _ in range(window):
+        synchronize(device)
+        start = time.perf_counter()
+        for w in weights:
+            xs[w.shape[1]] @ w.T
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def run(settings: Settings) -> dict:
-    """Run the suite; returns {"models": {...}, "rows": [...]}."""
-    dev, dt = settings.device, settings.dtype
-    W, L, B = settings.decode_width, settings.decode_layers, settings.decode_batch
-    contexts, window = sorted(settings.decode_contexts), settings.decode_window
-    total = contexts[-1] + window
-    torch.manual_seed(settings.seed)
-    xs = torch.randn(total, B, W, device=dev, dtype=dt)
-    itemsize = xs.element_size()
-    rnn = MinGRU(W, W, num_layers=L, device=dev, dtype=dt).eval()
-    tf = KVCacheDecoder(W, L, settings.decode_heads, device=dev, dtype=dt).eval()
-    models = {
-        "minGRU": {"params": sum(p.numel() for p in rnn.parameters()), "layers": L, "width": W},
-        "Transformer": {"params": sum(p.numel() for p in tf.parameters()), "layers": L, "width": W,
-                        "heads": settings.decode_heads},
-    }
-    times = {}
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        state = [None]
-
-        def rnn_step(x_t):
-            _, state[0] = rnn.step(x_t, state[0])
-
-        times["minGRU"] = _decode_times(rnn_step, xs, dev)
-        cache = tf.new_cache(B, total)
-        times["Transformer"] = _decode_times(lambda x_t: tf.step(x_t, cache), xs, dev)
-        progress(f"decode: {total} tokens per model, {time.perf_counter() - t0:.1f} s")
+    """Run the suite; returns {"models": {...}, "rows": [...]} (see the module docstring)."""
+    s, dev = settings, settings.device
+    if min(s.decode_contexts) < 2:
+        raise ValueError(f"decode contexts must be >= 2 tokens (a prompt to prefill and one to read), "
+                         f"got {sorted(s.decode_contexts)}")
+    models = build_models(s)
+    window, repeats = s.decode_window, max(1, s.budget.repeats)
+    gen = torch.Generator().manual_seed(s.seed)
     rows = []
-    for c in contexts:
-        for name, ts in times.items():
-            sec = median(ts[c:c + window])
-            state_bytes = L * B * W * itemsize if name == "minGRU" else cache.nbytes(c)
-            rows.append({"model": name, "context": c, "ms_per_token": sec * 1e3,
-                         "tokens_per_s": B / sec, "state_bytes": state_bytes})
-    return {"models": models, "batch": B, "window": window, "rows": rows}
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.inference_mode():
+            for B in s.decode_batches:
+                for c in sorted(s.decode_contexts):
+                    t0 = time.perf_counter()
+                    prompt = torch.randint(1, s.decode_vocab, (B, c), generator=gen).to(dev)
+                    found: dict[tuple[str, str], list[float]] = {}
+                    state_bytes: dict[str, int] = {}
+                    # each model reads the prompt once; every timed run continues from a copy
+                    prefilled = {}
+                    for name, model in models.items():
+                        prefill, step = _step_fn(name, model)
+                        state = prefill(prompt[:, :-1])[1]
+                        prefilled[name] = (step, state)
+                    for _ in range(repeats):  # repeats interleaved: each model once per round
+                        for name, model in models.items():
+                            step, state = prefilled[name]
+                            if name != "LSTM":
+                                found.setdefault((name, "generate"), []).append(
+                                    _time_generate(model, prompt, copy.deepcopy(state), window, dev))
+                            sec, state_bytes[name] = _time_steps(step, prompt, copy.deepcopy(state), window, dev)
+                            found.setdefault((name, "step"), []).append(sec)
+                            gc.collect()
+                        found.setdefault(("minGRU", "matmul"), []).append(
+                            _time_matmuls(models["minGRU"], B, dev, s.dtype, window))
+                    del prefilled
+                    for (name, mode), secs in found.items():
+                        sec = median(secs)
+                        rows.append({"model": name, "mode": mode, "batch": B, "context": c,
+                                     "ms_per_token": sec * 1e3, "tokens_per_s": B / sec,
+                                     "times_ms": [t * 1e3 for t in secs],
+                                     "state_bytes": None if mode == "matmul" else state_bytes[name]})
+                    progress(f"decode: batch {B}, context {c}: {time.perf_counter() - t0:.1f} s")
+    finally:
+        if enabled:
+            gc.enable()
+    return {"models": {k: _describe(k, m) for k, m in models.items()}, "batches": list(s.decode_batches),
+            "window": window, "repeats": repeats, "rows": rows}

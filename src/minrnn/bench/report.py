@@ -127,19 +127,39 @@ def scan_table(result: dict, meta: dict) -> str:
 
 
 def decode_table(result: dict, meta: dict) -> str:
-    models = list(result["models"])
-    at = {(r["model"], r["context"]): r for r in result["rows"]}
+    """One table per batch: tokens/s of every model and mode per context, the ceiling, the
+    ratios to Llama and the state each model carries."""
+    at = {(r["model"], r["mode"], r["batch"], r["context"]): r for r in result["rows"]}
     contexts = sorted({r["context"] for r in result["rows"]})
-    desc = "; ".join(f"{m}: {v['layers']} layers x {v['width']}, {v['params'] / 1e6:.2f}M parameters"
-                     for m, v in result["models"].items())
-    head = (f"### Decoding, batch {result['batch']}, {threads(meta['threads'])} ({desc}); "
-            f"median over {result['window']} tokens at each context\n")
-    header = ["context"] + [f"{m} ms/token" for m in models] + [f"{m} tokens/s" for m in models] + \
-             [f"{m} state MiB" for m in models]
-    body = [[str(c)] + [fmt(at[(m, c)]["ms_per_token"]) for m in models]
-            + [fmt(at[(m, c)]["tokens_per_s"]) for m in models]
-            + [fmt(at[(m, c)]["state_bytes"], "mib") for m in models] for c in contexts]
-    return head + "\n" + markdown_table(header, body) + "\n"
+    models = result["models"]
+    desc = "; ".join(f"{m}: {v['layers']} x {v['width']}, {v['params'] / 1e6:.2f}M parameters"
+                     for m, v in models.items())
+    cols = [(m, mode) for m in models for mode in ("generate", "step") if any(
+        (m, mode, b, c) in at for b in result["batches"] for c in contexts)]
+    out = []
+    for B in result["batches"]:
+        def tps(m, mode, c, B=B):
+            r = at.get((m, mode, B, c))
+            return None if r is None else r["tokens_per_s"]
+
+        def ratio(a, b):
+            return None if a is None or b is None else a / b
+
+        header = (["context"] + [f"{m} {mode}" for m, mode in cols] + ["matmul ceiling"]
+                  + [f"{m} / Llama ({mode})" for m in ("minGRU", "minLSTM") for mode in ("generate", "step")]
+                  + ["minGRU generate time / matmul time"] + [f"{m} state MiB" for m in models])
+        body = []
+        for c in contexts:
+            ceiling = tps("minGRU", "matmul", c)
+            body.append([str(c)] + [fmt(tps(m, mode, c)) for m, mode in cols] + [fmt(ceiling)]
+                        + [fmt(ratio(tps(m, mode, c), tps("Llama", mode, c)), "ratio")
+                           for m in ("minGRU", "minLSTM") for mode in ("generate", "step")]
+                        + [fmt(ratio(ceiling, tps("minGRU", "generate", c)), "ratio")]
+                        + [fmt((at.get((m, "step", B, c)) or {}).get("state_bytes"), "mib") for m in models])
+        out.append(f"### Decoding tokens/s, batch {B}, {threads(meta['threads'])}, {meta['dtype']} ({desc}); "
+                   f"median per-token time over {result['window']} tokens, median of {result['repeats']} "
+                   f"repeats\n\n" + markdown_table(header, body) + "\n")
+    return "\n".join(out)
 
 
 # --- targets: what a fast minRNN layer and scan should reach ---------------------------
@@ -310,7 +330,9 @@ def plot_scan(result: dict, meta: dict, path: Path) -> None:
 
 
 def plot_decode(result: dict, meta: dict, path: Path) -> None:
-    series = {m: [(r["context"], r["ms_per_token"]) for r in result["rows"] if r["model"] == m]
-              for m in result["models"]}
-    _series_plot(path, series, "context length (tokens already decoded)", "ms per token",
-                 f"Decoding one token, batch {result['batch']}, {threads(meta['threads'])}")
+    B = result["batches"][0]
+    series = {f"{r_m} {mode}": [(r["context"], r["tokens_per_s"]) for r in result["rows"]
+                                if r["model"] == r_m and r["mode"] == mode and r["batch"] == B]
+              for r_m, mode in sorted({(r["model"], r["mode"]) for r in result["rows"]})}
+    _series_plot(path, series, "context length (tokens in the prompt)", "tokens per second",
+                 f"Decoding, batch {B}, {threads(meta['threads'])}")

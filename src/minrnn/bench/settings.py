@@ -48,12 +48,14 @@ class Settings:
     copy_bytes: int = 256 * 2**20
     copy_repeats: int = 11
     # decoding
-    decode_contexts: list[int] = field(default_factory=lambda: [128, 256, 512, 1024, 2048, 4096, 8192])
+    # decoding: language models of decode_width x decode_layers (see bench/decode.py)
+    decode_contexts: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192])
+    decode_batches: list[int] = field(default_factory=lambda: [1, 32])
     decode_window: int = 64
-    decode_layers: int = 4
-    decode_width: int = 256
-    decode_heads: int = 4
-    decode_batch: int = 1
+    decode_layers: int = 6
+    decode_width: int = 384
+    decode_heads: int = 6
+    decode_vocab: int = 256
 
     @classmethod
     def make(cls, quick: bool = False, **overrides) -> Settings:
@@ -67,7 +69,8 @@ class Settings:
             budget=Budget(repeats=2, max_step_s=5.0, budget_s=2.0, max_bytes=_half_of_ram(), min_repeat_s=0.0),
             lengths=[16, 64], batches=[2, 3], widths=[16, 24], extra_lengths=[16],
             scan_batch=2, scan_channels=8, copy_bytes=4 * 2**20, copy_repeats=3,
-            decode_contexts=[8, 16], decode_window=4, decode_layers=2, decode_width=32, decode_heads=2,
+            decode_contexts=[8, 16], decode_batches=[1, 3], decode_window=4, decode_layers=2, decode_width=32,
+            decode_heads=2, decode_vocab=64,
         )
         return replace(s, **overrides)
 

@@ -104,6 +104,15 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         self.seen_tokens += int(num_tokens)
         return self.recurrent_states[state_idx]
 
+    def store_step(self, conv_window: Tensor | None, recurrent_state: Tensor) -> None:
+        """Keep one decoding step's new conv window (None: no conv; the caller made it fresh, so
+        no copy) and state, and count the position."""
+        if conv_window is not None:
+            if not self.is_conv_states_initialized[0]:
+                self.lazy_initialization(conv_states=conv_window)
+            self.conv_states[0] = conv_window
+        self.update_recurrent_state(recurrent_state, num_tokens=1)
+
     def get_seq_length(self) -> int:
         return self.seen_tokens
 

@@ -43,6 +43,7 @@ from ..ops.conv import causal_conv
 from .attention_minrnn import MinRNNAttention
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
+from .decoding_minrnn import block_step
 from .generation_minrnn import MinRNNGenerationMixin
 from .loading_minrnn import check_loaded_weights, report_only_if_accepted
 
@@ -173,6 +174,10 @@ class MinRNNBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None) -> Tensor:
         """hidden_states (B, T, D), mask (B, T) bool or None; reads and updates ``cache``."""
+        if cache is not None and hidden_states.shape[1] == 1:
+            out = block_step(self, hidden_states, mask, cache)  # None: the step needs the general path
+            if out is not None:
+                return out
         h0 = None if cache is None else cache.get_recurrent_state(self.layer_idx)
         if isinstance(h0, Tensor) and h0.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"the cache holds a state for batch {h0.shape[0]}, but the input has batch "

@@ -28,6 +28,15 @@ def available() -> bool:
 
 
 if HAVE_NUMBA:
+    import torch
+
+    # Starting numba's OpenMP threading layer sets the calling thread's OpenMP thread count,
+    # which is also torch's: start it now and put torch's count back.
+    _torch_threads = torch.get_num_threads()
+    numba.get_num_threads()
+    torch.set_num_threads(_torch_threads)
+    del _torch_threads
+
     from ._math import RAW_BELOW, exp32, exp64  # noqa: F401
     from .buffers import OUTPUT_CACHE, OutputCache, empty_output_cache, output_cache_limit  # noqa: F401
     from .conv import cpu_causal_conv  # noqa: F401

@@ -1,0 +1,126 @@
+"""One decoding step's elementwise parts, each as a plain torch reference and as a fused
+kernel (numba, ``ops/cpu/step.py``) used where it applies: float32/float64 CPU tensors with
+no gradient to record. Anything else (a GPU, half precision, autograd) runs the reference.
+
+    conv_norm_step(x, keep, window, weight, bias, norm_weight, eps)
+        -> (x + conv, RMSNorm(x + conv), new window)
+    rms_norm(x, weight, eps) -> RMSNorm(x)
+    cell_step(spec, pre, h, options, keep) -> the cell's new state
+
+Shapes: x (B, D); keep (B,) bool (False: padding) or None; window (B, D, k - 1), the conv's
+past inputs, oldest first; weight (D, k); pre (B, n E), a cell's pre-activations side by
+side; h (B, E) or None (zeros). A padded row feeds the conv a zero and leaves h unchanged,
+as the block's sequence path does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import accumulation_dtype, cpu
+from .cells import CellSpec
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+if cpu.HAVE_NUMBA:
+    from .cpu import step as _kernels
+else:  # pragma: no cover - exercised only where numba is absent
+    _kernels = None
+
+
+def fused_applies(*tensors: Tensor | None) -> bool:
+    """Whether the fused kernels can take these tensors: numba present, all on the CPU in one
+    float32/float64 dtype, and no gradient to record."""
+    if _kernels is None:
+        return False
+    first = tensors[0]
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype is not first.dtype or (grad and t.requires_grad):
+            return False
+    return first.dtype in _FUSED_DTYPES
+
+
+def _np(t: Tensor):
+    return t.detach().numpy()
+
+
+# --- references ----------------------------------------------------------------------
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as ``MinRNNRMSNorm``)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def conv_norm_step_reference(x: Tensor, keep: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
+                             norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    xin = x if keep is None else x * keep.unsqueeze(-1).to(x.dtype)
+    full = torch.cat([window.to(x.dtype), xin.unsqueeze(-1)], dim=-1)  # (B, D, k), oldest first
+    # torch's depthwise conv, as the sequence path's reference conv: the same rounding in half precision
+    out = x + F.conv1d(full, weight.unsqueeze(1), bias, groups=x.shape[1])[..., 0]
+    return out, rms_norm_reference(out, norm_weight, eps), full[..., 1:]
+
+
+def cell_step_reference(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple,
+                        keep: Tensor | None) -> Tensor:
+    parts = pre.chunk(spec.n_pre, dim=-1)
+    return spec.step(parts, h, options, keep)
+
+
+# --- fused where it applies ------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if not (fused_applies(x, weight) and x.is_contiguous()):
+        return rms_norm_reference(x, weight, eps)
+    B, D = x.shape
+    out = torch.empty_like(x)
+    _kernels.norm_step(_np(x), _np(weight), float(eps), out.numpy(), B, D)
+    return out
+
+
+def conv_norm_step(x: Tensor, keep: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
+                   norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    if not fused_applies(x, window, weight, bias, norm_weight) or bias is None or not x.is_contiguous():
+        return conv_norm_step_reference(x, keep, window, weight, bias, norm_weight, eps)
+    B, D = x.shape
+    W = window.shape[-1]
+    out = torch.empty((2, B, D), dtype=x.dtype)  # x + conv, and its norm
+    new_window = torch.empty((B, D, W), dtype=x.dtype)
+    o = out.numpy()
+    kv = o.reshape(-1) if keep is None else keep.to(x.dtype).numpy()
+    _kernels.conv_norm_step(_np(x), kv, keep is not None, _np(window.contiguous()), _np(weight.contiguous()),
+                            _np(bias), _np(norm_weight), float(eps), o[0], o[1], new_window.numpy(), B, D, W)
+    return out[0], out[1], new_window
+
+
+def cell_step(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple = (),
+              keep: Tensor | None = None) -> Tensor:
+    """The new state (B, E) in the accumulation dtype (float32 for half ``pre``), or h's
+    dtype if wider."""
+    cdt = accumulation_dtype(pre.dtype)
+    if h is not None:
+        cdt = torch.promote_types(cdt, h.dtype)
+    if spec.name not in ("mingru", "minlstm") or not (fused_applies(pre, h) and pre.dtype is cdt
+                                                      and pre.is_contiguous()):
+        return cell_step_reference(spec, pre.to(cdt), None if h is None else h.to(cdt), options, keep)
+    B, E = pre.shape[0], pre.shape[1] // spec.n_pre
+    out = torch.empty((B, E), dtype=pre.dtype)
+    o = out.numpy()
+    hv = o if h is None else _np(h.contiguous())
+    kv = o.reshape(-1) if keep is None else keep.to(pre.dtype).numpy()
+    if spec.name == "mingru":
+        _kernels.mingru_step(_np(pre), hv, h is not None, kv, keep is not None, o, B, E)
+    else:
+        _kernels.minlstm_step(_np(pre), hv, h is not None, kv, keep is not None, o, B, E, bool(options[0]))
+    return out
+
+
+__all__ = ["fused_applies", "rms_norm", "conv_norm_step", "cell_step", "rms_norm_reference",
+           "conv_norm_step_reference", "cell_step_reference"]

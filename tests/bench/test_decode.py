@@ -1,0 +1,81 @@
+"""The decode suite: its models match in size, decode what their full forward predicts, and a
+tiny run writes its rows, JSON and table (timings are never asserted)."""
+
+import io
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from minrnn.bench import decode  # noqa: E402
+from minrnn.bench.settings import Settings  # noqa: E402
+from minrnn.bench.suites import run as run_suites  # noqa: E402
+
+
+def test_default_models_have_equal_parameters_within_ten_percent():
+    models = decode.build_models(Settings.make())
+    counts = {name: decode._params(m) for name, m in models.items()}
+    assert counts["minGRU"] == pytest.approx(12_510_336, rel=0.01)  # the 384 x 6 model of record
+    for n in counts.values():
+        assert abs(n / counts["minGRU"] - 1) < 0.10, counts
+
+
+@pytest.mark.parametrize("name", ["minGRU", "minLSTM", "Llama", "LSTM"])
+def test_each_models_step_loop_continues_its_prefill(name):
+    """The step loop's logits equal the full forward's over the same tokens."""
+    s = Settings.make(quick=True)
+    model = decode.build_models(s)[name].double()
+    prefill, step = decode._step_fn(name, model)
+    ids = torch.randint(1, s.decode_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, state = prefill(ids[:, :6])
+        steps = [logits[:, -1]]
+        for t in range(6, 9):
+            logits, state = step(ids[:, t:t + 1], state)
+            steps.append(logits[:, -1])
+        full = model(ids)
+        full = full[0] if name == "LSTM" else full.logits
+    # float64, but the MinRNN models' RMSNorm runs in float32 on both paths
+    tol = 1e-6 if name.startswith("min") else 1e-9
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:9], rtol=tol, atol=tol)
+
+
+def test_state_bytes_counts_every_tensor_once():
+    t = torch.zeros(3, 4)
+    assert decode._state_bytes([t, (t, {"a": torch.zeros(2, dtype=torch.float64)})]) == 48 + 16
+
+
+def test_a_tiny_run_writes_rows_json_and_table(tmp_path):
+    s = Settings.make(quick=True, out=tmp_path, plots=False, threads=1, decode_batches=[2], decode_contexts=[5])
+    printed = io.StringIO()
+    written = run_suites(["decode"], s, command="test", stream=printed)
+    result = written["decode"]["result"]
+    keys = {(r["model"], r["mode"]) for r in result["rows"]}
+    assert keys == {("minGRU", "generate"), ("minGRU", "step"), ("minLSTM", "generate"), ("minLSTM", "step"),
+                    ("Llama", "generate"), ("Llama", "step"), ("LSTM", "step"), ("minGRU", "matmul")}
+    for r in result["rows"]:
+        assert r["batch"] == 2 and r["context"] == 5
+        assert r["tokens_per_s"] == pytest.approx(2 / (r["ms_per_token"] / 1e3))
+        assert len(r["times_ms"]) == s.budget.repeats
+    on_disk = json.loads((tmp_path / "decode.json").read_text())
+    assert on_disk["result"]["rows"] == result["rows"]
+    table = printed.getvalue()
+    assert "### Decoding tokens/s, batch 2" in table and "| minGRU generate" in table
+
+
+@pytest.mark.parametrize("name", ["minGRU", "Llama"])
+def test_generate_from_the_prefilled_cache_continues_the_prompt(name):
+    """The timed generate() runs continue from a cache that read all but the prompt's last
+    token: they give the tokens a generate() from scratch gives."""
+    s = Settings.make(quick=True)
+    model = decode.build_models(s)[name]
+    prefill, _ = decode._step_fn(name, model)
+    prompt = torch.randint(1, s.decode_vocab, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = prefill(prompt[:, :-1])[1]
+        kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        continued = model.generate(prompt, cache=cache, **kw)
+        scratch = model.generate(prompt, **kw)
+    assert torch.equal(continued, scratch)

@@ -69,6 +69,8 @@ def _parts(block, x: Tensor) -> tuple | None:
     # _modules / _parameters directly: nn.Module's attribute lookup costs more than the checks
     m = block._modules
     mixer, mlp = m["mixer"], m.get("mlp")
+    if type(mixer) is not _module_classes()[2]:  # an attention block (a hybrid's) or a replaced mixer
+        return None
     mx = mixer._modules
     ml = mlp._modules if mlp is not None else {}
     parts = (m.get("conv"), m["rnn_norm"], mixer, mx["in_proj"], mx["out_proj"], m.get("mlp_norm"), mlp,

@@ -106,3 +106,14 @@ def test_mamba_scan_choice():
         with pytest.raises(ImportError, match="mambapy"):
             build_model("mamba", VOCAB, None, width=16, mamba_scan="mambapy")
     assert not build_model("mamba", VOCAB, None, width=16, mamba_scan="sequential").model.config.use_mambapy
+
+
+def test_minrnn_models_are_the_families_built_as_this_packages_model():
+    from minrnn.experiments.baselines import MINRNN_MODELS
+    from minrnn.models import MinRNNForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = {name: build_model(name, 16, 20_000) for name in BASELINES}
+    ours = {name for name, m in built.items() if isinstance(getattr(m, "model", None), MinRNNForCausalLM)}
+    assert ours == set(MINRNN_MODELS)

@@ -40,12 +40,12 @@ def test_every_experiment_has_its_presets():
 def test_preset_names_known_things_and_every_model_fits_its_budget(experiment, name):
     preset = load_preset(experiment, name)
     assert preset.description and preset.source
-    assert set(preset.models) <= set(BASELINES)
+    assert set(preset.available_models) <= set(BASELINES)
     assert all(t in TASKS for t in preset.tasks)
     if "corpus" in preset.data:
         assert preset.data["corpus"] in CORPORA and not preset.tasks
     vocab = vocab_of(preset)
-    for model in preset.models:
+    for model in preset.available_models:  # the extra models are built to the same budget
         target, overrides = preset.model_settings(model, vocab)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # mamba: no dropout
@@ -148,3 +148,29 @@ lr = 1e-3
     other.write_text(base + "[p.per_model_train.gru]\nlr = 3e-3\n")
     with pytest.raises(PresetError, match="not among the preset's models"):
         load_preset_file(other, "p")
+
+
+def test_extra_models_run_only_when_named(tmp_path):
+    from minrnn.experiments.plan import CompareConfig, CompareError, plan_runs
+
+    compared = {r.model for r in plan_runs(CompareConfig("chomsky", "cpu", tasks=["parity_check"]))}
+    assert compared == {"mingru", "minlstm", "llama", "gpt2", "lstm", "gru"}
+    runs = plan_runs(CompareConfig("chomsky", "cpu", models=["mingru-signed"], tasks=["parity_check"],
+                                   options={"mingru-signed": {"mingru_forget_bias": 2.0}}))
+    assert [(r.model, r.options) for r in runs] == [("mingru-signed", {"mingru_forget_bias": 2.0})]
+    # the extra model is the reference's block with the signed cell, at the same budget
+    preset = load_preset("chomsky", "cpu")
+    target, overrides = preset.model_settings("mingru-signed", 8)
+    built = build_model("mingru-signed", 8, target, **overrides)
+    assert built.model.config.cell == "mingru_signed" and not built.model.config.use_conv
+    target, overrides = preset.model_settings("mingru", 8)
+    assert built.baseline.params == build_model("mingru", 8, target, **overrides).baseline.params
+    with pytest.raises(CompareError, match="mingru-signed has no option 'no_such_key'"):
+        plan_runs(CompareConfig("chomsky", "cpu", models=["mingru-signed"],
+                                options={"mingru-signed": {"no_such_key": 1}}))
+    with pytest.raises(CompareError, match=r"--models: \['mamba'\] not in the chomsky/cpu preset's"):
+        plan_runs(CompareConfig("chomsky", "cpu", models=["mamba"]))
+    path = tmp_path / "mine.toml"
+    path.write_text(GOOD.replace('models = ["gru"]', 'models = ["gru"]\nextra_models = ["gru"]'))
+    with pytest.raises(PresetError, match="extra_models must name baselines not in models"):
+        load_preset_file(path, "p")

@@ -222,3 +222,11 @@ def test_import_minrnn_does_not_import_transformers():
             "assert not heavy, heavy")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_a_signed_cell_with_the_log_backend_is_refused_when_the_config_is_built():
+    with pytest.raises(ValueError, match="cell 'mingru_signed' has transitions in \\(-1, 1\\).*backend 'log'") as e:
+        MinRNNConfig(cell="mingru_signed", scan_backend="log")
+    assert "\n" not in str(e.value)
+    assert MinRNNConfig(cell="mingru", scan_backend="log").scan_backend == "log"
+    assert MinRNNConfig(cell="minlstm_signed", scan_backend="chunked").cell == "minlstm_signed"

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BASELINES", "BaselineInfo", "LogitsOnly", "TorchRNNLM", "build_model", "parameter_count",
+__all__ = ["BASELINES", "MINRNN_MODELS", "BaselineInfo", "LogitsOnly", "TorchRNNLM", "build_model", "parameter_count",
            "mambapy_available"]
 
 TOLERANCE = 0.10
@@ -241,6 +241,8 @@ _FAMILIES: dict[str, _Family] = {
     "gru": _Family(2, lambda opts: 1, _make_torch_rnn("gru")),
 }
 BASELINES = tuple(_FAMILIES)
+# the families built as this package's MinRNNForCausalLM (their options are MinRNNConfig's fields)
+MINRNN_MODELS = ("mingru", "minlstm", "mingru-signed", "minlstm-signed", "mingru-hybrid", "minlstm-hybrid")
 
 # the names the configs give to the width, the MLP width and the depth (an override of any fixes it)
 _WIDTH_KEYS = {"hidden_size", "n_embd"}

@@ -118,9 +118,10 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
     if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:
         raise CompareError(f"--tokenizer must be one of {TOKENIZERS}, got {c.tokenizer!r}")
     models = list(c.models or preset.models)
-    unknown = [m for m in models if m not in preset.models]
+    unknown = [m for m in models if m not in preset.available_models]
     if unknown:
-        raise CompareError(f"--models: {unknown} not in the {experiment}/{c.preset} preset's {list(preset.models)}")
+        raise CompareError(f"--models: {unknown} not in the {experiment}/{c.preset} preset's "
+                           f"{list(preset.available_models)}")
     steps = preset.train["steps"] if c.steps is None else c.steps
     if steps < 1:
         raise CompareError(f"--steps must be >= 1, got {steps}")
@@ -164,10 +165,10 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
 
 def _option_keys(model: str) -> set[str]:
     """The build options ``model`` knows: build_model's own, and its config's fields."""
-    from .baselines import GENERIC_KEYS
+    from .baselines import GENERIC_KEYS, MINRNN_MODELS
 
     keys = set(GENERIC_KEYS)
-    if model in ("mingru", "minlstm"):
+    if model in MINRNN_MODELS:
         from ..training.config import model_keys
         return keys | set(model_keys())
     if model in ("lstm", "gru"):

@@ -10,6 +10,8 @@ per preset ("paper" and "cpu"; wikitext2 has "full" and "cpu", since the paper h
 experiment). Each says where its numbers come from (``source``). A preset's tables:
 
     models          the models compared (names of minrnn.experiments.baselines.BASELINES)
+    extra_models    optional: more models the preset sizes and sets up, run only when named
+                    (``--models``): variants beside the compared models, not in the default table
     reference       a model whose parameter count every model is built to (name + overrides);
     target_params   or the budget as a number
     common          build_model overrides for every model (dropout, max_length, ...)
@@ -47,7 +49,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 EXPERIMENTS = ("selective_copying", "chomsky", "shakespeare_char", "wikitext2", "text")
 SPLITS = ("train", "valid", "test")
 
-_TOP_KEYS = {"description": str, "source": str, "models": list, "target_params": int, "reference": dict,
+_TOP_KEYS = {"description": str, "source": str, "models": list, "extra_models": list, "target_params": int, "reference": dict,
              "common": dict, "per_model": dict, "per_model_train": dict, "data": dict, "train": dict,
              "sweep": dict}
 _DATA_KEYS = {
@@ -83,6 +85,12 @@ class Preset:
     target_params: int | None = None
     sweep: dict[str, list] = field(default_factory=dict)
     per_model_train: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra_models: tuple[str, ...] = ()
+
+    @property
+    def available_models(self) -> tuple[str, ...]:
+        """Every model this preset can run: its compared models, then the extra ones."""
+        return self.models + self.extra_models
 
     def train_settings(self, model: str) -> dict[str, Any]:
         """The optimiser and schedule of ``model``: ``train`` with its per_model_train entries."""
@@ -104,8 +112,8 @@ class Preset:
         """(target_params, overrides) such that ``build_model(model, vocab_size, target_params,
         **overrides)`` builds ``model`` as this preset says; ``sweep`` values (e.g. num_layers=2)
         apply to every model, the reference included, so the budget follows them."""
-        if model not in self.models:
-            raise KeyError(f"{self.experiment}/{self.name} compares {list(self.models)}, not {model!r}")
+        if model not in self.available_models:
+            raise KeyError(f"{self.experiment}/{self.name} runs {list(self.available_models)}, not {model!r}")
         overrides = {**self.common, **self.per_model.get(model, {}), **sweep}
         if self.reference is None:
             return self.target_params, overrides
@@ -144,14 +152,18 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     unknown = [m for m in models if m not in BASELINES]
     if unknown or not models:
         _fail(where, f"models must name some of {', '.join(BASELINES)}; unknown: {unknown}")
+    extra = tuple(table.get("extra_models", ()))
+    unknown = [m for m in extra if m not in BASELINES or m in models]
+    if unknown:
+        _fail(where, f"extra_models must name baselines not in models; got {unknown}")
     reference = table.get("reference")
     if ("reference" in table) == ("target_params" in table):
         _fail(where, "give exactly one of reference (a model to match) and target_params (a number)")
     if reference is not None and reference.get("name") not in BASELINES:
         _fail(where + ".reference", f"name must be one of {', '.join(BASELINES)}, got {reference.get('name')!r}")
     for model in table.get("per_model", {}):
-        if model not in models:
-            _fail(where + ".per_model", f"{model!r} is not among the preset's models {list(models)}")
+        if model not in models + extra:
+            _fail(where + ".per_model", f"{model!r} is not among the preset's models {list(models + extra)}")
         if reference is not None and model == reference.get("name"):
             _fail(where + ".per_model", f"{model!r} is the reference: set its options in the reference table")
     for key in table.get("common", {}):
@@ -164,8 +176,8 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     _check_types(where + ".data", data, _DATA_KEYS)
     _check_types(where + ".train", train, _TRAIN_KEYS)
     for model, settings in table.get("per_model_train", {}).items():
-        if model not in models:
-            _fail(where + ".per_model_train", f"{model!r} is not among the preset's models {list(models)}")
+        if model not in models + extra:
+            _fail(where + ".per_model_train", f"{model!r} is not among the preset's models {list(models + extra)}")
         # the optimiser only: data, batch and step budget stay the same for every model
         _check_types(f"{where}.per_model_train.{model}", settings, _OPTIMISER_KEYS)
     if "task" in data and data["task"] not in TASKS:
@@ -195,7 +207,7 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
                   dict(table.get("common", {})), {k: dict(v) for k, v in table.get("per_model", {}).items()},
                   dict(reference) if reference is not None else None, table.get("target_params"),
                   {k: list(v) for k, v in table.get("sweep", {}).items()},
-                  {k: dict(v) for k, v in table.get("per_model_train", {}).items()})
+                  {k: dict(v) for k, v in table.get("per_model_train", {}).items()}, extra)
 
 
 def load_preset_file(path: str | Path, preset: str) -> Preset:

@@ -237,6 +237,16 @@ class MinRNNConfig(PreTrainedConfig):
             return self.attention_head_dim
         return self.hidden_size // self.num_attention_heads
 
+    def validate_backend(self):
+        """Part of the strict validation: the scan backend can run the cell (the log-space scan
+        holds positive transitions only, so it cannot run the signed cells)."""
+        if self.scan_backend == "auto":
+            return
+        from ..ops import BACKENDS, check_backend_takes_cell
+        from ..ops.cells import get_cell
+
+        check_backend_takes_cell(get_cell(self.cell), BACKENDS[self.scan_backend])
+
     def validate_attention(self):
         """Part of the strict validation: the attention fields agree with each other and the widths."""
         if self.attention_layers is not None and self.attention_every is not None:

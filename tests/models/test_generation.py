@@ -26,6 +26,23 @@ def generate(model, ids, use_cache, seed=0, **kw):
         return model.generate(ids, max_new_tokens=NEW, use_cache=use_cache, **kw)
 
 
+def check_greedy_is_full_forward_argmax(model, ids) -> None:
+    """Greedy generate() with the cache gives what it gives without, on a variant that must pick a
+    new token at every step (so the state is tested on varied input), and what argmax over a full
+    forward pass picks, token by token."""
+    prompt = ids.shape[1]
+    cached = generate(model, ids, True, do_sample=False, no_repeat_ngram_size=1)
+    assert all(len(set(row.tolist())) == NEW for row in cached[:, prompt:])
+    assert torch.equal(cached, generate(model, ids, False, do_sample=False, no_repeat_ngram_size=1))
+    cached = generate(model, ids, True, do_sample=False)
+    with torch.no_grad():
+        seq = ids
+        for _ in range(NEW):
+            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(cached, seq)
+
+
 @pytest.mark.parametrize("block", list(BLOCKS), ids=list(BLOCKS))
 def test_greedy_with_and_without_cache_agree(block):
     model = gen_lm(**BLOCKS[block])
@@ -33,18 +50,7 @@ def test_greedy_with_and_without_cache_agree(block):
     cached = generate(model, ids, True, do_sample=False)
     assert cached.shape == (2, 7 + NEW)
     assert torch.equal(cached, generate(model, ids, False, do_sample=False))
-    # a variant that must pick a new token at every step, so the state is tested on varied input
-    cached = generate(model, ids, True, do_sample=False, no_repeat_ngram_size=1)
-    assert all(len(set(row.tolist())) == NEW for row in cached[:, 7:])
-    assert torch.equal(cached, generate(model, ids, False, do_sample=False, no_repeat_ngram_size=1))
-    cached = generate(model, ids, True, do_sample=False)
-    # and it is what argmax over a full forward pass picks, token by token
-    with torch.no_grad():
-        seq = ids
-        for _ in range(NEW):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(cached, seq)
+    check_greedy_is_full_forward_argmax(model, ids)
 
 
 @pytest.mark.parametrize("options", [

@@ -12,9 +12,9 @@ from minrnn.models.attention_minrnn import AttentionWindow  # noqa: E402
 from minrnn.models.cache_minrnn import MinRNNAttentionCacheLayer, MinRNNCacheLayer  # noqa: E402
 
 from .conftest import random_ids, tiny_lm  # noqa: E402
-from .test_generation import NEW, generate  # noqa: E402
+from .test_generation import NEW, check_greedy_is_full_forward_argmax, generate  # noqa: E402
 from .test_hybrid_attention import HYBRIDS  # noqa: E402
-from .test_modeling import TOL, chunked_logits, full_logits, left_pad  # noqa: E402
+from .test_modeling import TOL, check_padded_rows_equal_prompts_alone, chunked_logits, full_logits, left_pad  # noqa: E402
 
 
 def hybrid_lm(name, **overrides):
@@ -36,41 +36,13 @@ def test_full_equals_chunked_equals_token_by_token(name):
 
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_left_padded_batch_rows_equal_prompts_alone(name):
-    model = hybrid_lm(name, initializer_range=0.2)
-    prompts = [random_ids(1, n, seed=n)[0] for n in (9, 3, 6, 1)]
-    ids, mask = left_pad(prompts, pad=7)
-    padded = full_logits(model, ids, attention_mask=mask)
-    for i, p in enumerate(prompts):
-        alone = full_logits(model, p[None])
-        torch.testing.assert_close(padded[i, ids.shape[1] - len(p):], alone[0], **TOL, msg=f"row {i}")
-    cache = MinRNNCache(model.config)
-    nxt = random_ids(len(prompts), 6, seed=99)
-    with torch.no_grad():
-        model(ids, attention_mask=mask, cache=cache)
-        steps = []
-        for t in range(nxt.shape[1]):
-            grown = torch.cat([mask, torch.ones(len(prompts), t + 1, dtype=torch.long)], dim=1)
-            steps.append(model(nxt[:, t:t + 1], attention_mask=grown, cache=cache).logits)
-    steps = torch.cat(steps, dim=1)
-    for i, p in enumerate(prompts):
-        alone = full_logits(model, torch.cat([p, nxt[i]])[None])
-        torch.testing.assert_close(steps[i], alone[0, len(p):], **TOL, msg=f"row {i} decoding")
+    check_padded_rows_equal_prompts_alone(hybrid_lm(name, initializer_range=0.2), new_tokens=6)
 
 
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_greedy_with_and_without_cache_agree(name):
     model = hybrid_lm(name)
-    ids = random_ids(2, 7)
-    cached = generate(model, ids, True, do_sample=False, no_repeat_ngram_size=1)
-    assert all(len(set(row.tolist())) == NEW for row in cached[:, 7:])
-    assert torch.equal(cached, generate(model, ids, False, do_sample=False, no_repeat_ngram_size=1))
-    cached = generate(model, ids, True, do_sample=False)
-    with torch.no_grad():
-        seq = ids
-        for _ in range(NEW):
-            nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-    assert torch.equal(cached, seq)
+    check_greedy_is_full_forward_argmax(model, random_ids(2, 7))
 
 
 @pytest.mark.parametrize("options", [

@@ -74,9 +74,9 @@ def left_pad(rows, pad=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("block", list(ALL_BLOCKS), ids=list(ALL_BLOCKS))
-def test_left_padded_batch_rows_equal_prompts_alone(block):
-    model = tiny_lm(**ALL_BLOCKS[block])
+def check_padded_rows_equal_prompts_alone(model, new_tokens: int) -> None:
+    """Left-padded rows give what each prompt alone gives, in the prefill and in the
+    ``new_tokens`` decoding steps that continue it from the cache."""
     # pad tokens (0) that are not masked would change the result: use a non-zero pad id
     # in the padded slots to prove the mask, not the id, does the work
     prompts = [random_ids(1, n, seed=n)[0] for n in (9, 3, 6, 1)]
@@ -87,7 +87,7 @@ def test_left_padded_batch_rows_equal_prompts_alone(block):
         torch.testing.assert_close(padded[i, ids.shape[1] - len(p):], alone[0], **TOL, msg=f"row {i}")
     # and the cache after the padded prefill continues each row as the prompt alone
     cache = MinRNNCache(model.config)
-    nxt = random_ids(len(prompts), 4, seed=99)
+    nxt = random_ids(len(prompts), new_tokens, seed=99)
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
         steps = []
@@ -98,6 +98,11 @@ def test_left_padded_batch_rows_equal_prompts_alone(block):
     for i, p in enumerate(prompts):
         alone = full_logits(model, torch.cat([p, nxt[i]])[None])
         torch.testing.assert_close(steps[i], alone[0, len(p):], **TOL, msg=f"row {i} decoding")
+
+
+@pytest.mark.parametrize("block", list(ALL_BLOCKS), ids=list(ALL_BLOCKS))
+def test_left_padded_batch_rows_equal_prompts_alone(block):
+    check_padded_rows_equal_prompts_alone(tiny_lm(**ALL_BLOCKS[block]), new_tokens=4)
 
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])

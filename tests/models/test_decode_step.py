@@ -115,13 +115,18 @@ def test_generate_gives_the_same_tokens_either_way(block, mode):
     assert torch.equal(outs[0], outs[1])
 
 
+def _stepped_and_whole(model, ids):
+    """(logits of ``ids`` read one token at a time from an empty cache, of one forward pass)."""
+    with torch.no_grad():
+        cache = MinRNNCache(model.config)
+        stepped = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
+        return stepped, model(ids).logits
+
+
 def test_a_one_token_prompt_starts_from_an_empty_cache(count_fast_steps):
     model = tiny_lm()
     ids = random_ids(2, 6)
-    with torch.no_grad():
-        cache = MinRNNCache(model.config)
-        stepped = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(6)], dim=1)
-        whole = model(ids).logits
+    stepped, whole = _stepped_and_whole(model, ids)
     assert all(count_fast_steps)
     assert_close(stepped, whole, TOL[torch.float32])
 
@@ -186,10 +191,7 @@ def test_a_replaced_projection_takes_the_general_path(count_fast_steps):
 
     block.mixer.out_proj = Doubled()
     ids = random_ids(2, 6)
-    with torch.no_grad():
-        cache = MinRNNCache(model.config)
-        stepped = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(6)], dim=1)
-        whole = model(ids).logits
+    stepped, whole = _stepped_and_whole(model, ids)
     assert count_fast_steps.count(False) == 6
     assert_close(stepped, whole, TOL[torch.float32])
 
@@ -219,6 +221,13 @@ def test_the_fused_kernels_run_in_a_float32_step(monkeypatch):
             used.append(name)
             return getattr(kernels, name)
 
+    def spied(kernel):
+        def call(*args):
+            used.append(kernel.__name__)
+            return kernel(*args)
+        return call
+
     monkeypatch.setattr(S, "_kernels", Spy())
+    monkeypatch.setattr(S, "_STEP_KERNELS", {cell: spied(k) for cell, k in S._STEP_KERNELS.items()})
     run_one_step(tiny_lm(cell="minlstm").requires_grad_(False))
     assert {"conv_norm_step", "norm_step", "minlstm_step"} <= set(used)

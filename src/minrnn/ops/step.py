@@ -26,8 +26,10 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 if cpu.HAVE_NUMBA:
     from .cpu import step as _kernels
+
+    _STEP_KERNELS = _kernels.STEP_KERNELS
 else:  # pragma: no cover - exercised only where numba is absent
-    _kernels = None
+    _kernels, _STEP_KERNELS = None, {}
 
 
 def fused_applies(*tensors: Tensor | None) -> bool:
@@ -107,18 +109,15 @@ def cell_step(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple = ()
     cdt = accumulation_dtype(pre.dtype)
     if h is not None:
         cdt = torch.promote_types(cdt, h.dtype)
-    if spec.name not in ("mingru", "minlstm") or not (fused_applies(pre, h) and pre.dtype is cdt
-                                                      and pre.is_contiguous()):
+    kernel = _STEP_KERNELS.get(spec.name)  # the other cells run the reference
+    if kernel is None or not (fused_applies(pre, h) and pre.dtype is cdt and pre.is_contiguous()):
         return cell_step_reference(spec, pre.to(cdt), None if h is None else h.to(cdt), options, keep)
     B, E = pre.shape[0], pre.shape[1] // spec.n_pre
     out = torch.empty((B, E), dtype=pre.dtype)
     o = out.numpy()
     hv = o if h is None else _np(h.contiguous())
     kv = o.reshape(-1) if keep is None else keep.to(pre.dtype).numpy()
-    if spec.name == "mingru":
-        _kernels.mingru_step(_np(pre), hv, h is not None, kv, keep is not None, o, B, E)
-    else:
-        _kernels.minlstm_step(_np(pre), hv, h is not None, kv, keep is not None, o, B, E, bool(options[0]))
+    kernel(_np(pre), hv, h is not None, kv, keep is not None, o, B, E, *options)
     return out
 
 

@@ -64,13 +64,19 @@ def conv_norm_step(x, keep, has_keep, window, w, bias, norm_w, eps, x_out, norme
 
 
 @njit(**JIT)
+def _hold_row(o, h, b, has_h, E):
+    """A padded row's step is the identity: its state (zeros without one) again."""
+    for c in range(E):
+        o[c] = h[b, c] if has_h else _const(o[c], 0.0)
+
+
+@njit(**JIT)
 def mingru_step(pre, h, has_h, keep, has_keep, out, B, E):
     """pre (B, >= 2E): [hidden | gate] at columns 0 and E; h (B, E) (read only if has_h)."""
     for b in range(B):
         row, o = pre[b], out[b]
         if has_keep and keep[b] == 0:
-            for c in range(E):
-                o[c] = h[b, c] if has_h else _const(o[c], 0.0)
+            _hold_row(o, h, b, has_h, E)
             continue
         for c in range(E):
             z, a = sigmoid_pair(row[E + c])
@@ -85,8 +91,7 @@ def minlstm_step(pre, h, has_h, keep, has_keep, out, B, E, normalize):
     for b in range(B):
         row, o = pre[b], out[b]
         if has_keep and keep[b] == 0:
-            for c in range(E):
-                o[c] = h[b, c] if has_h else _const(o[c], 0.0)
+            _hold_row(o, h, b, has_h, E)
             continue
         for c in range(E):
             a, i, _, _ = lstm_gates(row[E + c], row[2 * E + c], normalize)
@@ -95,4 +100,8 @@ def minlstm_step(pre, h, has_h, keep, has_keep, out, B, E, normalize):
             o[c] = a * h[b, c] + v if has_h else v
 
 
-__all__ = ["conv_norm_step", "norm_step", "mingru_step", "minlstm_step"]
+#: The cell steps by cell name, each called as kernel(pre, h, has_h, keep, has_keep, out, B, E, *options)
+#: with the cell spec's options (as the sequence kernels in functions.py).
+STEP_KERNELS = {"mingru": mingru_step, "minlstm": minlstm_step}
+
+__all__ = ["conv_norm_step", "norm_step", "mingru_step", "minlstm_step", "STEP_KERNELS"]

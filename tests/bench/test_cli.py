@@ -86,10 +86,11 @@ def test_scan_and_decode_rows(quick_run):
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / scan["copy"]["gbps"])
         assert r["max_abs_err"] < 1e-5 and r["grad_rel_err"] < 1e-5
     decode = _load(out, "decode")["result"]
-    models = ("minGRU", "minLSTM", "Llama", "LSTM")
+    models = ("minGRU", "minLSTM", "minGRU-hybrid", "Llama", "LSTM")
     expected = {(m, mode, b, c) for m in models for mode in ("generate", "step") for b in (1, 3) for c in (8, 16)
                 if (m, mode) != ("LSTM", "generate")}
     expected |= {("minGRU", "matmul", b, c) for b in (1, 3) for c in (8, 16)}
+    expected |= {(m, "general", b, c) for m in ("minGRU", "minLSTM") for b in (1, 3) for c in (8, 16)}
     assert {(r["model"], r["mode"], r["batch"], r["context"]) for r in decode["rows"]} == expected
     kv = {(r["batch"], r["context"]): r["state_bytes"] for r in decode["rows"]
           if r["model"] == "Llama" and r["mode"] == "step"}

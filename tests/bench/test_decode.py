@@ -22,7 +22,7 @@ def test_default_models_have_equal_parameters_within_ten_percent():
         assert abs(n / counts["minGRU"] - 1) < 0.10, counts
 
 
-@pytest.mark.parametrize("name", ["minGRU", "minLSTM", "Llama", "LSTM"])
+@pytest.mark.parametrize("name", ["minGRU", "minLSTM", "minGRU-hybrid", "Llama", "LSTM"])
 def test_each_models_step_loop_continues_its_prefill(name):
     """The step loop's logits equal the full forward's over the same tokens."""
     s = Settings.make(quick=True)
@@ -53,8 +53,10 @@ def test_a_tiny_run_writes_rows_json_and_table(tmp_path):
     written = run_suites(["decode"], s, command="test", stream=printed)
     result = written["decode"]["result"]
     keys = {(r["model"], r["mode"]) for r in result["rows"]}
-    assert keys == {("minGRU", "generate"), ("minGRU", "step"), ("minLSTM", "generate"), ("minLSTM", "step"),
-                    ("Llama", "generate"), ("Llama", "step"), ("LSTM", "step"), ("minGRU", "matmul")}
+    assert keys == {("minGRU", "generate"), ("minGRU", "step"), ("minGRU", "general"), ("minLSTM", "generate"),
+                    ("minLSTM", "step"), ("minLSTM", "general"), ("minGRU-hybrid", "generate"),
+                    ("minGRU-hybrid", "step"), ("Llama", "generate"), ("Llama", "step"), ("LSTM", "step"),
+                    ("minGRU", "matmul")}
     for r in result["rows"]:
         assert r["batch"] == 2 and r["context"] == 5
         assert r["tokens_per_s"] == pytest.approx(2 / (r["ms_per_token"] / 1e3))
@@ -63,6 +65,49 @@ def test_a_tiny_run_writes_rows_json_and_table(tmp_path):
     assert on_disk["result"]["rows"] == result["rows"]
     table = printed.getvalue()
     assert "### Decoding tokens/s, batch 2" in table and "| minGRU generate" in table
+    assert "minGRU step: general path time / fast" in table and "minGRU-hybrid state MiB" in table
+
+
+def test_the_hybrid_has_attention_blocks_and_its_cache_does_not_grow_with_the_context():
+    """Its attention blocks keep a ring buffer of the window's keys/values (allocated whole at
+    the first token), so what it carries is the same at half the window and at three times it."""
+    s = Settings.make(quick=True)
+    model = decode.build_models(s)["minGRU-hybrid"]
+    assert model.config.attention_layer_indices and model.config.attention_window == decode.HYBRID_WINDOW
+    prefill, step = decode._step_fn("minGRU-hybrid", model)
+    sizes = {}
+    with torch.no_grad():
+        for n in (decode.HYBRID_WINDOW // 2, decode.HYBRID_WINDOW, 3 * decode.HYBRID_WINDOW):
+            ids = torch.randint(1, s.decode_vocab, (1, n), generator=torch.Generator().manual_seed(n))
+            logits, state = prefill(ids)
+            step(logits[:, -1:].argmax(-1), state)
+            sizes[n] = decode._state_bytes(state)
+    half, full, triple = sizes.values()
+    assert half == full == triple, sizes
+    llama = decode.build_models(s)["Llama"]
+    prefill, step = decode._step_fn("Llama", llama)
+    with torch.no_grad():
+        logits, state = prefill(ids)
+    assert decode._state_bytes(state) > triple  # the KV cache of 3 windows is larger
+
+
+def test_the_general_path_rows_time_the_same_numbers_by_another_path():
+    """fast_step(False) changes the path, not the result: the loop the general rows time gives
+    the fast loop's logits."""
+    from minrnn.models.decoding_minrnn import fast_step
+
+    s = Settings.make(quick=True)
+    model = decode.build_models(s)["minGRU"].double()
+    prefill, step = decode._step_fn("minGRU", model)
+    ids = torch.randint(1, s.decode_vocab, (2, 8), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for enabled in (True, False):
+        with torch.no_grad(), fast_step(enabled):
+            logits, state = prefill(ids[:, :5])
+            for t in range(5, 8):
+                logits, state = step(ids[:, t:t + 1], state)
+            outs.append(logits)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["minGRU", "Llama"])

@@ -7,6 +7,9 @@
     Llama    transformers' LlamaForCausalLM, same width, depth and vocabulary, ``decode_heads``
              heads, its MLP width chosen so that its parameters match minGRU's; a KV cache
              (DynamicCache) that grows by a token per step
+    minGRU-hybrid  minGRU with attention in place of the recurrence in every third block
+             (blocks 2, 5, ...): RoPE, ``decode_heads`` heads, a sliding window of
+             ``HYBRID_WINDOW`` tokens, whose cache keeps only the window's keys and values
     LSTM     nn.LSTM (2 layers) between a tied embedding and head, its width chosen likewise
 
 For every batch in ``decode_batches`` and context c in ``decode_contexts``, each model reads the
@@ -20,7 +23,9 @@ tokens greedily, two ways:
     step      a plain loop ``model(next_token, cache) -> logits -> argmax``, each step timed;
               the median over the window (the LSTM has no generate(): this mode only)
 
-and the repeats' medians are reported (their median). ``matmul`` rows time every weight
+and the repeats' medians are reported (their median). ``general`` rows are the minGRU and
+minLSTM step loop with ``fast_step(False)``: every block through its general (sequence) path,
+the reference the one-token fast path is tested against. ``matmul`` rows time every weight
 matrix a minGRU step multiplies (the blocks' four and the head), ``x @ W.T`` on a (batch,
 in) input, in the same run: the per-token ceiling of a decoder that did nothing else.
 ``state_bytes`` is what each model carries between steps at that context (its cache).
@@ -40,6 +45,8 @@ from .runner import progress
 from .settings import Settings
 
 LSTM_LAYERS = 2
+HYBRID_WINDOW = 128
+GENERAL_PATH_MODELS = ("minGRU", "minLSTM")
 
 
 class LSTMLM(nn.Module):
@@ -79,6 +86,9 @@ def build_models(s: Settings) -> dict[str, nn.Module]:
     gru = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru"))
     lstm_cell = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="minlstm",
                                                expansion_factor=1.5))
+    hybrid = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru",
+                                            attention_layers=list(range(2, L, 3)) or [L - 1],
+                                            num_attention_heads=s.decode_heads, attention_window=HYBRID_WINDOW))
     target = _params(gru)
     llama_params = lambda mlp: V * W + L * (4 * W * W + 3 * W * mlp + 2 * W) + W  # noqa: E731
     mlp = _closest(llama_params, target, 1, 16 * W)
@@ -89,7 +99,7 @@ def build_models(s: Settings) -> dict[str, nn.Module]:
                                          pad_token_id=0))
     lstm_params = lambda h: V * h + LSTM_LAYERS * (8 * h * h + 8 * h)  # noqa: E731
     lstm = LSTMLM(V, _closest(lstm_params, target, 1, 64 * W))
-    models = {"minGRU": gru, "minLSTM": lstm_cell, "Llama": llama, "LSTM": lstm}
+    models = {"minGRU": gru, "minLSTM": lstm_cell, "minGRU-hybrid": hybrid, "Llama": llama, "LSTM": lstm}
     return {k: m.to(device=s.device, dtype=s.dtype).eval() for k, m in models.items()}
 
 
@@ -102,6 +112,8 @@ def _describe(name: str, model: nn.Module) -> dict:
         info.update(heads=c.num_attention_heads, mlp_width=c.intermediate_size)
     else:
         info.update(cell=c.cell, rnn_width=c.rnn_hidden_size, mlp_width=c.mlp_hidden_size)
+        if c.attention_layer_indices:
+            info.update(attention_layers=sorted(c.attention_layer_indices), attention_window=c.attention_window)
     return info
 
 
@@ -205,6 +217,8 @@ def _time_matmuls(model, batch: int, device, dtype, window: int) -> float:
 
 def run(settings: Settings) -> dict:
     """Run the suite; returns {"models": {...}, "rows": [...]} (see the module docstring)."""
+    from ..models.decoding_minrnn import fast_step
+
     s, dev = settings, settings.device
     if min(s.decode_contexts) < 2:
         raise ValueError(f"decode contexts must be >= 2 tokens (a prompt to prefill and one to read), "
@@ -237,6 +251,10 @@ def run(settings: Settings) -> dict:
                                     _time_generate(model, prompt, copy.deepcopy(state), window, dev))
                             sec, state_bytes[name] = _time_steps(step, prompt, copy.deepcopy(state), window, dev)
                             found.setdefault((name, "step"), []).append(sec)
+                            if name in GENERAL_PATH_MODELS:
+                                with fast_step(False):
+                                    sec = _time_steps(step, prompt, copy.deepcopy(state), window, dev)[0]
+                                found.setdefault((name, "general"), []).append(sec)
                             gc.collect()
                         found.setdefault(("minGRU", "matmul"), []).append(
                             _time_matmuls(models["minGRU"], B, dev, s.dtype, window))

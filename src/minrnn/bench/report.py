@@ -134,7 +134,7 @@ def decode_table(result: dict, meta: dict) -> str:
     models = result["models"]
     desc = "; ".join(f"{m}: {v['layers']} x {v['width']}, {v['params'] / 1e6:.2f}M parameters"
                      for m, v in models.items())
-    cols = [(m, mode) for m in models for mode in ("generate", "step") if any(
+    cols = [(m, mode) for m in models for mode in ("generate", "step", "general") if any(
         (m, mode, b, c) in at for b in result["batches"] for c in contexts)]
     out = []
     for B in result["batches"]:
@@ -147,7 +147,9 @@ def decode_table(result: dict, meta: dict) -> str:
 
         header = (["context"] + [f"{m} {mode}" for m, mode in cols] + ["matmul ceiling"]
                   + [f"{m} / Llama ({mode})" for m in ("minGRU", "minLSTM") for mode in ("generate", "step")]
-                  + ["minGRU generate time / matmul time"] + [f"{m} state MiB" for m in models])
+                  + ["minGRU generate time / matmul time"]
+                  + [f"{m} step: general path time / fast" for m in ("minGRU", "minLSTM")]
+                  + [f"{m} state MiB" for m in models])
         body = []
         for c in contexts:
             ceiling = tps("minGRU", "matmul", c)
@@ -155,6 +157,7 @@ def decode_table(result: dict, meta: dict) -> str:
                         + [fmt(ratio(tps(m, mode, c), tps("Llama", mode, c)), "ratio")
                            for m in ("minGRU", "minLSTM") for mode in ("generate", "step")]
                         + [fmt(ratio(ceiling, tps("minGRU", "generate", c)), "ratio")]
+                        + [fmt(ratio(tps(m, "step", c), tps(m, "general", c)), "ratio") for m in ("minGRU", "minLSTM")]
                         + [fmt((at.get((m, "step", B, c)) or {}).get("state_bytes"), "mib") for m in models])
         out.append(f"### Decoding tokens/s, batch {B}, {threads(meta['threads'])}, {meta['dtype']} ({desc}); "
                    f"median per-token time over {result['window']} tokens, median of {result['repeats']} "

@@ -1,0 +1,55 @@
+"""benchmarks/lm_training_step.py builds compare's models, times them and writes its table
+(timings are never asserted; the GEMM replay and the parameter counts are)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_training_step.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("lm_training_step", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
+    bench = _load()
+    out = tmp_path / "step.json"
+    assert bench.main(["--models", "mingru,lstm", "--repeats", "1", "--steps", "1", "--threads", "1",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"mingru", "lstm"}
+    assert res["meta"]["batch"] == 12 and res["meta"]["seq_len"] == 64  # the cpu preset's shape
+    # the same parameter budget as compare builds (within its 10%)
+    assert abs(rows["mingru"]["params"] / rows["lstm"]["params"] - 1) < 0.1
+    assert rows["mingru"]["gemm_ms"] > 0 and rows["lstm"]["gemm_ms"] is None  # nn.LSTM's products are its own
+    assert res["markdown"] in capsys.readouterr().out
+
+
+def test_matmul_params_count_a_tied_head_once_and_no_lookup_table():
+    bench = _load()
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Linear(4, 6), head)
+    assert bench._matmul_params(model) == 4 * 6 + 10 * 4
+    untied = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 6))
+    assert bench._matmul_params(untied) == 4 * 6
+
+
+def test_the_gemm_replay_covers_every_linear_call_of_a_step():
+    bench = _load()
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    x = torch.randn(7, 3)
+    calls = bench._linear_calls(model, lambda: model(x).sum().backward())
+    assert [(tuple(shape), mod.weight.shape) for shape, mod in calls] == [((7, 3), (5, 3)), ((7, 5), (2, 5))]
+    bench._gemm_replay(calls)()  # runs on tensors of those shapes

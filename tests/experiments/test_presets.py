@@ -72,9 +72,13 @@ def test_wikitext2_cpu_tuned_is_the_cpu_preset_but_for_the_tuned_settings():
     cpu, tuned = load_preset("wikitext2", "cpu"), load_preset("wikitext2", "cpu_tuned")
     assert (tuned.data, tuned.common, tuned.train, tuned.target_params) == (cpu.data, cpu.common, cpu.train,
                                                                            cpu.target_params)
-    assert tuned.models == ("mingru", "llama") and tuned.per_model == {"mingru": {"num_layers": 2, "expansion_factor": 4}}
+    assert tuned.models == ("mingru", "llama") and tuned.extra_models == ("mingru-hybrid",)
+    # the hybrid: minGRU's shape and optimiser settings, its second block attention
+    shape = {"num_layers": 2, "expansion_factor": 4}
+    assert tuned.per_model == {"mingru": shape, "mingru-hybrid": shape}
+    assert tuned.train_settings("mingru-hybrid") == tuned.train_settings("mingru")
     assert {m: tuned.train_settings(m)["weight_decay"] for m in tuned.models} == {"mingru": 1.25, "llama": 0.75}
-    for model in tuned.models:  # the floor at 1% of the peak
+    for model in tuned.available_models:  # the floor at 1% of the peak
         settings = tuned.train_settings(model)
         assert settings["min_lr"] == pytest.approx(settings["lr"] / 100)
 

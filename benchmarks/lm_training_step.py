@@ -6,7 +6,8 @@ of it is matrix products.
 
 Each model is built as `minrnn compare` builds it for that preset (same parameter budget), and
 trained on one fixed random batch of the preset's shape: forward, cross-entropy, backward, grad
-clipping and AdamW, as the engine does. The models take turns within each repeat (so a slower
+clipping and AdamW, as the engine does (``--fused-optimizer``: AdamW's fused kernel, the engine's
+``fused_optimizer = true``). The models take turns within each repeat (so a slower
 minute of the machine hits all of them) and the median over repeats of each model's median step
 is reported, with:
 
@@ -88,8 +89,8 @@ def _gemm_replay(calls):
     return replay
 
 
-def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
 
     def step():
         logits = model(ids[:, :-1])
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: every core")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (after 3 untimed)")
+    p.add_argument("--fused-optimizer", action="store_true",
+                   help="AdamW's fused kernel, as the engine's fused_optimizer = true")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/lm_training_step.json")
     args = p.parse_args(argv)
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
     models, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, names, args.data_dir)
     B, T = train["batch_size"], train["seq_len"]
     ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    steps = {n: _trainer_step(m.train(), ids, vocab, train.get("grad_clip", 0.0)) for n, m in models.items()}
+    steps = {n: _trainer_step(m.train(), ids, vocab, train.get("grad_clip", 0.0), args.fused_optimizer)
+             for n, m in models.items()}
     replays = {}
     for n, m in models.items():
         calls = _linear_calls(m, steps[n])
@@ -174,11 +178,13 @@ def main(argv=None) -> int:
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": B, "seq_len": T, "experiment": args.experiment,
-            "preset": args.preset, "repeats": args.repeats, "steps": args.steps}
+            "preset": args.preset, "repeats": args.repeats, "steps": args.steps,
+            "fused_optimizer": args.fused_optimizer}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1))
-    print(f"{args.experiment} / {args.preset}: batch {B} x {T} tokens, {meta['threads']} threads; "
+    print(f"{args.experiment} / {args.preset}: batch {B} x {T} tokens, {meta['threads']} threads, "
+          f"{'fused' if args.fused_optimizer else 'plain'} AdamW; "
           f"median of {args.repeats} repeats of {args.steps} steps\n\n{table}")
     return 0
 

@@ -212,7 +212,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                         "mingru.mingru_forget_bias=3.0 (repeatable); use another --out")
     p.add_argument("--optim", action="append", default=[], metavar="KEY=VALUE",
                    help="an optimiser setting for every run on top of the preset's: weight_decay, beta1, beta2, "
-                        "grad_clip, warmup_steps, min_lr or decay_recurrence (repeatable); use another --out")
+                        "grad_clip, warmup_steps, min_lr, decay_recurrence or fused_optimizer (repeatable); use another --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="default: runs/compare/")
     p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")

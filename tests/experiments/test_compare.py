@@ -213,8 +213,8 @@ def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
 
 
 def test_optim_parses_checks_and_applies_on_top_of_the_preset():
-    assert C.parse_optim(["weight_decay=0.3", "decay_recurrence=true", "warmup_steps=10"]) == {
-        "weight_decay": 0.3, "decay_recurrence": True, "warmup_steps": 10}
+    assert C.parse_optim(["weight_decay=0.3", "decay_recurrence=true", "warmup_steps=10", "fused_optimizer=true"]) == {
+        "weight_decay": 0.3, "decay_recurrence": True, "warmup_steps": 10, "fused_optimizer": True}
     for bad in ("weight_decay", "=0.3"):
         with pytest.raises(CompareError, match="expected KEY=VALUE"):
             C.parse_optim([bad])
@@ -224,7 +224,8 @@ def test_optim_parses_checks_and_applies_on_top_of_the_preset():
                            ({"weight_decay": float("nan")}, "expected a finite number >= 0"),
                            ({"weight_decay": "lots"}, "expected a finite number >= 0"),
                            ({"warmup_steps": 2.5}, "expected a whole number >= 0"),
-                           ({"decay_recurrence": 1}, "expected true or false")]:
+                           ({"decay_recurrence": 1}, "expected true or false"),
+                           ({"fused_optimizer": "yes"}, "expected true or false")]:
         with pytest.raises(CompareError, match=message):
             plan_runs("selective_copying", "cpu", ["lstm"], steps=2, sweep=False, optim=optim)
     preset = C.load_preset("selective_copying", "cpu")

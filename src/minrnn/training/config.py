@@ -36,7 +36,8 @@ DTYPES = ("float32", "bfloat16")
 PROGRESS = ("auto", "always", "never")
 # What only the optimiser and its schedule read: the settings a compare preset may give one
 # model, and `minrnn compare --optim` may change (batch and context also decide the data).
-OPTIM_KEYS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "decay_recurrence")
+OPTIM_KEYS = ("lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "decay_recurrence",
+              "fused_optimizer")
 PRESET_DIR = Path(__file__).with_name("presets")
 # MinRNNConfig fields a config does not set: the tokenizer decides the vocabulary, and the
 # cache and special tokens are a matter of generation, not of the trained model.
@@ -103,6 +104,9 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     decay_recurrence: bool = True  # false: no weight decay on a minRNN's gate and candidate projection
+    # AdamW's fused kernel: one call for every tensor instead of a few per tensor (faster where a
+    # model has many small ones); off by default, since it rounds differently from the plain loop
+    fused_optimizer: bool = False
     dtype: str = "float32"  # "bfloat16": autocast where the device supports it
     seed: int = 1337
     device: str = "cpu"

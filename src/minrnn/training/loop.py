@@ -216,9 +216,10 @@ class Trainer:
         self._hf_files = (pretrained_files(self.model, self.tokenizer)
                           if model is None and self.tokenizer is not None and self.dist.is_main else None)
         exempt = None if config.decay_recurrence else _recurrent_projection
+        fused = config.fused_optimizer
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay, exempt), lr=config.lr,
-                                           betas=(config.beta1, config.beta2),
-                                           foreach=self.device.type == "cuda")
+                                           betas=(config.beta1, config.beta2), fused=fused or None,
+                                           foreach=self.device.type == "cuda" and not fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         # dropout streams differ per process
         torch.manual_seed(config.seed + 1 + self.dist.rank)

@@ -6,8 +6,8 @@ of it is matrix products.
 
 Each model is built as `minrnn compare` builds it for that preset (same parameter budget), and
 trained on one fixed random batch of the preset's shape: forward, cross-entropy, backward, grad
-clipping and AdamW, as the engine does (``--fused-optimizer``: AdamW's fused kernel, the engine's
-``fused_optimizer = true``). The models take turns within each repeat (so a slower
+clipping and AdamW, as the engine does (``--optimizer fused``: AdamW's fused kernel, the engine's
+``fused_optimizer = true``; ``both``: each model twice, a row per optimiser, from the same weights). The models take turns within each repeat (so a slower
 minute of the machine hits all of them) and the median over repeats of each model's median step
 is reported, with:
 
@@ -25,6 +25,7 @@ The JSON of every repeat goes to --out (default runs/lm_training_step.json).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: every core")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (after 3 untimed)")
-    p.add_argument("--fused-optimizer", action="store_true",
-                   help="AdamW's fused kernel, as the engine's fused_optimizer = true")
+    p.add_argument("--optimizer", choices=["plain", "fused", "both"], default="plain",
+                   help="AdamW's per-tensor loop (plain), its fused kernel (the engine's fused_optimizer = true), "
+                        "or a row for each")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/lm_training_step.json")
     args = p.parse_args(argv)
@@ -137,11 +139,19 @@ def main(argv=None) -> int:
             numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         except ImportError:
             pass
-    names = [m for m in args.models.split(",") if m]
-    models, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, names, args.data_dir)
+    wanted = [m for m in args.models.split(",") if m]
+    built, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, wanted, args.data_dir)
+    variants = {"plain": [False], "fused": [True], "both": [False, True]}[args.optimizer]
+    models, fused_of = {}, {}
+    for n in wanted:
+        for fused in variants:
+            name = f"{n} + fused AdamW" if args.optimizer == "both" and fused else n
+            models[name] = built[n] if fused is variants[0] else copy.deepcopy(built[n])
+            fused_of[name] = fused
+    names = list(models)
     B, T = train["batch_size"], train["seq_len"]
     ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    steps = {n: _trainer_step(m.train(), ids, vocab, train.get("grad_clip", 0.0), args.fused_optimizer)
+    steps = {n: _trainer_step(m.train(), ids, vocab, train.get("grad_clip", 0.0), fused_of[n])
              for n, m in models.items()}
     replays = {}
     for n, m in models.items():
@@ -179,12 +189,12 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": B, "seq_len": T, "experiment": args.experiment,
             "preset": args.preset, "repeats": args.repeats, "steps": args.steps,
-            "fused_optimizer": args.fused_optimizer}
+            "optimizer": args.optimizer}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1))
     print(f"{args.experiment} / {args.preset}: batch {B} x {T} tokens, {meta['threads']} threads, "
-          f"{'fused' if args.fused_optimizer else 'plain'} AdamW; "
+          f"AdamW: {args.optimizer}; "
           f"median of {args.repeats} repeats of {args.steps} steps\n\n{table}")
     return 0
 

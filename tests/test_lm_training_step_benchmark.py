@@ -25,12 +25,13 @@ def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "step.json"
     assert bench.main(["--models", "mingru,lstm", "--repeats", "1", "--steps", "1", "--threads", "1",
-                       "--fused-optimizer", "--out", str(out)]) == 0
+                       "--optimizer", "both", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert set(rows) == {"mingru", "lstm"}
+    assert set(rows) == {"mingru", "lstm", "mingru + fused AdamW", "lstm + fused AdamW"}
+    assert rows["mingru"]["params"] == rows["mingru + fused AdamW"]["params"]
     assert res["meta"]["batch"] == 12 and res["meta"]["seq_len"] == 64  # the cpu preset's shape
-    assert res["meta"]["fused_optimizer"] is True
+    assert res["meta"]["optimizer"] == "both"
     # the same parameter budget as compare builds (within its 10%)
     assert abs(rows["mingru"]["params"] / rows["lstm"]["params"] - 1) < 0.1
     assert rows["mingru"]["gemm_ms"] > 0 and rows["lstm"]["gemm_ms"] is None  # nn.LSTM's products are its own

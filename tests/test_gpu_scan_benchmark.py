@@ -1,18 +1,13 @@
 """benchmarks/gpu_scan.py runs every code path in its --dry-run (tiny CPU sizes, stand-ins),
 so a script meant for a rare GPU session is known to work before it gets one."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scan.py"
+from .scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_scan", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "gpu_scan")
 
 
 def test_dry_run_times_every_row_and_passes_its_checks(tmp_path, capsys):

@@ -1,9 +1,7 @@
 """benchmarks/lm_training_step.py builds compare's models, times them and writes its table
 (timings are never asserted; the GEMM replay and the parameter counts are)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +9,11 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_training_step.py"
+from .scripts import load_script  # noqa: E402
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("lm_training_step", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks", "lm_training_step")
 
 
 def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):

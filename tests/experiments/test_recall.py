@@ -11,9 +11,9 @@ import torch
 from minrnn.cli import main as minrnn
 from minrnn.data import locate_corpus
 
-from .scripts import load_script
+from ..scripts import load_script
 
-recall = load_script("recall")
+recall = load_script("experiments", "recall")
 CLASSES, copy_classes, copy_classes_reference = recall.CLASSES, recall.copy_classes, recall.copy_classes_reference
 main, to_markdown = recall.main, recall.to_markdown
 

@@ -8,9 +8,9 @@ import pytest
 
 from minrnn.cli import main as minrnn
 
-from .scripts import load_script
+from ..scripts import load_script
 
-sweep_table = load_script("sweep_table")
+sweep_table = load_script("experiments", "sweep_table")
 SweepError, group_by_seed, load_results = sweep_table.SweepError, sweep_table.group_by_seed, sweep_table.load_results
 main, to_markdown = sweep_table.main, sweep_table.to_markdown
 

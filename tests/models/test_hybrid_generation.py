@@ -14,7 +14,7 @@ from minrnn.models.cache_minrnn import MinRNNAttentionCacheLayer, MinRNNCacheLay
 from .conftest import random_ids, tiny_lm  # noqa: E402
 from .test_generation import NEW, check_greedy_is_full_forward_argmax, generate  # noqa: E402
 from .test_hybrid_attention import HYBRIDS  # noqa: E402
-from .test_modeling import TOL, check_padded_rows_equal_prompts_alone, chunked_logits, full_logits, left_pad  # noqa: E402
+from .test_modeling import check_chunked_reads_equal_full_forward, check_padded_rows_equal_prompts_alone, left_pad  # noqa: E402,E501
 
 
 def hybrid_lm(name, **overrides):
@@ -23,15 +23,7 @@ def hybrid_lm(name, **overrides):
 
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_full_equals_chunked_equals_token_by_token(name):
-    model = hybrid_lm(name, initializer_range=0.2)
-    T = 11
-    ids = random_ids(3, T)
-    ref = full_logits(model, ids)
-    torch.testing.assert_close(chunked_logits(model, ids, [1] * T), ref, **TOL)
-    for k in range(1, T):
-        torch.testing.assert_close(chunked_logits(model, ids, [k, T - k]), ref, **TOL, msg=f"split at {k}")
-    for sizes in ([2, 1, 5, 1, 2], [1, 1, 9], [4, 4, 3], [3, 1, 1, 6], [6, 5]):
-        torch.testing.assert_close(chunked_logits(model, ids, sizes), ref, **TOL, msg=f"chunks {sizes}")
+    check_chunked_reads_equal_full_forward(hybrid_lm(name, initializer_range=0.2))
 
 
 @pytest.mark.parametrize("name", list(HYBRIDS))

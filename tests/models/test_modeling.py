@@ -39,9 +39,8 @@ def chunked_logits(model, ids, sizes):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("block", list(ALL_BLOCKS), ids=list(ALL_BLOCKS))
-def test_full_equals_chunked_equals_token_by_token(block):
-    model = tiny_lm(**ALL_BLOCKS[block])
+def check_chunked_reads_equal_full_forward(model) -> None:
+    """11 tokens read in one call == token by token == every two-chunk split == mixed chunks."""
     T = 11
     ids = random_ids(3, T)
     ref = full_logits(model, ids)
@@ -50,8 +49,13 @@ def test_full_equals_chunked_equals_token_by_token(block):
     # every two-chunk split, and splits mixing single tokens with longer chunks
     for k in range(1, T):
         torch.testing.assert_close(chunked_logits(model, ids, [k, T - k]), ref, **TOL, msg=f"split at {k}")
-    for sizes in ([2, 1, 5, 1, 2], [1, 1, 9], [4, 4, 3], [3, 1, 1, 6]):
+    for sizes in ([2, 1, 5, 1, 2], [1, 1, 9], [4, 4, 3], [3, 1, 1, 6], [6, 5]):
         torch.testing.assert_close(chunked_logits(model, ids, sizes), ref, **TOL, msg=f"chunks {sizes}")
+
+
+@pytest.mark.parametrize("block", list(ALL_BLOCKS), ids=list(ALL_BLOCKS))
+def test_full_equals_chunked_equals_token_by_token(block):
+    check_chunked_reads_equal_full_forward(tiny_lm(**ALL_BLOCKS[block]))
 
 
 @pytest.mark.parametrize("block", list(BLOCKS), ids=list(BLOCKS))

@@ -53,6 +53,15 @@ def assert_close_scaled(actual, expected, rtol, msg=""):
     assert err <= rtol * scale, f"{msg}: max error {err.item():.3e} > {rtol:.1e} * scale {scale.item():.3e}"
 
 
+def step_through(layer, x, h0):
+    """x (B, T, C) read by ``layer.step`` one position at a time from h0: (outputs (B, T, H), last state)."""
+    h, ys = h0, []
+    for t in range(x.shape[1]):
+        y, h = layer.step(x[:, t], h)
+        ys.append(y)
+    return torch.stack(ys, 1), h
+
+
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 
 

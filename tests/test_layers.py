@@ -6,7 +6,7 @@ from torch import nn
 
 import minrnn
 
-from .conftest import assert_close_scaled
+from .conftest import assert_close_scaled, step_through
 
 LAYERS = [minrnn.MinGRU, minrnn.MinLSTM]
 
@@ -25,11 +25,8 @@ def test_forward_equals_a_loop_of_step(cls, num_layers, learn_init_state):
     x = _x(dtype=torch.float64)
     for h0 in [None, torch.randn(num_layers, 3, 8, dtype=torch.float64)]:
         y, h_n = layer(x, h0)
-        h, ys = h0, []
-        for t in range(x.shape[1]):
-            y_t, h = layer.step(x[:, t], h)
-            ys.append(y_t)
-        assert_close_scaled(torch.stack(ys, 1), y, 1e-12)
+        ys, h = step_through(layer, x, h0)
+        assert_close_scaled(ys, y, 1e-12)
         assert_close_scaled(h, h_n, 1e-12)
 
 
@@ -291,11 +288,8 @@ def test_forward_step_and_final_state_match_the_loop(cls, opts, num_layers, bidi
     assert_close_scaled(y, want_y, 1e-12, "forward output")
     assert_close_scaled(h_n, want_h, 1e-12, "forward final state")
     if not bidirectional:
-        h, ys = h0, []
-        for t in range(x.shape[1]):
-            y_t, h = layer.step(x[:, t], h)
-            ys.append(y_t)
-        assert_close_scaled(torch.stack(ys, 1), want_y, 1e-12, "step output")
+        ys, h = step_through(layer, x, h0)
+        assert_close_scaled(ys, want_y, 1e-12, "step output")
         assert_close_scaled(h, want_h, 1e-12, "step final state")
 
 

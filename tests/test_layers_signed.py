@@ -8,7 +8,7 @@ import minrnn
 import minrnn.functional as MF
 from minrnn.ops.cells import get_cell
 
-from .conftest import SIGNED_BACKENDS, assert_close_scaled
+from .conftest import SIGNED_BACKENDS, assert_close_scaled, step_through
 
 LAYERS = [(minrnn.MinGRU, "mingru_signed", {}), (minrnn.MinLSTM, "minlstm_signed", {"normalize": True}),
           (minrnn.MinLSTM, "minlstm_signed", {"normalize": False})]
@@ -33,11 +33,8 @@ def test_signed_layer_is_its_cell_on_the_projection(cls, cell, options, backend)
     assert_close_scaled(out, inp, 1e-12, "output")
     assert_close_scaled(h_n, torch.stack(finals), 1e-12, "h_n")
     # one step at a time gives the same
-    h, ys = h0, []
-    for t in range(x.shape[1]):
-        y, h = layer.step(x[:, t], h)
-        ys.append(y)
-    assert_close_scaled(torch.stack(ys, 1), out, 1e-12, "steps")
+    ys, h = step_through(layer, x, h0)
+    assert_close_scaled(ys, out, 1e-12, "steps")
     assert_close_scaled(h, h_n, 1e-12, "step state")
 
 

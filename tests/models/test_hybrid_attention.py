@@ -14,6 +14,7 @@ from minrnn.models.attention_minrnn import (  # noqa: E402
     MinRNNAttention,
     attention_fast,
     attention_reference,
+    every_third_block,
     rope,
     visible_keys,
 )
@@ -161,6 +162,13 @@ def test_window_limits_what_the_attention_layer_sees():
         (g,) = torch.autograd.grad(y[0, t].sum(), x, retain_graph=True)
         depends = g[0].abs().sum(-1) > 0
         assert depends.tolist() == [t - 3 < s <= t for s in range(10)], t
+
+
+def test_every_third_block_places_attention_as_attention_every_3_or_last():
+    for layers in (3, 4, 6, 9):
+        assert every_third_block(layers) == list(tiny_config(num_hidden_layers=layers, attention_every=3)
+                                                 .attention_layer_indices)
+    assert every_third_block(1) == [0] and every_third_block(2) == [1]
 
 
 def test_head_size_may_differ_from_the_width():

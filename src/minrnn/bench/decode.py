@@ -80,6 +80,7 @@ def build_models(s: Settings) -> dict[str, nn.Module]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..models import MinRNNConfig, MinRNNForCausalLM
+    from ..models.attention_minrnn import every_third_block
 
     V, W, L = s.decode_vocab, s.decode_width, s.decode_layers
     torch.manual_seed(s.seed)
@@ -87,7 +88,7 @@ def build_models(s: Settings) -> dict[str, nn.Module]:
     lstm_cell = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="minlstm",
                                                expansion_factor=1.5))
     hybrid = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru",
-                                            attention_layers=list(range(2, L, 3)) or [L - 1],
+                                            attention_layers=every_third_block(L),
                                             num_attention_heads=s.decode_heads, attention_window=HYBRID_WINDOW))
     target = _params(gru)
     llama_params = lambda mlp: V * W + L * (4 * W * W + 3 * W * mlp + 2 * W) + W  # noqa: E731

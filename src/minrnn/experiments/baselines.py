@@ -162,9 +162,11 @@ def _make_minrnn_hybrid(cell):
     plain = _make_minrnn(cell)
 
     def make(vocab, width, mlp_width, layers, opts):
+        from ..models.attention_minrnn import every_third_block
+
         extra = dict(opts["extra"])
         if "attention_layers" not in extra and "attention_every" not in extra:
-            extra["attention_layers"] = list(range(2, layers, 3)) or [layers - 1]
+            extra["attention_layers"] = every_third_block(layers)
         extra.setdefault("attention_window", 128)
         heads = extra.setdefault("num_attention_heads", 4)
         if "attention_head_dim" not in extra and width % (2 * heads):

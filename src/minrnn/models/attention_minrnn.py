@@ -88,6 +88,12 @@ def attention_fast(q: Tensor, k: Tensor, v: Tensor, visible: Tensor | None, wind
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=gqa)
 
 
+def every_third_block(num_layers: int) -> list[int]:
+    """The hybrids' default placement of attention blocks: blocks 2, 5, 8, ... (0-based), or
+    the last block when there are fewer than three."""
+    return list(range(2, num_layers, 3)) or [num_layers - 1]
+
+
 class MinRNNAttention(nn.Module):
     """q/k/v projections (D -> H hd, D -> G hd twice), RoPE, attention, out projection (H hd -> D)."""
 
@@ -141,4 +147,5 @@ class MinRNNAttention(nn.Module):
         return self.out_proj(y), new
 
 
-__all__ = ["AttentionWindow", "MinRNNAttention", "attention_reference", "attention_fast", "rope", "visible_keys"]
+__all__ = ["AttentionWindow", "MinRNNAttention", "attention_reference", "attention_fast", "every_third_block", "rope",
+           "visible_keys"]

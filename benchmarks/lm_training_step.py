@@ -91,7 +91,10 @@ def _gemm_replay(calls):
 
 
 def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = False):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=fused or None)
+    from minrnn.training.loop import param_groups
+
+    # the engine's parameter groups (decay on matrices only) and AdamW settings
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
 
     def step():
         logits = model(ids[:, :-1])

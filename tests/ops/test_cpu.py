@@ -463,3 +463,21 @@ def test_profiler_sees_fresh_outputs_not_cached_blocks():
         h = cpu.cpu_scan(a, b)
     allocated = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     assert h.numel() * 4 in allocated
+
+
+SECOND_ORDER_CASES = {
+    "scan": lambda x: cpu.cpu_scan(torch.sigmoid(x), x),
+    "cell": lambda x: cpu.cpu_mingru(x, x),
+    "projected cell": lambda x: cpu.cpu_projected_cell(get_cell("mingru"), x, torch.ones(8, 4), None, None),
+    "conv": lambda x: cpu.cpu_causal_conv(x, torch.ones(4, 1, 3), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SECOND_ORDER_CASES))
+def test_second_derivatives_are_refused_not_wrong(case):
+    """The kernels' backward is not itself differentiable: asking for a second derivative raises
+    instead of treating the first one as a constant."""
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(SECOND_ORDER_CASES[case](x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

@@ -40,6 +40,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..layers import projected_cell_sequence, projected_cell_step
 from ..ops.cells import get_cell
 from ..ops.conv import causal_conv
+from ..ops.norm import rms_norm
 from .attention_minrnn import MinRNNAttention
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
@@ -67,10 +68,8 @@ class MinRNNRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        """x (..., D) -> (..., D); ``minrnn.ops.norm.rms_norm`` (fused kernels on float32 CPU tensors)."""
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

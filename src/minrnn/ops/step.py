@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import accumulation_dtype, cpu
 from .cells import CellSpec
+from .norm import rms_norm_reference
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
@@ -52,12 +53,6 @@ def _np(t: Tensor):
 
 
 # --- references ----------------------------------------------------------------------
-
-
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as ``MinRNNRMSNorm``)."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def conv_norm_step_reference(x: Tensor, keep: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,

@@ -1,10 +1,11 @@
 """The "cpu" backend: numba-compiled kernels for the scan, the fused minGRU / minLSTM cells
 (gates computed inside the kernels), a layer's projection fused with its cell, and the LM
-block's causal depthwise conv.
+block's causal depthwise conv and RMSNorm.
 
     _math.py      scalar math inlined into the kernels (exp, sigmoid pairs, g, minLSTM gates)
     kernels.py    the scan and cell kernels, forward and backward
     conv.py       the causal conv's kernels and Function
+    norm.py       RMSNorm's kernels and Function (training)
     launch.py     work split, threads, array views, the first-compile notice
     buffers.py    the output cache the kernels allocate from
     functions.py  the autograd Functions and the public ops
@@ -48,13 +49,14 @@ if HAVE_NUMBA:
         cpu_projected_cell,
         cpu_scan,
     )
+    from .norm import cpu_rms_norm  # noqa: F401
 else:  # pragma: no cover
     FUSED_CELLS = frozenset()
 
     def _missing(*args, **kwargs):
         raise RuntimeError("backend 'cpu' needs numba (pip install numba)")
 
-    cpu_scan = cpu_cell = cpu_mingru = cpu_minlstm = cpu_projected_cell = cpu_causal_conv = _missing
+    cpu_scan = cpu_cell = cpu_mingru = cpu_minlstm = cpu_projected_cell = cpu_causal_conv = cpu_rms_norm = _missing
 
     @__import__("contextlib").contextmanager
     def output_cache_limit(limit_bytes: int):

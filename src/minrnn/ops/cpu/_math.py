@@ -93,6 +93,14 @@ def _const_impl(like, value):
 
 
 @njit(inline="always", **JIT)
+def inv_rms(sum_sq, D, eps):
+    """1 / sqrt(mean(x^2) + eps) from the float64 sum of D squares, rounded as MinRNNRMSNorm
+    rounds it: the mean in float32, the root in float64, the result in float32."""
+    mean = np.float32(np.float32(sum_sq) / np.float32(D))
+    return np.float32(1.0 / math.sqrt(np.float64(mean) + np.float64(eps)))
+
+
+@njit(inline="always", **JIT)
 def _sign_clear(v):
     """v's sign bit is clear: v >= 0 except that -0.0 counts as negative (see g_from_kept)."""
     return math.copysign(_const(v, 1.0), v) > _const(v, 0.0)

@@ -11,6 +11,7 @@ each tap is a contiguous row. dL/dw and dL/dbias are summed per work item into p
 import torch
 from numba import njit, prange
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._math import PARALLEL_JIT
 from .launch import launch, new_output, worker_count
@@ -74,6 +75,7 @@ class _CausalConv(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, wt = ctx.saved_tensors
         B, T, C = x.shape

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..packing import pack_chunks
 from . import kernels
@@ -90,6 +91,7 @@ class _Scan(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh):
         a, h, start = ctx.saved_tensors
         da, db = new_output(tuple(h.shape), h.dtype), new_output(tuple(h.shape), h.dtype)
@@ -168,6 +170,7 @@ class _Cell(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh):
         pre, h, start = ctx.saved_tensors
         dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.spec, ctx.options)
@@ -214,6 +217,7 @@ class _ProjectedCell(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dh):
         x, weight, bias, pre, h, start = ctx.saved_tensors
         if ctx.consumed:  # an earlier backward wrote its gradient over them: the forward again

@@ -16,12 +16,10 @@ The RMSNorm works in float32 whatever the model's dtype, as ``MinRNNRMSNorm`` do
 squares is accumulated in float64 here, then rounded).
 """
 
-import math
-
 import numpy as np
 from numba import njit
 
-from ._math import JIT, _const, g_and_slope, lstm_gates, sigmoid_pair
+from ._math import JIT, _const, g_and_slope, inv_rms, lstm_gates, sigmoid_pair
 
 
 @njit(inline="always", **JIT)
@@ -30,7 +28,7 @@ def _norm_row(xo, norm_w, eps, out, D):
     for d in range(D):
         v = np.float32(xo[d])
         ss += np.float64(v) * np.float64(v)
-    r = np.float32(1.0 / math.sqrt(np.float64(np.float32(np.float32(ss) / np.float32(D))) + np.float64(eps)))
+    r = inv_rms(ss, D, eps)
     for d in range(D):
         out[d] = norm_w[d] * _const(norm_w[d], np.float32(xo[d]) * r)
 

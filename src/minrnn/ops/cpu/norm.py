@@ -1,0 +1,105 @@
+"""RMSNorm on the CPU for training: numba kernels, forward and backward, and their autograd
+Function (``minrnn.ops.norm`` is the front that picks it).
+
+    y = w * (x * r),   r = 1 / sqrt(mean(x^2) + eps)        per row of D values, float32
+    dL/dx = r (w g) - x r^3 mean(w g x),   dL/dw = sum over rows of g (x r)
+
+Why a kernel: in torch the norm is a chain of small ops (pow, mean, add, rsqrt, two muls)
+and its backward twice as many; at a small model's shapes they cost several times the
+arithmetic. Here one pass reads x and writes y (saving r, one float per row), and one pass
+reads x, r and g and writes dL/dx and the partial sums of dL/dw.
+
+The row sums are accumulated in float64, so the order they are added in (vectorised, hence
+"reassoc") changes nothing a float32 result shows. Work items are stretches of rows; dL/dw
+is summed per work item into a (jobs, D) float64 array that torch then adds up (no two threads
+write one address).
+"""
+
+import numpy as np
+import torch
+from numba import njit, prange
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._math import PARALLEL_JIT, inv_rms
+from .launch import launch, new_output, worker_count
+
+# the row sums may be reordered (vectorised): they are float64 sums of float32 products
+_REDUCE_JIT = dict(PARALLEL_JIT, fastmath={"contract", "reassoc"})
+
+
+@njit(**_REDUCE_JIT)
+def rms_norm_fwd(x, w, eps, y, r, N, D, span):
+    for job in prange((N + span - 1) // span):
+        for n in range(job * span, min(job * span + span, N)):
+            xr, yr = x[n], y[n]
+            ss = 0.0
+            for d in range(D):
+                v = np.float64(xr[d])
+                ss += v * v
+            rn = inv_rms(ss, D, eps)
+            r[n] = rn
+            for d in range(D):
+                yr[d] = w[d] * (xr[d] * rn)
+
+
+@njit(**_REDUCE_JIT)
+def rms_norm_bwd(x, w, r, dy, dx, dw_part, N, D, span):
+    for job in prange((N + span - 1) // span):
+        dw = dw_part[job]
+        for n in range(job * span, min(job * span + span, N)):
+            xr, gr, dxr = x[n], dy[n], dx[n]
+            rn = r[n]
+            s = 0.0
+            for d in range(D):
+                s += np.float64(w[d] * gr[d]) * np.float64(xr[d])
+            c = np.float32(s / D * (np.float64(rn) * rn * rn))
+            for d in range(D):
+                dxr[d] = rn * (w[d] * gr[d]) - xr[d] * c
+                dw[d] += np.float64(gr[d]) * np.float64(xr[d] * rn)
+
+
+def rows_per_job(N: int) -> int:
+    """Rows per work item: two items per thread (or one row each when there are fewer rows)."""
+    return max(1, -(-N // worker_count()))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        D = x.shape[-1]
+        x2 = x.detach().reshape(-1, D).contiguous()
+        N = x2.shape[0]
+        w = weight.detach().contiguous()
+        y = new_output((N, D), x.dtype)
+        r = torch.empty(N, dtype=x.dtype)
+        span = rows_per_job(N)
+        launch(rms_norm_fwd, x2.numel(), x2.numpy(), w.numpy(), float(eps), y.numpy(), r.numpy(), N, D, span)
+        ctx.save_for_backward(x2, w, r)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x2, w, r = ctx.saved_tensors
+        N, D = x2.shape
+        dy2 = dy.reshape(N, D).contiguous()
+        span = rows_per_job(N)
+        dx = new_output((N, D), x2.dtype)
+        dw_part = torch.zeros(-(-N // span), D, dtype=torch.float64)
+        launch(rms_norm_bwd, x2.numel(), x2.numpy(), w.numpy(), r.numpy(), dy2.numpy(), dx.numpy(), dw_part.numpy(),
+               N, D, span)
+        dw = dw_part.sum(0).to(x2.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.shape), dw, None
+
+
+def cpu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last axis: x (..., D), weight (D,), both float32 CPU tensors ->
+    y (..., D) = weight * x / sqrt(mean(x^2) + eps). Differentiable in x and weight.
+
+    Saved for backward: x (made contiguous), the weight and one float per row."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+__all__ = ["cpu_rms_norm", "rms_norm_fwd", "rms_norm_bwd"]

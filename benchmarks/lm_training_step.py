@@ -7,9 +7,11 @@ of it is matrix products.
 Each model is built as `minrnn compare` builds it for that preset (same parameter budget), and
 trained on one fixed random batch of the preset's shape: forward, cross-entropy, backward, grad
 clipping and AdamW, as the engine does (``--optimizer fused``: AdamW's fused kernel, the engine's
-``fused_optimizer = true``; ``both``: each model twice, a row per optimiser, from the same weights). The models take turns within each repeat (so a slower
-minute of the machine hits all of them) and the median over repeats of each model's median step
-is reported, with:
+``fused_optimizer = true``; ``both``: each model twice, a row per optimiser, from the same
+weights; ``--norm torch``: the minRNN models' RMSNorms through the torch reference instead of
+their CPU kernels, ``both``: a row for each). The models take turns within each repeat (so a
+slower minute of the machine hits all of them) and the median over repeats of each model's
+median step is reported, with:
 
     matmul params   the weights of its matrix products (embedding lookups excluded); forward and
                     backward cost 6 x that many multiply-adds per token, the same for every model
@@ -90,6 +92,24 @@ def _gemm_replay(calls):
     return replay
 
 
+def _with_norm_backend(model: nn.Module, backend: str) -> nn.Module:
+    """A copy of ``model`` whose MinRNNRMSNorms run ``minrnn.ops.norm.rms_norm(backend=...)``."""
+    from minrnn.models.modeling_minrnn import MinRNNRMSNorm
+    from minrnn.ops.norm import rms_norm
+
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, MinRNNRMSNorm):
+            m.forward = lambda x, m=m: rms_norm(x, m.weight, m.eps, backend=backend)
+    return model
+
+
+def _has_rms_norm(model: nn.Module) -> bool:
+    from minrnn.models.modeling_minrnn import MinRNNRMSNorm
+
+    return any(isinstance(m, MinRNNRMSNorm) for m in model.modules())
+
+
 def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = False):
     from minrnn.training.loop import param_groups
 
@@ -127,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", choices=["plain", "fused", "both"], default="plain",
                    help="AdamW's per-tensor loop (plain), its fused kernel (the engine's fused_optimizer = true), "
                         "or a row for each")
+    p.add_argument("--norm", choices=["kernel", "torch", "both"], default="kernel",
+                   help="the minRNN models' RMSNorm: the library's default (kernels on float32 CPU tensors), "
+                        "the torch reference, or a row for each")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/lm_training_step.json")
     args = p.parse_args(argv)
@@ -144,13 +167,17 @@ def main(argv=None) -> int:
             pass
     wanted = [m for m in args.models.split(",") if m]
     built, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, wanted, args.data_dir)
-    variants = {"plain": [False], "fused": [True], "both": [False, True]}[args.optimizer]
+    optimizers = {"plain": [False], "fused": [True], "both": [False, True]}[args.optimizer]
+    norms = {"kernel": ["auto"], "torch": ["torch"], "both": ["auto", "torch"]}[args.norm]
     models, fused_of = {}, {}
     for n in wanted:
-        for fused in variants:
-            name = f"{n} + fused AdamW" if args.optimizer == "both" and fused else n
-            models[name] = built[n] if fused is variants[0] else copy.deepcopy(built[n])
-            fused_of[name] = fused
+        for norm in norms if _has_rms_norm(built[n]) else ["auto"]:
+            for fused in optimizers:
+                name = n + (" + torch RMSNorm" if norm == "torch" and args.norm == "both" else "") + (
+                    " + fused AdamW" if fused and args.optimizer == "both" else "")
+                # every variant from the same weights
+                models[name] = copy.deepcopy(built[n]) if norm == "auto" else _with_norm_backend(built[n], norm)
+                fused_of[name] = fused
     names = list(models)
     B, T = train["batch_size"], train["seq_len"]
     ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
@@ -192,12 +219,12 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": B, "seq_len": T, "experiment": args.experiment,
             "preset": args.preset, "repeats": args.repeats, "steps": args.steps,
-            "optimizer": args.optimizer}
+            "optimizer": args.optimizer, "norm": args.norm}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1))
     print(f"{args.experiment} / {args.preset}: batch {B} x {T} tokens, {meta['threads']} threads, "
-          f"AdamW: {args.optimizer}; "
+          f"AdamW: {args.optimizer}; RMSNorm: {args.norm}; "
           f"median of {args.repeats} repeats of {args.steps} steps\n\n{table}")
     return 0
 

@@ -33,6 +33,29 @@ def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
     assert res["markdown"] in capsys.readouterr().out
 
 
+def test_norm_both_adds_a_row_with_the_torch_norm_for_the_minrnn_models_only(tmp_path):
+    bench = _load()
+    out = tmp_path / "step.json"
+    assert bench.main(["--models", "mingru,lstm", "--repeats", "1", "--steps", "1", "--threads", "1",
+                       "--norm", "both", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["rows"]] == ["mingru", "mingru + torch RMSNorm", "lstm"]
+    assert res["meta"]["norm"] == "both"
+
+
+def test_the_torch_norm_copy_computes_the_same_loss_through_the_reference():
+    from minrnn.models import MinRNNConfig, MinRNNForCausalLM
+
+    bench = _load()
+    model = MinRNNForCausalLM(MinRNNConfig(vocab_size=11, hidden_size=8, num_hidden_layers=2)).train()
+    ref = bench._with_norm_backend(model, "torch")
+    ids = torch.randint(0, 11, (2, 5))
+    y, y_ref = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert type(model.model.norm(y[..., :8]).grad_fn).__name__ == "_RMSNormBackward"
+    assert type(ref.model.norm(y[..., :8]).grad_fn).__name__ != "_RMSNormBackward"
+
+
 def test_matmul_params_count_a_tied_head_once_and_no_lookup_table():
     bench = _load()
     emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)

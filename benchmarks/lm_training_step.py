@@ -6,8 +6,9 @@ of it is matrix products.
 
 Each model is built as `minrnn compare` builds it for that preset (same parameter budget), and
 trained on one fixed random batch of the preset's shape: forward, cross-entropy, backward, grad
-clipping and AdamW, as the engine does (``--optimizer fused``: AdamW's fused kernel, the engine's
-``fused_optimizer = true``; ``both``: each model twice, a row per optimiser, from the same
+clipping and AdamW, as the engine does (AdamW's fused kernel, the engine's default; ``--optimizer
+plain``: its per-tensor loop, the engine's ``fused_optimizer = false``; ``both``: each model
+twice, a row per optimiser, from the same
 weights; ``--norm torch``: the minRNN models' RMSNorms through the torch reference instead of
 their CPU kernels, ``both``: a row for each). The models take turns within each repeat (so a
 slower minute of the machine hits all of them) and the median over repeats of each model's
@@ -110,7 +111,7 @@ def _has_rms_norm(model: nn.Module) -> bool:
     return any(isinstance(m, MinRNNRMSNorm) for m in model.modules())
 
 
-def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = False):
+def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = True):
     from minrnn.training.loop import param_groups
 
     # the engine's parameter groups (decay on matrices only) and AdamW settings
@@ -144,8 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch (and numba) threads; default: every core")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="timed steps per repeat (after 3 untimed)")
-    p.add_argument("--optimizer", choices=["plain", "fused", "both"], default="plain",
-                   help="AdamW's per-tensor loop (plain), its fused kernel (the engine's fused_optimizer = true), "
+    p.add_argument("--optimizer", choices=["plain", "fused", "both"], default="fused",
+                   help="AdamW's fused kernel (the engine's default), its per-tensor loop (plain: the engine's "
+                        "fused_optimizer = false), "
                         "or a row for each")
     p.add_argument("--norm", choices=["kernel", "torch", "both"], default="kernel",
                    help="the minRNN models' RMSNorm: the library's default (kernels on float32 CPU tensors), "
@@ -167,14 +169,14 @@ def main(argv=None) -> int:
             pass
     wanted = [m for m in args.models.split(",") if m]
     built, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, wanted, args.data_dir)
-    optimizers = {"plain": [False], "fused": [True], "both": [False, True]}[args.optimizer]
+    optimizers = {"plain": [False], "fused": [True], "both": [True, False]}[args.optimizer]
     norms = {"kernel": ["auto"], "torch": ["torch"], "both": ["auto", "torch"]}[args.norm]
     models, fused_of = {}, {}
     for n in wanted:
         for norm in norms if _has_rms_norm(built[n]) else ["auto"]:
             for fused in optimizers:
                 name = n + (" + torch RMSNorm" if norm == "torch" and args.norm == "both" else "") + (
-                    " + fused AdamW" if fused and args.optimizer == "both" else "")
+                    " + AdamW loop" if not fused and args.optimizer == "both" else "")
                 # every variant from the same weights
                 models[name] = copy.deepcopy(built[n]) if norm == "auto" else _with_norm_backend(built[n], norm)
                 fused_of[name] = fused

@@ -23,8 +23,8 @@ def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
                        "--optimizer", "both", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     rows = {r["model"]: r for r in res["rows"]}
-    assert set(rows) == {"mingru", "lstm", "mingru + fused AdamW", "lstm + fused AdamW"}
-    assert rows["mingru"]["params"] == rows["mingru + fused AdamW"]["params"]
+    assert set(rows) == {"mingru", "lstm", "mingru + AdamW loop", "lstm + AdamW loop"}
+    assert rows["mingru"]["params"] == rows["mingru + AdamW loop"]["params"]
     assert res["meta"]["batch"] == 12 and res["meta"]["seq_len"] == 64  # the cpu preset's shape
     assert res["meta"]["optimizer"] == "both"
     # the same parameter budget as compare builds (within its 10%)

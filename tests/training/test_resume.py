@@ -157,15 +157,15 @@ def test_crash_while_pruning_leaves_no_half_deleted_checkpoint(small_text, tmp_p
     assert not list((tmp_path / "checkpoints").glob(".trash-*"))
 
 
-def test_fused_optimizer_is_opt_in_and_makes_the_same_updates(small_text, tmp_path):
-    """fused_optimizer = true runs AdamW's fused kernel: the same update rule, so the weights
-    after 20 steps agree with the plain loop's to rounding; off by default."""
-    plain = Trainer(TrainConfig.from_file(TINY, overrides(small_text, tmp_path / "plain", steps=20)),
-                    log=lambda s: None)
+def test_the_fused_optimizer_is_the_default_and_makes_the_loops_updates(small_text, tmp_path):
+    """AdamW runs as its fused kernel unless fused_optimizer = false: the same update rule, so the
+    weights after 20 steps agree with the per-tensor loop's to rounding."""
+    plain = Trainer(TrainConfig.from_file(TINY, overrides(small_text, tmp_path / "plain", steps=20,
+                                                          fused_optimizer=False)), log=lambda s: None)
     assert not plain.optimizer.defaults["fused"]
     plain.train()
-    fused = Trainer(TrainConfig.from_file(TINY, overrides(small_text, tmp_path / "fused", steps=20,
-                                                          fused_optimizer=True)), log=lambda s: None)
+    fused = Trainer(TrainConfig.from_file(TINY, overrides(small_text, tmp_path / "fused", steps=20)),
+                    log=lambda s: None)
     assert fused.optimizer.defaults["fused"] is True
     fused.train()
     a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "fused")

@@ -105,8 +105,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     decay_recurrence: bool = True  # false: no weight decay on a minRNN's gate and candidate projection
     # AdamW's fused kernel: one call for every tensor instead of a few per tensor (faster where a
-    # model has many small ones); off by default, since it rounds differently from the plain loop
-    fused_optimizer: bool = False
+    # model has many small ones); false: the per-tensor loop (the same rule, rounded differently)
+    fused_optimizer: bool = True
     dtype: str = "float32"  # "bfloat16": autocast where the device supports it
     seed: int = 1337
     device: str = "cpu"

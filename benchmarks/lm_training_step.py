@@ -10,7 +10,8 @@ clipping and AdamW, as the engine does (AdamW's fused kernel, the engine's defau
 plain``: its per-tensor loop, the engine's ``fused_optimizer = false``; ``both``: each model
 twice, a row per optimiser, from the same
 weights; ``--norm torch``: the minRNN models' RMSNorms through the torch reference instead of
-their CPU kernels, ``both``: a row for each). The models take turns within each repeat (so a
+their CPU kernels, ``both``: a row for each; ``--variant mingru.width=120``: also the model built
+with that option on top of the preset's, as ``minrnn compare --set`` builds it). The models take turns within each repeat (so a
 slower minute of the machine hits all of them) and the median over repeats of each model's
 median step is reported, with:
 
@@ -40,13 +41,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _build(experiment: str, preset_name: str, models: list[str], data_dir: str | None):
+def _build(experiment: str, preset_name: str, models: list[str], data_dir: str | None, options: dict | None = None):
     from minrnn.experiments.plan import CompareConfig, plan_runs
     from minrnn.experiments.presets import load_preset
     from minrnn.experiments.runner import build_run_model, make_workload
 
     preset = load_preset(experiment, preset_name)
-    specs = plan_runs(CompareConfig(experiment, preset_name, models=models, sweep=False, data_dir=data_dir))
+    specs = plan_runs(CompareConfig(experiment, preset_name, models=models, sweep=False, data_dir=data_dir,
+                                    options=options or {}))
     work = make_workload(preset, specs[0])
     built = {}
     for spec in specs:
@@ -152,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--norm", choices=["kernel", "torch", "both"], default="kernel",
                    help="the minRNN models' RMSNorm: the library's default (kernels on float32 CPU tensors), "
                         "the torch reference, or a row for each")
+    p.add_argument("--variant", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="also time MODEL built with this option on top of the preset's (compare's --set, e.g. "
+                        "mingru.width=120), as a row of its own; repeatable")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/lm_training_step.json")
     args = p.parse_args(argv)
@@ -168,7 +173,18 @@ def main(argv=None) -> int:
         except ImportError:
             pass
     wanted = [m for m in args.models.split(",") if m]
-    built, vocab, train = _build(args.experiment.replace("-", "_"), args.preset, wanted, args.data_dir)
+    experiment = args.experiment.replace("-", "_")
+    built, vocab, train = _build(experiment, args.preset, wanted, args.data_dir)
+    for item in args.variant:
+        from minrnn.experiments.plan import CompareError, parse_options
+
+        try:
+            ((model, option),) = parse_options([item]).items()
+            name = f"{model} ({item.partition('.')[2]})"
+            built[name] = _build(experiment, args.preset, [model], args.data_dir, {model: option})[0][model]
+        except CompareError as e:
+            p.error(f"--variant: {e}")
+        wanted.append(name)
     optimizers = {"plain": [False], "fused": [True], "both": [True, False]}[args.optimizer]
     norms = {"kernel": ["auto"], "torch": ["torch"], "both": ["auto", "torch"]}[args.norm]
     models, fused_of = {}, {}
@@ -220,7 +236,7 @@ def main(argv=None) -> int:
     meta = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": B, "seq_len": T, "experiment": args.experiment,
-            "preset": args.preset, "repeats": args.repeats, "steps": args.steps,
+            "preset": args.preset, "variants": args.variant, "repeats": args.repeats, "steps": args.steps,
             "optimizer": args.optimizer, "norm": args.norm}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -73,3 +73,22 @@ def test_the_gemm_replay_covers_every_linear_call_of_a_step():
     calls = bench._linear_calls(model, lambda: model(x).sum().backward())
     assert [(tuple(shape), mod.weight.shape) for shape, mod in calls] == [((7, 3), (5, 3)), ((7, 5), (2, 5))]
     bench._gemm_replay(calls)()  # runs on tensors of those shapes
+
+
+def test_a_variant_is_the_model_built_with_that_option_in_a_row_of_its_own(tmp_path):
+    bench = _load()
+    out = tmp_path / "step.json"
+    assert bench.main(["--models", "mingru", "--variant", "mingru.width=120", "--repeats", "1", "--steps", "1",
+                       "--threads", "1", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"mingru", "mingru (width=120)"}
+    # the preset's budget gives another width; 120 wide is another parameter count
+    assert rows["mingru (width=120)"]["params"] != rows["mingru"]["params"]
+
+
+@pytest.mark.parametrize("bad", ["mingru", "mingru.width", "mingru.no_such_option=1"])
+def test_a_bad_variant_is_a_usage_error(bad, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _load().main(["--models", "mingru", "--variant", bad, "--repeats", "1", "--steps", "1",
+                      "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2

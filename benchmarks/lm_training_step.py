@@ -182,7 +182,7 @@ def main(argv=None) -> int:
             ((model, option),) = parse_options([item]).items()
             name = f"{model} ({item.partition('.')[2]})"
             built[name] = _build(experiment, args.preset, [model], args.data_dir, {model: option})[0][model]
-        except CompareError as e:
+        except (CompareError, ValueError) as e:  # a malformed option, or a model off the preset's budget
             p.error(f"--variant: {e}")
         wanted.append(name)
     optimizers = {"plain": [False], "fused": [True], "both": [True, False]}[args.optimizer]

@@ -86,7 +86,7 @@ def test_a_variant_is_the_model_built_with_that_option_in_a_row_of_its_own(tmp_p
     assert rows["mingru (width=120)"]["params"] != rows["mingru"]["params"]
 
 
-@pytest.mark.parametrize("bad", ["mingru", "mingru.width", "mingru.no_such_option=1"])
+@pytest.mark.parametrize("bad", ["mingru", "mingru.width", "mingru.no_such_option=1", "mingru.width=64"])
 def test_a_bad_variant_is_a_usage_error(bad, tmp_path):
     with pytest.raises(SystemExit) as e:
         _load().main(["--models", "mingru", "--variant", bad, "--repeats", "1", "--steps", "1",

@@ -9,8 +9,10 @@ and its backward twice as many; at a small model's shapes they cost several time
 arithmetic. Here one pass reads x and writes y (saving r, one float per row), and one pass
 reads x, r and g and writes dL/dx and the partial sums of dL/dw.
 
-The row sums are accumulated in float64, so the order they are added in (vectorised, hence
-"reassoc") changes nothing a float32 result shows. Work items are stretches of rows; dL/dw
+The row sums are accumulated in float64 and compiled with "reassoc" so that they vectorise; the
+order they are added in then changes nothing a float32 result shows. "reassoc" also lets a
+product of three float32 factors be formed in another order (an ulp or so; the tests hold both
+outputs to the float64 formula). Work items are stretches of rows; dL/dw
 is summed per work item into a (jobs, D) float64 array that torch then adds up (no two threads
 write one address).
 """
@@ -24,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ._math import PARALLEL_JIT, inv_rms
 from .launch import launch, new_output, worker_count
 
-# the row sums may be reordered (vectorised): they are float64 sums of float32 products
+# the row sums may be reordered (vectorised): they are float64 sums (see the module docstring)
 _REDUCE_JIT = dict(PARALLEL_JIT, fastmath={"contract", "reassoc"})
 
 

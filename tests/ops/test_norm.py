@@ -59,6 +59,21 @@ def test_cpu_kernel_matches_the_formula_and_the_reference(shape, scale):
 
 
 @needs_numba
+@pytest.mark.parametrize("shape", [(1, 1, 384), (32, 1, 384), (4, 300, 119)])
+def test_without_a_gradient_the_output_is_the_same(shape):
+    """No gradient to record (decoding): the forward alone, through the step kernel for a few rows
+    and the parallel one for many, equal to the differentiable path's output."""
+    (x, w), _ = make(shape, seed=shape[0])
+    want = rms_norm(x.clone().requires_grad_(), w, 1e-6).detach()
+    with torch.no_grad():
+        got = rms_norm(x, w, 1e-6, backend="cpu")
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=2e-7)
+    # and without no_grad, when neither input asks for a gradient
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), want, rtol=2e-7, atol=2e-7)
+
+
+@needs_numba
 def test_cpu_kernel_reads_a_non_contiguous_input():
     (x, w), wout = make((5, 9, 12))
     xt = x.transpose(0, 1)  # (9, 5, 12), not contiguous

@@ -24,7 +24,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._math import PARALLEL_JIT, inv_rms
-from .launch import launch, new_output, worker_count
+from .launch import SERIAL_BELOW, launch, new_output, worker_count
+from .step import norm_step
 
 # the row sums may be reordered (vectorised): they are float64 sums (see the module docstring)
 _REDUCE_JIT = dict(PARALLEL_JIT, fastmath={"contract", "reassoc"})
@@ -96,12 +97,32 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(ctx.shape), dw, None
 
 
+def _rms_norm_no_grad(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The forward alone, without an autograd Function: a decoding step's few rows through the
+    serial step kernel (whose call costs less than the Function's), more through the
+    parallel one."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    N = x2.shape[0]
+    w = weight.contiguous()
+    y = new_output((N, D), x.dtype)
+    if x2.numel() < SERIAL_BELOW:
+        norm_step(x2.numpy(), w.numpy(), float(eps), y.numpy(), N, D)
+    else:
+        r = torch.empty(N, dtype=x.dtype)
+        launch(rms_norm_fwd, x2.numel(), x2.numpy(), w.numpy(), float(eps), y.numpy(), r.numpy(), N, D,
+               rows_per_job(N))
+    return y.view(x.shape)
+
+
 def cpu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last axis: x (..., D), weight (D,), both float32 CPU tensors ->
     y (..., D) = weight * x / sqrt(mean(x^2) + eps). Differentiable in x and weight.
 
     Saved for backward: x (made contiguous), the weight and one float per row."""
-    return _RMSNorm.apply(x, weight, eps)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _RMSNorm.apply(x, weight, eps)
+    return _rms_norm_no_grad(x.detach(), weight.detach(), eps)
 
 
 __all__ = ["cpu_rms_norm", "rms_norm_fwd", "rms_norm_bwd"]

@@ -5,7 +5,7 @@ block's causal depthwise conv and RMSNorm.
     _math.py      scalar math inlined into the kernels (exp, sigmoid pairs, g, minLSTM gates)
     kernels.py    the scan and cell kernels, forward and backward
     conv.py       the causal conv's kernels and Function
-    norm.py       RMSNorm's kernels and Function (training)
+    norm.py       RMSNorm's kernels and Function
     launch.py     work split, threads, array views, the first-compile notice
     buffers.py    the output cache the kernels allocate from
     functions.py  the autograd Functions and the public ops

@@ -1,4 +1,4 @@
-"""RMSNorm on the CPU for training: numba kernels, forward and backward, and their autograd
+"""RMSNorm on the CPU: numba kernels, forward and backward, and their autograd
 Function (``minrnn.ops.norm`` is the front that picks it).
 
     y = w * (x * r),   r = 1 / sqrt(mean(x^2) + eps)        per row of D values, float32
@@ -67,17 +67,25 @@ def rows_per_job(N: int) -> int:
     return max(1, -(-N // worker_count()))
 
 
+def _rows(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x as contiguous rows (N, D) and the weight, as the kernels read them."""
+    return x.detach().reshape(-1, x.shape[-1]).contiguous(), weight.detach().contiguous()
+
+
+def _forward(x2: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The parallel forward kernel on rows x2 (N, D): (y (N, D), r (N,))."""
+    N, D = x2.shape
+    y = new_output((N, D), x2.dtype)
+    r = torch.empty(N, dtype=x2.dtype)
+    launch(rms_norm_fwd, x2.numel(), x2.numpy(), w.numpy(), float(eps), y.numpy(), r.numpy(), N, D, rows_per_job(N))
+    return y, r
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        D = x.shape[-1]
-        x2 = x.detach().reshape(-1, D).contiguous()
-        N = x2.shape[0]
-        w = weight.detach().contiguous()
-        y = new_output((N, D), x.dtype)
-        r = torch.empty(N, dtype=x.dtype)
-        span = rows_per_job(N)
-        launch(rms_norm_fwd, x2.numel(), x2.numpy(), w.numpy(), float(eps), y.numpy(), r.numpy(), N, D, span)
+        x2, w = _rows(x, weight)
+        y, r = _forward(x2, w, eps)
         ctx.save_for_backward(x2, w, r)
         ctx.shape = x.shape
         return y.view(x.shape)
@@ -101,17 +109,11 @@ def _rms_norm_no_grad(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """The forward alone, without an autograd Function: a decoding step's few rows through the
     serial step kernel (whose call costs less than the Function's), more through the
     parallel one."""
-    D = x.shape[-1]
-    x2 = x.reshape(-1, D).contiguous()
-    N = x2.shape[0]
-    w = weight.contiguous()
-    y = new_output((N, D), x.dtype)
-    if x2.numel() < SERIAL_BELOW:
-        norm_step(x2.numpy(), w.numpy(), float(eps), y.numpy(), N, D)
-    else:
-        r = torch.empty(N, dtype=x.dtype)
-        launch(rms_norm_fwd, x2.numel(), x2.numpy(), w.numpy(), float(eps), y.numpy(), r.numpy(), N, D,
-               rows_per_job(N))
+    x2, w = _rows(x, weight)
+    if x2.numel() >= SERIAL_BELOW:
+        return _forward(x2, w, eps)[0].view(x.shape)
+    y = new_output(tuple(x2.shape), x2.dtype)
+    norm_step(x2.numpy(), w.numpy(), float(eps), y.numpy(), *x2.shape)
     return y.view(x.shape)
 
 
@@ -122,7 +124,7 @@ def cpu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     Saved for backward: x (made contiguous), the weight and one float per row."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
-    return _rms_norm_no_grad(x.detach(), weight.detach(), eps)
+    return _rms_norm_no_grad(x, weight, eps)
 
 
 __all__ = ["cpu_rms_norm", "rms_norm_fwd", "rms_norm_bwd"]

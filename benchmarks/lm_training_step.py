@@ -114,10 +114,11 @@ def _has_rms_norm(model: nn.Module) -> bool:
 
 
 def _trainer_step(model: nn.Module, ids: torch.Tensor, vocab: int, clip: float, fused: bool = True):
-    from minrnn.training.loop import param_groups
+    from minrnn.training.config import TrainConfig
+    from minrnn.training.loop import build_optimizer
 
-    # the engine's parameter groups (decay on matrices only) and AdamW settings
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None)
+    # the engine's AdamW (parameter groups, settings) at the train config's defaults
+    opt = build_optimizer(model, TrainConfig(fused_optimizer=fused), torch.device("cpu"))
 
     def step():
         logits = model(ids[:, :-1])

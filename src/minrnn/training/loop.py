@@ -100,6 +100,17 @@ def _recurrent_projection(name: str) -> bool:
     return "mixer.in_proj" in name  # a minRNN's gate and candidate projection
 
 
+def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """The engine's AdamW for ``model`` on ``device``: ``param_groups`` (decay on matrices only, and
+    on the recurrence's projection unless ``decay_recurrence`` is false), the config's lr and
+    betas, the fused kernel unless ``fused_optimizer`` is false."""
+    exempt = None if config.decay_recurrence else _recurrent_projection
+    fused = config.fused_optimizer
+    return torch.optim.AdamW(param_groups(model, config.weight_decay, exempt), lr=config.lr,
+                             betas=(config.beta1, config.beta2), fused=fused or None,
+                             foreach=device.type == "cuda" and not fused)
+
+
 def autocast_context(config: TrainConfig, device: torch.device):
     if config.dtype == "bfloat16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -215,11 +226,7 @@ class Trainer:
         # a checkpoint of the project's language model is also a transformers model folder
         self._hf_files = (pretrained_files(self.model, self.tokenizer)
                           if model is None and self.tokenizer is not None and self.dist.is_main else None)
-        exempt = None if config.decay_recurrence else _recurrent_projection
-        fused = config.fused_optimizer
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config.weight_decay, exempt), lr=config.lr,
-                                           betas=(config.beta1, config.beta2), fused=fused or None,
-                                           foreach=self.device.type == "cuda" and not fused)
+        self.optimizer = build_optimizer(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         # dropout streams differ per process
         torch.manual_seed(config.seed + 1 + self.dist.rank)

@@ -16,7 +16,8 @@ from minrnn.data.tokenizers import build_tokenizer
 from minrnn.training import checkpoint as ckpt
 from minrnn.training import hf_export
 
-from .run_helpers import enospc, flip_byte, manifest, one_line, save, shakespeare, small_model, snapshot
+from ..corpus import shakespeare
+from .run_helpers import enospc, flip_byte, manifest, one_line, save, small_model, snapshot
 
 TEXT = shakespeare(20_000)
 

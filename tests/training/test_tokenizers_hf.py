@@ -19,7 +19,8 @@ from minrnn.data.tokenizers import (
     load_tokenizer,
 )
 
-from .run_helpers import enospc, one_line, shakespeare
+from ..corpus import shakespeare
+from .run_helpers import enospc, one_line
 
 TEXT = shakespeare()
 TRAIN, VALID = TEXT[:50_000], TEXT[50_000:]

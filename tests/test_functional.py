@@ -273,7 +273,7 @@ def test_projected_cell_bad_input():
         MF.projected_cell("minlstm", x, w, b)  # 8 rows do not split into 3 chunks
     with pytest.raises(ValueError, match=r"bias must be \(8,\)"):
         MF.projected_cell("mingru", x, w, b[:5])
-    with pytest.raises(TypeError, match="weight must be a floating-point torch.Tensor"):
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
         MF.projected_cell("mingru", x, w.long(), b)
     for backend in ["auto"] + FAST_BACKENDS:
         with pytest.raises(ValueError, match=r"h0 must be \(batch, channels\) = \(2, 4\)"):

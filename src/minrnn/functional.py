@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import accumulation_dtype, check_backend_takes_cell, check_sequences, resolve_backend
+from .ops import check_backend_takes_cell, resolve_backend
 from .ops.cells import (  # noqa: F401  (the gates are part of this module's API)
     CELLS,
     CellSpec,
@@ -32,6 +32,14 @@ from .ops.cells import (  # noqa: F401  (the gates are part of this module's API
     mingru_log_gates,
     minlstm_gates,
     minlstm_log_gates,
+)
+from .ops.checks import (
+    accumulation_dtype,
+    check_finite_state,
+    check_float_tensor,
+    check_mask,
+    check_sequences,
+    state_dtype,
 )
 
 _MODES = ("parallel", "sequential")
@@ -76,25 +84,6 @@ class _RecomputeGates(torch.autograd.Function):
         return (None, None, dh0, *grads)
 
 
-def _check_mask(mask: Tensor | None, shape: tuple[int, ...], device: torch.device, what: str) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor {what} (False: padding), got "
-                        f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must be {what} = {tuple(shape)}, got shape {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
-
-
-def _check_finite_state(h0: Tensor | None) -> None:
-    # backends reach inf/NaN by different roads (0 * inf in one, inf - inf in another), so a
-    # non-finite start state is refused rather than given backend-dependent results
-    if h0 is not None and h0.numel() and not bool(torch.isfinite(h0).all()):
-        raise ValueError("h0 must be finite (it holds inf or NaN)")
-
-
 def _empty_result(pre: tuple[Tensor, ...], h0: Tensor | None, in_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """An empty batch or sequence: h (B, T, C) with nothing in it (still in the inputs' graph,
     so a backward through it runs), and the final state = h0 (zeros when None)."""
@@ -137,8 +126,8 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     B, T, _ = pre[0].shape
-    _check_mask(mask, (B, T), pre[0].device, "(batch, time)")
-    _check_finite_state(h0)
+    check_mask(mask, (B, T), pre[0].device, "(batch, time)")
+    check_finite_state(h0)
     cdt = accumulation_dtype(in_dtype)
     pre = tuple(p.to(cdt) for p in pre)
     if h0 is not None:
@@ -231,9 +220,7 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
     opts = spec.options(**options)
     n = spec.n_pre
     for name, t in (("x", x), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
-                            f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+        check_float_tensor(name, t)
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, time, input_size), got shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % n:
@@ -252,7 +239,7 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
         # h0 is checked as the composed path would check it, against a (B, T, C) stand-in
         # that owns no memory
         check_sequences(("x",), (x.new_empty(()).expand(B, T, weight.shape[0] // n),), h0)
-        _check_finite_state(h0)
+        check_finite_state(h0)
         h = be.projected_cell(spec, x, weight, bias, h0, opts)
         return h, h[:, -1]
     return cell_on_pre_activations(spec, F.linear(x, weight, bias), h0, mask=mask, backend=backend, **options)
@@ -270,15 +257,14 @@ def cell_on_pre_activations(cell: str | CellSpec, pre: Tensor, h0: Tensor | None
 
 def _check_step(names, tensors, h, mask):
     for name, x in zip(names, tensors):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor")
+        check_float_tensor(name, x)
         if x.dim() != 2 or x.shape != tensors[0].shape:
             raise ValueError(f"{name} must be (batch, channels) like {names[0]} {tuple(tensors[0].shape)}, "
                              f"got {tuple(x.shape)}")
     if h is not None and (not isinstance(h, Tensor) or h.shape != tensors[0].shape):
         raise ValueError(f"h must be (batch, channels) = {tuple(tensors[0].shape)}, "
                          f"got {tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__}")
-    _check_mask(mask, tensors[0].shape[:1], tensors[0].device, "(batch,)")
+    check_mask(mask, tensors[0].shape[:1], tensors[0].device, "(batch,)")
 
 
 def cell_step(cell: str | CellSpec, pre_t: tuple[Tensor, ...], h: Tensor | None = None, *,
@@ -294,9 +280,7 @@ def cell_step(cell: str | CellSpec, pre_t: tuple[Tensor, ...], h: Tensor | None 
     if len(pre_t) != spec.n_pre:
         raise ValueError(f"cell {spec.name!r} takes {spec.n_pre} pre-activations {spec.pre_names}, got {len(pre_t)}")
     _check_step(tuple(n + "_t" for n in spec.pre_names), pre_t, h, mask)
-    cdt = accumulation_dtype(pre_t[0].dtype)
-    if h is not None:
-        cdt = torch.promote_types(cdt, h.dtype)
+    cdt = state_dtype(pre_t[0].dtype, h)
     return spec.step(tuple(p.to(cdt) for p in pre_t), None if h is None else h.to(cdt), opts, mask)
 
 

@@ -1,9 +1,12 @@
 """The causal depthwise conv (ops/conv.py): the numba kernel against torch's conv1d, the
 dispatch, and the errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from minrnn import ops
 from minrnn.ops import cpu
 from minrnn.ops.conv import causal_conv, causal_conv_reference
 
@@ -82,16 +85,22 @@ def test_time_split_covers_every_step():
 
 def test_auto_takes_the_kernel_on_cpu_and_the_reference_elsewhere(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu, "cpu_causal_conv", lambda *a: calls.append(a) or causal_conv_reference(*a))
-    monkeypatch.setattr(cpu, "available", lambda: True)
+    registered = ops.BACKENDS["cpu"]
+    spy = dataclasses.replace(registered, conv=lambda *a: calls.append(a) or causal_conv_reference(*a),
+                              available=lambda: True)
+    monkeypatch.setitem(ops.BACKENDS, "cpu", spy)
     (x, w, b), _ = make(2, 5, 3, 4, torch.float32)
     causal_conv(x, w, b)
     assert len(calls) == 1
     causal_conv(x.half(), w.half(), b.half())  # not a kernel dtype: the reference
-    causal_conv(x, w, b, backend="torch")
+    causal_conv(x, w, b, backend="sequential")
+    causal_conv(x, w, b, backend="chunked")
     assert len(calls) == 1
-    monkeypatch.setattr(cpu, "available", lambda: False)  # no numba: the reference
-    causal_conv(x, w, b)
+    # no numba: the reference, after one warning that the kernels are missing
+    monkeypatch.setitem(ops.BACKENDS, "cpu", dataclasses.replace(spy, available=lambda: False))
+    monkeypatch.setattr(ops, "_SKIPPED_FOR_AUTO", set())
+    with pytest.warns(RuntimeWarning, match="backend 'cpu' is not available"):
+        causal_conv(x, w, b)
     assert len(calls) == 1
     with pytest.raises(RuntimeError, match="conv backend 'cpu' is not available here.*numba"):
         causal_conv(x, w, b, backend="cpu")
@@ -100,7 +109,7 @@ def test_auto_takes_the_kernel_on_cpu_and_the_reference_elsewhere(monkeypatch):
 @needs_numba
 def test_cpu_backend_refuses_what_it_cannot_compute():
     (x, w, b), _ = make(2, 5, 3, 4, torch.float32)
-    with pytest.raises(ValueError, match="float32/float64 CPU tensors, got torch.bfloat16"):
+    with pytest.raises(ValueError, match="conv backend 'cpu' takes torch.float32/torch.float64 tensors, got torch.bfloat16"):
         causal_conv(x.bfloat16(), w.bfloat16(), b.bfloat16(), backend="cpu")
 
 
@@ -122,7 +131,7 @@ def test_errors_name_the_argument(args, match, exc):
 
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"] + (["cpu"] if cpu.available() else []))
+@pytest.mark.parametrize("backend", ["auto", "sequential", "chunked"] + (["cpu"] if cpu.available() else []))
 @pytest.mark.parametrize("shape", [(0, 5, 3), (2, 0, 3)])
 def test_empty_batch_or_sequence_gives_an_empty_output(backend, shape):
     x = torch.zeros(shape, requires_grad=True)

@@ -118,7 +118,8 @@ def test_empty_input_gives_an_empty_output():
     (dict(weight=torch.ones(8, 1)), ValueError, "weight must be (D,)"),
     (dict(eps=0.0), ValueError, "eps must be a positive number"),
     (dict(eps="1e-6"), ValueError, "eps must be a positive number"),
-    (dict(backend="gpu"), ValueError, "unknown norm backend 'gpu'"),
+    (dict(backend="gpu"), ValueError, "unknown norm backend 'gpu'; expected 'auto' or one of"),
+    (dict(backend="log"), ValueError, "backend 'log' has no norm"),
     (dict(x=torch.ones(2, 8, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
     (dict(x=[1.0] * 8), TypeError, "x must be a torch.Tensor"),
 ])
@@ -131,5 +132,13 @@ def test_errors_name_the_argument(kwargs, exc, text):
 
 @needs_numba
 def test_cpu_backend_refuses_what_it_does_not_compute():
-    with pytest.raises(ValueError, match="norm backend 'cpu' takes non-empty float32 CPU tensors"):
+    with pytest.raises(ValueError, match="norm backend 'cpu' takes torch.float32 tensors, got torch.float64"):
         rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8, dtype=torch.float64), backend="cpu")
+    with pytest.raises(ValueError, match="got torch.bfloat16, torch.float32"):
+        rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8), backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["sequential", "chunked"])
+def test_the_torch_backends_run_the_reference(backend):
+    (x, w), _ = make((2, 3, 8))
+    assert torch.equal(rms_norm(x, w, 1e-6, backend=backend), rms_norm_reference(x, w, 1e-6))

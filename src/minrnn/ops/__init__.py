@@ -7,21 +7,29 @@ Channels are the contiguous axis: every backend runs time sequentially (or in ch
 and batch x channels in parallel.
 
 A backend is a scan ``fn(a, b, h0) -> h`` on validated tensors of one floating dtype
-(h0 may be None), optionally with its own cell functions (see ``Backend``); the cells
-themselves are described in ``cells.py``. Adding a backend means a new file in this folder
-and one ``register(...)`` line at the bottom of this file (docs/design.md).
+(h0 may be None), optionally with its own cell functions, RMSNorm and causal conv (see
+``Backend``): one registry for the four ops, and "auto" picks each op's backend the same way
+(the lowest ``auto_rank`` that runs on the device and takes the tensors' dtypes). The cells
+themselves are described in ``cells.py``; the norm and the conv are ``norm.rms_norm`` and
+``conv.causal_conv``. Adding a backend means a new file in this folder and one
+``register(...)`` line at the bottom of this file (docs/design.md).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from .checks import accumulation_dtype, check_finite_state, check_scan_inputs, check_sequences  # noqa: F401
+
 ScanFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+
+#: what a backend may implement: the scan (every backend), a cell over a sequence, RMSNorm, the causal conv
+OPS = ("scan", "cell", "norm", "conv")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,23 @@ class Backend:
     #: a layer's projection and cell as one Function, for the cells in ``cell_names``, used by
     #: minrnn.functional.projected_cell: projected_cell(spec, x, weight, bias, h0, options) -> h
     projected_cell: Callable | None = None
+    #: RMSNorm over the last axis, norm(x, weight, eps) -> y (``minrnn.ops.norm.rms_norm``)
+    norm: Callable | None = None
+    #: the LM block's causal depthwise conv, conv(x, weight, bias) -> y (``minrnn.ops.conv.causal_conv``)
+    conv: Callable | None = None
+    #: per op ("norm", "conv", ...), the dtypes it takes; an op not named takes any
+    dtypes: Mapping[str, frozenset] = field(default_factory=dict)
+
+    def implements(self, op: str) -> bool:
+        """Whether it computes ``op``, one of ``OPS``."""
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        return {"scan": self.fn, "cell": self.cell, "norm": self.norm, "conv": self.conv}[op] is not None
+
+    def takes(self, op: str, tensors: tuple = ()) -> bool:
+        """Whether its ``op`` takes ``tensors``' dtypes (None entries are skipped)."""
+        allowed = self.dtypes.get(op)
+        return allowed is None or all(t.dtype in allowed for t in tensors if t is not None)
 
     def runs_cell(self, spec, masked: bool = False) -> bool:
         """Whether ``cell`` computes this cell itself (with a mask when ``masked``)."""
@@ -65,11 +90,6 @@ BACKENDS: dict[str, Backend] = {}
 _SKIPPED_FOR_AUTO: set[str] = set()
 
 
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the recurrence is computed and its state kept in: float32 for half inputs."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def register(backend: Backend) -> None:
     BACKENDS[backend.name] = backend
 
@@ -79,34 +99,52 @@ def available_backends() -> list[str]:
     return [name for name, be in BACKENDS.items() if be.available()]
 
 
-def resolve_backend(backend: str, device: torch.device) -> Backend:
-    """The Backend that ``backend`` (a name or "auto") means for tensors on ``device``."""
+def _backends_for(op: str) -> list[str]:
+    return sorted(name for name, be in BACKENDS.items() if be.implements(op))
+
+
+def resolve_backend(backend: str, device: torch.device, op: str = "scan", tensors: tuple = ()) -> Backend:
+    """The Backend that ``backend`` (a name or "auto") means for ``op`` (one of ``OPS``) on
+    ``device``; ``tensors``, the op's inputs where given, must be in dtypes it takes.
+
+    "auto" takes, among the backends ranked for "auto" that implement ``op``, the lowest
+    ``auto_rank`` that runs on ``device`` and takes the tensors; a faster one that is missing
+    its dependency is reported once a process. A name is refused in one line when it is
+    unknown, lacks ``op``, is unavailable, runs on other devices or takes other dtypes.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    what = "" if op == "scan" else f"{op} "
     if backend == "auto":
         ranked = sorted(
-            (be for be in BACKENDS.values() if be.auto_rank is not None),
+            (be for be in BACKENDS.values() if be.auto_rank is not None and be.implements(op)),
             key=lambda be: be.auto_rank,
         )
         for be in ranked:
             if be.supports(device):
-                return be
-            if (be.devices is None or device.type in be.devices) and be.name not in _SKIPPED_FOR_AUTO:
+                if be.takes(op, tensors):
+                    return be
+            elif (be.devices is None or device.type in be.devices) and be.name not in _SKIPPED_FOR_AUTO:
                 # a faster backend for this device is missing its dependency: say so, once a process
                 _SKIPPED_FOR_AUTO.add(be.name)
                 warnings.warn(f"minrnn: backend {be.name!r} is not available ({be.doc}); "
                               "falling back to a slower one", RuntimeWarning, stacklevel=2)
-        raise RuntimeError(f"no scan backend supports device {device}")  # chunked runs anywhere
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {sorted(BACKENDS)}")
+        raise RuntimeError(f"no {what}backend supports device {device}")  # chunked runs anywhere
+    if backend not in BACKENDS or not BACKENDS[backend].implements(op):
+        which = f"unknown {what}backend {backend!r}" if backend not in BACKENDS else f"backend {backend!r} has no {op}"
+        raise ValueError(f"{which}; expected 'auto' or one of {_backends_for(op)}")
     be = BACKENDS[backend]
     if not be.available():
-        raise RuntimeError(f"backend {backend!r} is not available here: {be.doc}")
+        raise RuntimeError(f"{what}backend {backend!r} is not available here: {be.doc}")
     if not be.supports(device):
         raise ValueError(
-            f"backend {backend!r} runs on {sorted(be.devices)} tensors, not {device.type}; "
+            f"{what}backend {backend!r} runs on {sorted(be.devices)} tensors, not {device.type}; "
             "use backend='auto'"
         )
+    if not be.takes(op, tensors):
+        got = ", ".join(sorted({str(t.dtype) for t in tensors if t is not None}))
+        raise ValueError(f"{what}backend {backend!r} takes {'/'.join(sorted(map(str, be.dtypes[op])))} "
+                         f"tensors, got {got}")
     return be
 
 
@@ -117,52 +155,6 @@ def check_backend_takes_cell(spec, be: Backend) -> None:
         takers = ", ".join(repr(n) for n in ["auto", *sorted(n for n, b in BACKENDS.items() if b.signed)])
         raise ValueError(f"cell {spec.name!r} has transitions in (-1, 1), which backend {be.name!r} cannot "
                          f"represent (it works in log space); use one of the backends {takers}")
-
-
-def _check_float_tensor(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-
-
-def check_sequences(names: tuple[str, ...], tensors: tuple[Tensor, ...], h0: Tensor | None, h0_name: str = "h0",
-                    h0_dtypes: tuple[torch.dtype, ...] = ()):
-    """Validate per-step inputs (B, T, C) of one shape, dtype and device, and h0 (B, C).
-
-    h0 must share the inputs' dtype, or be one of ``h0_dtypes`` (the cells accept a
-    float32 state beside half-precision inputs).
-
-    Raises TypeError for non-tensors and non-floating or mixed dtypes, ValueError for
-    shapes and devices; each message names the argument and what was expected.
-    """
-    first_name, first = names[0], tensors[0]
-    for name, x in zip(names, tensors):
-        _check_float_tensor(name, x)
-        if x.dim() != 3:
-            raise ValueError(f"{name} must be (batch, time, channels), got shape {tuple(x.shape)}")
-    for name, x in zip(names[1:], tensors[1:]):
-        if x.shape != first.shape:
-            raise ValueError(
-                f"{name} must have the shape of {first_name} {tuple(first.shape)}, got {tuple(x.shape)}"
-            )
-        if x.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}; pass one dtype")
-        if x.device != first.device:
-            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
-    B, T, C = first.shape
-    if h0 is not None:
-        _check_float_tensor(h0_name, h0)
-        if h0.shape != (B, C):
-            raise ValueError(f"{h0_name} must be (batch, channels) = {(B, C)}, got shape {tuple(h0.shape)}")
-        if h0.dtype != first.dtype and h0.dtype not in h0_dtypes:
-            raise TypeError(f"{h0_name} has dtype {h0.dtype} but {first_name} has {first.dtype}; pass one dtype")
-        if h0.device != first.device:
-            raise ValueError(f"{h0_name} is on {h0.device} but {first_name} is on {first.device}")
-
-
-def check_scan_inputs(a, b, h0, names=("a", "b", "h0")) -> None:
-    check_sequences(names[:2], (a, b), h0, names[2])
 
 
 def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto") -> Tensor:
@@ -186,9 +178,7 @@ def scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, backend: str = "auto
     """
     check_scan_inputs(a, b, h0)
     be = resolve_backend(backend, a.device)
-    if h0 is not None and h0.numel() and not bool(torch.isfinite(h0).all()):
-        # backends reach inf/NaN by different roads (0 * inf, inf - inf): refused, not guessed
-        raise ValueError("h0 must be finite (it holds inf or NaN)")
+    check_finite_state(h0)
     if a.numel() == 0:  # an empty batch or sequence: nothing to run (but a graph to backward through)
         return a * 0 + b * 0
     acc = accumulation_dtype(a.dtype)
@@ -203,18 +193,23 @@ from . import cpu  # noqa: E402
 from . import triton as _triton  # noqa: E402  (imports no triton)
 from .chunked import chunked_scan  # noqa: E402
 from .log import log_cell, log_scan, log_space_scan  # noqa: E402
-from .reference import reference_cell, sequential_scan  # noqa: E402
+from .reference import causal_conv_reference, reference_cell, rms_norm_reference, sequential_scan  # noqa: E402
 
-register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True,
+_TORCH_OPS = dict(norm=rms_norm_reference, conv=causal_conv_reference)
+register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True, **_TORCH_OPS,
                  doc="the plain loop; the reference"))
-register(Backend("chunked", chunked_scan, auto_rank=100, doc="pure-torch chunked parallel scan, any sign"))
+register(Backend("chunked", chunked_scan, auto_rank=100, **_TORCH_OPS,
+                 doc="pure-torch chunked parallel scan, any sign; torch's norm and conv"))
 register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=True,
                  doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
                  cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, projected_cell=cpu.cpu_projected_cell,
+                 norm=cpu.cpu_rms_norm, conv=cpu.cpu_causal_conv,
+                 dtypes={"norm": frozenset({torch.float32}), "conv": frozenset({torch.float32, torch.float64})},
                  doc="compiled CPU kernels; needs numba (pip install numba)"))
 register(Backend("triton", _triton.triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
                  available=_triton.available, cell=_triton.triton_cell, cell_names=_triton.FUSED_CELLS,
                  doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
-__all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend", "BACKENDS"]
+__all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend",
+           "BACKENDS", "OPS"]

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import accumulation_dtype, check_scan_inputs
+
 CHUNK = 8
 
 
@@ -79,8 +81,6 @@ def log_scan(log_a: Tensor, log_b: Tensor, log_h0: Tensor | None = None) -> Tens
     Returns:
         h: (B, T, C) in plain space (not its log).
     """
-    from . import accumulation_dtype, check_scan_inputs  # late import: the registry imports this module
-
     check_scan_inputs(log_a, log_b, log_h0, names=("log_a", "log_b", "log_h0"))
     acc = accumulation_dtype(log_a.dtype)
     h0 = None if log_h0 is None else torch.exp(log_h0.to(acc))

@@ -1,4 +1,5 @@
-"""The sequential scan: the plain loop every other backend is tested against.
+"""The references every other backend is tested against: the sequential scan, a cell as its
+gates and that loop, RMSNorm and the causal conv as plain torch ops.
 
     h_t = a_t * h_{t-1} + b_t,   t = 1 .. T,   h_0 = h0 (zeros when None)
 
@@ -9,7 +10,10 @@ obviously right, which is its whole job.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .cells import identity_where_masked
 
 
 def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -34,9 +38,22 @@ def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
 
 def reference_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
     """A cell as its gates followed by the loop, autograd through both: the reference."""
-    from .cells import identity_where_masked
-
     a, b = spec.gates(*pre, *options)
     if mask is not None:
         a, b = identity_where_masked(a, b, mask)
     return sequential_scan(a, b, h0)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last axis, x (..., D), weight (D,): torch ops, autograd through each;
+    normalised in float32 and rounded back to x's dtype before the weight (as Llama does)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def causal_conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The causal depthwise conv, x (B, T, C) -> (B, T, C), weight (C, 1, K) or (C, K): torch's
+    grouped conv1d on the zero-padded, transposed input."""
+    C, K = x.shape[-1], weight.shape[-1]
+    xp = F.pad(x.transpose(1, 2), (K - 1, 0))
+    return F.conv1d(xp, weight.reshape(C, 1, K), bias, groups=C).transpose(1, 2)

@@ -2,14 +2,14 @@
 kernel (numba, ``ops/cpu/step.py``) used where it applies: float32/float64 CPU tensors with
 no gradient to record. Anything else (a GPU, half precision, autograd) runs the reference.
 
-    conv_norm_step(x, keep, window, weight, bias, norm_weight, eps)
+    conv_norm_step(x, mask, window, weight, bias, norm_weight, eps)
         -> (x + conv, RMSNorm(x + conv), new window)
     rms_norm(x, weight, eps) -> RMSNorm(x)
-    cell_step(spec, pre, h, options, keep) -> the cell's new state
+    cell_step(spec, pre, h, options, mask) -> the cell's new state
 
-Shapes: x (B, D); keep (B,) bool (False: padding) or None; window (B, D, k - 1), the conv's
-past inputs, oldest first; weight (D, k); pre (B, n E), a cell's pre-activations side by
-side; h (B, E) or None (zeros). A padded row feeds the conv a zero and leaves h unchanged,
+Shapes: x (B, D); mask (B,) bool (False: padding) or None, as ``minrnn.functional``'s;
+window (B, D, k - 1), the conv's past inputs, oldest first; weight (D, k); pre (B, n E), a
+cell's pre-activations side by side; h (B, E) or None (zeros). A padded row feeds the conv a zero and leaves h unchanged,
 as the block's sequence path does.
 """
 
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import accumulation_dtype, cpu
+from . import cpu
 from .cells import CellSpec
-from .norm import rms_norm_reference
+from .checks import state_dtype
+from .reference import rms_norm_reference
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
@@ -55,9 +56,9 @@ def _np(t: Tensor):
 # --- references ----------------------------------------------------------------------
 
 
-def conv_norm_step_reference(x: Tensor, keep: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
+def conv_norm_step_reference(x: Tensor, mask: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
                              norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    xin = x if keep is None else x * keep.unsqueeze(-1).to(x.dtype)
+    xin = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
     full = torch.cat([window.to(x.dtype), xin.unsqueeze(-1)], dim=-1)  # (B, D, k), oldest first
     # torch's depthwise conv, as the sequence path's reference conv: the same rounding in half precision
     out = x + F.conv1d(full, weight.unsqueeze(1), bias, groups=x.shape[1])[..., 0]
@@ -65,9 +66,9 @@ def conv_norm_step_reference(x: Tensor, keep: Tensor | None, window: Tensor, wei
 
 
 def cell_step_reference(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple,
-                        keep: Tensor | None) -> Tensor:
+                        mask: Tensor | None) -> Tensor:
     parts = pre.chunk(spec.n_pre, dim=-1)
-    return spec.step(parts, h, options, keep)
+    return spec.step(parts, h, options, mask)
 
 
 # --- fused where it applies ------------------------------------------------------------
@@ -82,37 +83,35 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
-def conv_norm_step(x: Tensor, keep: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
+def conv_norm_step(x: Tensor, mask: Tensor | None, window: Tensor, weight: Tensor, bias: Tensor | None,
                    norm_weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     if not fused_applies(x, window, weight, bias, norm_weight) or bias is None or not x.is_contiguous():
-        return conv_norm_step_reference(x, keep, window, weight, bias, norm_weight, eps)
+        return conv_norm_step_reference(x, mask, window, weight, bias, norm_weight, eps)
     B, D = x.shape
     W = window.shape[-1]
     out = torch.empty((2, B, D), dtype=x.dtype)  # x + conv, and its norm
     new_window = torch.empty((B, D, W), dtype=x.dtype)
     o = out.numpy()
-    kv = o.reshape(-1) if keep is None else keep.to(x.dtype).numpy()
-    _kernels.conv_norm_step(_np(x), kv, keep is not None, _np(window.contiguous()), _np(weight.contiguous()),
+    kv = o.reshape(-1) if mask is None else mask.to(x.dtype).numpy()
+    _kernels.conv_norm_step(_np(x), kv, mask is not None, _np(window.contiguous()), _np(weight.contiguous()),
                             _np(bias), _np(norm_weight), float(eps), o[0], o[1], new_window.numpy(), B, D, W)
     return out[0], out[1], new_window
 
 
 def cell_step(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple = (),
-              keep: Tensor | None = None) -> Tensor:
+              mask: Tensor | None = None) -> Tensor:
     """The new state (B, E) in the accumulation dtype (float32 for half ``pre``), or h's
     dtype if wider."""
-    cdt = accumulation_dtype(pre.dtype)
-    if h is not None:
-        cdt = torch.promote_types(cdt, h.dtype)
+    cdt = state_dtype(pre.dtype, h)
     kernel = _STEP_KERNELS.get(spec.name)  # the other cells run the reference
     if kernel is None or not (fused_applies(pre, h) and pre.dtype is cdt and pre.is_contiguous()):
-        return cell_step_reference(spec, pre.to(cdt), None if h is None else h.to(cdt), options, keep)
+        return cell_step_reference(spec, pre.to(cdt), None if h is None else h.to(cdt), options, mask)
     B, E = pre.shape[0], pre.shape[1] // spec.n_pre
     out = torch.empty((B, E), dtype=pre.dtype)
     o = out.numpy()
     hv = o if h is None else _np(h.contiguous())
-    kv = o.reshape(-1) if keep is None else keep.to(pre.dtype).numpy()
-    kernel(_np(pre), hv, h is not None, kv, keep is not None, o, B, E, *options)
+    kv = o.reshape(-1) if mask is None else mask.to(pre.dtype).numpy()
+    kernel(_np(pre), hv, h is not None, kv, mask is not None, o, B, E, *options)
     return out
 
 

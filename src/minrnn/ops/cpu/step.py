@@ -40,14 +40,14 @@ def norm_step(x, norm_w, eps, out, B, D):
 
 
 @njit(**JIT)
-def conv_norm_step(x, keep, has_keep, window, w, bias, norm_w, eps, x_out, normed, window_out, B, D, W):
-    """x (B, D); keep (B,) 1 for a token, 0 for padding (a zero conv input), read only if
-    has_keep; window (B, D, W);
+def conv_norm_step(x, mask, has_mask, window, w, bias, norm_w, eps, x_out, normed, window_out, B, D, W):
+    """x (B, D); mask (B,) 1 for a token, 0 for padding (a zero conv input), read only if
+    has_mask; window (B, D, W);
     w (D, W + 1); bias (D,). Writes x_out = x + conv, window_out = the last W conv inputs and
     normed = RMSNorm(x_out)."""
     for b in range(B):
         xr, xo, win, wout = x[b], x_out[b], window[b], window_out[b]
-        pad = has_keep and keep[b] == 0
+        pad = has_mask and mask[b] == 0
         for d in range(D):
             xin = _const(xr[d], 0.0) if pad else xr[d]
             acc = bias[d] + w[d, W] * xin
@@ -69,11 +69,11 @@ def _hold_row(o, h, b, has_h, E):
 
 
 @njit(**JIT)
-def mingru_step(pre, h, has_h, keep, has_keep, out, B, E):
+def mingru_step(pre, h, has_h, mask, has_mask, out, B, E):
     """pre (B, >= 2E): [hidden | gate] at columns 0 and E; h (B, E) (read only if has_h)."""
     for b in range(B):
         row, o = pre[b], out[b]
-        if has_keep and keep[b] == 0:
+        if has_mask and mask[b] == 0:
             _hold_row(o, h, b, has_h, E)
             continue
         for c in range(E):
@@ -84,11 +84,11 @@ def mingru_step(pre, h, has_h, keep, has_keep, out, B, E):
 
 
 @njit(**JIT)
-def minlstm_step(pre, h, has_h, keep, has_keep, out, B, E, normalize):
+def minlstm_step(pre, h, has_h, mask, has_mask, out, B, E, normalize):
     """pre (B, >= 3E): [hidden | forget | input] at columns 0, E and 2E."""
     for b in range(B):
         row, o = pre[b], out[b]
-        if has_keep and keep[b] == 0:
+        if has_mask and mask[b] == 0:
             _hold_row(o, h, b, has_h, E)
             continue
         for c in range(E):
@@ -98,7 +98,7 @@ def minlstm_step(pre, h, has_h, keep, has_keep, out, B, E, normalize):
             o[c] = a * h[b, c] + v if has_h else v
 
 
-#: The cell steps by cell name, each called as kernel(pre, h, has_h, keep, has_keep, out, B, E, *options)
+#: The cell steps by cell name, each called as kernel(pre, h, has_h, mask, has_mask, out, B, E, *options)
 #: with the cell spec's options (as the sequence kernels in functions.py).
 STEP_KERNELS = {"mingru": mingru_step, "minlstm": minlstm_step}
 

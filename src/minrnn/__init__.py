@@ -3,6 +3,7 @@
     import minrnn
     h = minrnn.scan(a, b, h0)                  # h_t = a_t h_{t-1} + b_t, (B, T, C)
     layer = minrnn.MinGRU(64, 128, num_layers=2)
+    layer = minrnn.MinRNN(64, 128, cell="minlstm")   # any registered cell (minrnn.ops.cells)
     y, h_n = layer(x)                          # parallel over time
     y_t, h = layer.step(x_t, h)                # one step, O(1) memory
 
@@ -12,11 +13,11 @@ imported on first access only.
 """
 
 from . import functional
-from .layers import MinGRU, MinLSTM
+from .layers import MinGRU, MinLSTM, MinRNN
 from .ops import available_backends, log_scan, scan
 
 __version__ = "0.1.0"
-__all__ = ["scan", "log_scan", "available_backends", "functional", "MinGRU", "MinLSTM"]
+__all__ = ["scan", "log_scan", "available_backends", "functional", "MinRNN", "MinGRU", "MinLSTM"]
 
 # Resolved on first access, so that `import minrnn` never imports transformers.
 _LAZY_MODEL_NAMES = frozenset({

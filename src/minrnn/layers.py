@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import functional as MF
 from .ops import BACKENDS, accumulation_dtype, check_backend_takes_cell
-from .ops.cells import CellSpec, get_cell
+from .ops.cells import CELLS, CellSpec, get_cell
 from .ops.step import cell_step as fused_cell_step
 from .ops.step import fused_applies
 
@@ -88,15 +88,41 @@ def _check_flag(name: str, value) -> None:
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-class _MinRNN(nn.Module):
-    """A stack of minRNN layers of one cell (``cell``, a name in minrnn.ops.cells.CELLS)."""
+def _layer_cell(cell: str | CellSpec, signed: bool) -> CellSpec:
+    """The CellSpec of a layer of ``cell``, or of its signed variant (``<name>_signed``)."""
+    spec = get_cell(cell)
+    if signed and not spec.signed:
+        if f"{spec.name}_signed" not in CELLS:
+            raise ValueError(f"cell {spec.name!r} has no signed variant ({spec.name + '_signed'!r} is not registered)")
+        spec = CELLS[f"{spec.name}_signed"]
+    return spec
 
-    cell: str
+
+class MinRNN(nn.Module):
+    """A stack of minRNN layers of any registered cell, laid out like nn.GRU (batch_first).
+
+    Args:
+        input_size, hidden_size, num_layers, bias, dropout, bidirectional: as nn.GRU
+            (batch_first always; dropout between layers).
+        cell: a name in ``minrnn.ops.cells.CELLS`` or a ``CellSpec`` (``register_cell`` adds
+            one): its ``n_pre`` pre-activations come from one nn.Linear per layer and direction.
+        learn_init_state: learn a start state per layer and direction (zeros at init), used
+            when forward() gets no h0.
+        backend: the scan backend (see ``minrnn.scan``); "auto" picks the fastest.
+        forget_bias: a "remember more" bias at init on the cell's decay pre-activation (its
+            ``decay_slot``, with its ``decay_bias_sign``); None: the cell's ``default_decay_bias``.
+        signed: the cell's signed variant (the cell named ``<cell>_signed``: transitions in (-1, 1)).
+        cell_options: the cell's options (``option_names``, e.g. minLSTM's ``normalize``).
+
+    Shapes: x (B, T, input_size), h0 (D * L, B, H) or None -> output (B, T, D * H), h_n (D * L, B, H).
+    Parameters: ``proj.{k}.weight`` (n_pre * H, in), ``proj.{k}.bias``, k = layer * D + direction,
+    and ``init_state`` (D * L, H) with learn_init_state.
+    """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
-                 backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, signed: bool = False,
-                 **options):
+                 backend: str = "auto", forget_bias: float | None = None, device=None, dtype=None,
+                 signed: bool = False, *, cell: str | CellSpec = "mingru", **cell_options):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -104,16 +130,22 @@ class _MinRNN(nn.Module):
         if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         for name, v in (("bias", bias), ("bidirectional", bidirectional), ("learn_init_state", learn_init_state),
-                        ("signed", signed), *options.items()):
+                        ("signed", signed)):
             _check_flag(name, v)
+        check_backend_name(backend)
+        self.spec = _layer_cell(cell, signed)
+        for name, v in cell_options.items():  # a flag option takes True or False only
+            if name in self.spec.option_names and isinstance(self.spec.option_defaults[
+                    self.spec.option_names.index(name)], bool):
+                _check_flag(name, v)
+        self.spec.options(**cell_options)  # an unknown option is an error here
+        if forget_bias is None:
+            forget_bias = self.spec.default_decay_bias
         if isinstance(forget_bias, bool) or not isinstance(forget_bias, (int, float)) or not math.isfinite(forget_bias):
             raise ValueError(f"forget_bias must be a finite number, got {forget_bias!r}")
-        check_backend_name(backend)
-        self.spec = get_cell(f"{self.cell}_signed" if signed else self.cell)
         if backend != "auto":
             check_backend_takes_cell(self.spec, BACKENDS[backend])  # e.g. signed on "log": refused here
-        self.spec.options(**options)  # an unknown option is an error here
-        self.options = dict(options)
+        self.options = dict(cell_options)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout, self.bidirectional, self.backend = float(dropout), bidirectional, backend
         self.forget_bias = float(forget_bias)
@@ -128,6 +160,11 @@ class _MinRNN(nn.Module):
         self.init_state = (nn.Parameter(torch.zeros(num_layers * self.num_directions, hidden_size, **kw))
                            if learn_init_state else None)
         self.reset_parameters()
+
+    @property
+    def cell(self) -> str:
+        """The cell's name (``spec.name``; the signed variant's for a signed layer)."""
+        return self.spec.name
 
     def reset_parameters(self) -> None:
         """Weights and biases as nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
@@ -215,7 +252,7 @@ class _MinRNN(nn.Module):
                 inp = F.dropout(inp, self.dropout, self.training)
         return inp, torch.stack(new)
 
-    def extra_repr(self) -> str:
+    def _layout_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
         if self.dropout:
             s += f", dropout={self.dropout}"
@@ -223,9 +260,11 @@ class _MinRNN(nn.Module):
             s += ", bidirectional=True"
         if self.init_state is not None:
             s += ", learn_init_state=True"
-        if self.signed:
-            s += ", signed=True"
         return s
+
+    def extra_repr(self) -> str:
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"{self._layout_repr()}, cell={self.cell!r}{options}, forget_bias={self.forget_bias}"
 
     @property
     def signed(self) -> bool:
@@ -233,7 +272,7 @@ class _MinRNN(nn.Module):
         return self.spec.signed
 
 
-class MinGRU(_MinRNN):
+class MinGRU(MinRNN):
     """minGRU (Feng et al. 2024): h_t = (1 - z_t) h_{t-1} + z_t g(h~_t), z_t = sigmoid(W_z x_t + b_z),
     h~_t = W_h x_t + b_h, computed as a parallel scan.
 
@@ -253,16 +292,17 @@ class MinGRU(_MinRNN):
     Parameters per layer: (input_size + bias) * 2 * hidden_size.
     """
 
-    cell = "mingru"
-
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
                  backend: str = "auto", forget_bias: float = 0.0, device=None, dtype=None, signed: bool = False):
         super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
-                         backend, forget_bias, device, dtype, signed)
+                         backend, forget_bias, device, dtype, signed, cell="mingru")
+
+    def extra_repr(self) -> str:
+        return self._layout_repr() + (", signed=True" if self.signed else "")
 
 
-class MinLSTM(_MinRNN):
+class MinLSTM(MinRNN):
     """minLSTM (Feng et al. 2024): h_t = f'_t h_{t-1} + i'_t g(h~_t) with f' = f/(f+i),
     i' = i/(f+i) when ``normalize`` (the paper's equations), f' = f, i' = i otherwise.
 
@@ -278,18 +318,17 @@ class MinLSTM(_MinRNN):
     Parameters per layer: (input_size + bias) * 3 * hidden_size.
     """
 
-    cell = "minlstm"
-
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  dropout: float = 0.0, bidirectional: bool = False, learn_init_state: bool = False,
                  backend: str = "auto", normalize: bool = True, forget_bias: float = 3.0,
                  device=None, dtype=None, signed: bool = False):
         super().__init__(input_size, hidden_size, num_layers, bias, dropout, bidirectional, learn_init_state,
-                         backend, forget_bias, device, dtype, signed, normalize=normalize)
+                         backend, forget_bias, device, dtype, signed, cell="minlstm", normalize=normalize)
 
     @property
     def normalize(self) -> bool:
         return self.options["normalize"]
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", normalize={self.normalize}, forget_bias={self.forget_bias}"
+        return (self._layout_repr() + (", signed=True" if self.signed else "")
+                + f", normalize={self.normalize}, forget_bias={self.forget_bias}")

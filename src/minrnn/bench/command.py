@@ -14,13 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import argtypes
+from .settings import DEFAULT_OUT, QUICK_OUT
 
 HELP = ("time and measure minGRU/minLSTM against nn.GRU, nn.LSTM, their projections "
         "and a KV-cache Transformer (tables on stdout, JSON and PNG files)")
-#: untracked by default; a quick run goes beside, so that it never replaces a full one
-DEFAULT_OUT = Path("runs/bench")
-QUICK_OUT = DEFAULT_OUT / "quick"
-
 
 
 _positive_int, _positive_float, _device = argtypes.positive_int, argtypes.positive_float, argtypes.device

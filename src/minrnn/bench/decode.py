@@ -12,6 +12,9 @@
              ``HYBRID_WINDOW`` tokens, whose cache keeps only the window's keys and values
     LSTM     nn.LSTM (2 layers) between a tied embedding and head, its width chosen likewise
 
+Every model is built by ``minrnn.experiments.baselines.build_model``, the factories and the
+parameter matching of `minrnn compare`.
+
 For every batch in ``decode_batches`` and context c in ``decode_contexts``, each model reads the
 first c - 1 tokens of a random prompt once (its prefill, untimed); every timed run continues
 from a copy of that cache, reads the prompt's last token, then decodes ``decode_window``
@@ -40,6 +43,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..experiments.baselines import build_model, parameter_count
 from .measure import median, synchronize
 from .runner import progress
 from .settings import Settings
@@ -49,66 +53,32 @@ HYBRID_WINDOW = 128
 GENERAL_PATH_MODELS = ("minGRU", "minLSTM")
 
 
-class LSTMLM(nn.Module):
-    """Embedding -> nn.LSTM -> head (tied to the embedding); ``step`` carries (h, c)."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int = LSTM_LAYERS):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, hidden_size)
-        self.rnn = nn.LSTM(hidden_size, hidden_size, num_layers, batch_first=True)
-        self.head = nn.Linear(hidden_size, vocab_size, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids: Tensor, state=None):
-        y, state = self.rnn(self.embed(ids), state)
-        return self.head(y), state
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _closest(count, target: int, lo: int, hi: int) -> int:
-    """The integer n in [lo, hi] whose count(n) is closest to target (count increasing)."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
-    return min((lo, hi), key=lambda n: abs(count(n) - target))
-
-
 def build_models(s: Settings) -> dict[str, nn.Module]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from ..models import MinRNNConfig, MinRNNForCausalLM
-    from ..models.attention_minrnn import every_third_block
-
-    V, W, L = s.decode_vocab, s.decode_width, s.decode_layers
+    """The suite's models, each built by ``minrnn.experiments.baselines.build_model`` (the
+    factories and the parameter matching of `minrnn compare`): minGRU, minLSTM and the hybrid
+    at the settings' width and depth, Llama (width and depth fixed, its MLP width) and the LSTM
+    (its width) matched to minGRU's parameters."""
+    V, W, L, heads = s.decode_vocab, s.decode_width, s.decode_layers, s.decode_heads
     torch.manual_seed(s.seed)
-    gru = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru"))
-    lstm_cell = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="minlstm",
-                                               expansion_factor=1.5))
-    hybrid = MinRNNForCausalLM(MinRNNConfig(vocab_size=V, hidden_size=W, num_hidden_layers=L, cell="mingru",
-                                            attention_layers=every_third_block(L),
-                                            num_attention_heads=s.decode_heads, attention_window=HYBRID_WINDOW))
-    target = _params(gru)
-    llama_params = lambda mlp: V * W + L * (4 * W * W + 3 * W * mlp + 2 * W) + W  # noqa: E731
-    mlp = _closest(llama_params, target, 1, 16 * W)
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=W, intermediate_size=mlp, num_hidden_layers=L,
-                                         num_attention_heads=s.decode_heads, num_key_value_heads=s.decode_heads,
-                                         max_position_embeddings=max(s.decode_contexts) + s.decode_window + 8,
-                                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                                         pad_token_id=0))
-    lstm_params = lambda h: V * h + LSTM_LAYERS * (8 * h * h + 8 * h)  # noqa: E731
-    lstm = LSTMLM(V, _closest(lstm_params, target, 1, 64 * W))
-    models = {"minGRU": gru, "minLSTM": lstm_cell, "minGRU-hybrid": hybrid, "Llama": llama, "LSTM": lstm}
+    fixed = dict(hidden_size=W, num_hidden_layers=L)
+    gru = build_model("mingru", V, None, **fixed)
+    lstm_cell = build_model("minlstm", V, None, expansion_factor=1.5, **fixed)
+    hybrid = build_model("mingru-hybrid", V, None, num_attention_heads=heads, attention_window=HYBRID_WINDOW, **fixed)
+    target = parameter_count(gru)
+    llama = build_model("llama", V, target, num_attention_heads=heads,
+                        max_length=max(s.decode_contexts) + s.decode_window + 8, **fixed)
+    lstm = build_model("lstm", V, target, num_hidden_layers=LSTM_LAYERS)
+    # the transformers models without their logits-only wrapper: generate() and the cache are theirs
+    models = {"minGRU": gru.model, "minLSTM": lstm_cell.model, "minGRU-hybrid": hybrid.model, "Llama": llama.model,
+              "LSTM": lstm}
     return {k: m.to(device=s.device, dtype=s.dtype).eval() for k, m in models.items()}
 
 
 def _describe(name: str, model: nn.Module) -> dict:
     if name == "LSTM":
-        return {"params": _params(model), "layers": model.rnn.num_layers, "width": model.rnn.hidden_size}
+        return {"params": parameter_count(model), "layers": model.rnn.num_layers, "width": model.rnn.hidden_size}
     c = model.config
-    info = {"params": _params(model), "layers": c.num_hidden_layers, "width": c.hidden_size}
+    info = {"params": parameter_count(model), "layers": c.num_hidden_layers, "width": c.hidden_size}
     if name == "Llama":
         info.update(heads=c.num_attention_heads, mlp_width=c.intermediate_size)
     else:
@@ -163,8 +133,11 @@ def _time_generate(model, prompt: Tensor, cache, window: int, device) -> float:
 
 def _step_fn(name: str, model):
     """(prefill(prompt) -> (logits, state), step(tokens, state) -> (logits, state))."""
-    if name == "LSTM":
-        return (lambda ids: model(ids)), (lambda tok, st: model(tok, st))
+    if name == "LSTM":  # a TorchRNNLM: its modules, carrying nn.LSTM's (h, c)
+        def step_lstm(ids, state=None):
+            y, state = model.rnn(model.embed(ids), state)
+            return model.head(y), state
+        return step_lstm, step_lstm
     if name == "Llama":
         from transformers import DynamicCache
 

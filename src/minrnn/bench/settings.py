@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
-from .command import DEFAULT_OUT
 from .measure import default_threads
 from .runner import Budget
+
+#: untracked by default; a quick run goes beside, so that it never replaces a full one
+DEFAULT_OUT = Path("runs/bench")
+QUICK_OUT = DEFAULT_OUT / "quick"
 
 
 def _half_of_ram() -> int | None:

@@ -14,11 +14,11 @@ BLOCKS = {
 # ... and the remaining switches: unnormalised minLSTM, a width-1 conv (no past to cache),
 # a wide conv without the MLP, untied embeddings with biases
 MORE_BLOCKS = {
-    "minlstm-raw-conv1": dict(cell="minlstm", minlstm_normalize=False, use_conv=True, conv_kernel=1),
+    "minlstm-raw-conv1": dict(cell="minlstm", cell_options={"normalize": False}, use_conv=True, conv_kernel=1),
     "mingru-conv5-nomlp": dict(cell="mingru", use_conv=True, conv_kernel=5, use_mlp=False),
     "mingru-untied-bias": dict(cell="mingru", tie_word_embeddings=False, use_bias=True, hidden_act="silu"),
     # the signed cells (transitions in (-1, 1)): the same cache, step and padding paths
-    "mingru-signed-conv": dict(cell="mingru_signed", use_conv=True, mingru_forget_bias=3.0),
+    "mingru-signed-conv": dict(cell="mingru_signed", use_conv=True, decay_bias=3.0),
     "minlstm-signed": dict(cell="minlstm_signed", use_conv=False),
 }
 ALL_BLOCKS = {**BLOCKS, **MORE_BLOCKS}

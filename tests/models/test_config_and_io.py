@@ -34,8 +34,8 @@ BAD_VALUES = [
     ("hidden_size", -1), ("hidden_size", 0), ("hidden_size", "16"), ("hidden_size", True),
     ("vocab_size", -5), ("num_hidden_layers", 0), ("expansion_factor", -2.0), ("expansion_factor", 0),
     ("mlp_mult", 0), ("cell", "gru"), ("cell", "minGRU"), ("conv_kernel", 0), ("conv_kernel", -3),
-    ("dropout", 1.0), ("dropout", -0.1), ("rms_norm_eps", 0.0), ("forget_bias", float("nan")),
-    ("mingru_forget_bias", float("inf")),
+    ("dropout", 1.0), ("dropout", -0.1), ("rms_norm_eps", 0.0), ("decay_bias", float("nan")),
+    ("decay_bias", float("inf")), ("decay_bias", "3"), ("cell_options", ["normalize"]),
     ("initializer_range", -0.02), ("hidden_act", "nope"), ("scan_backend", "magic"),
 ]
 
@@ -57,6 +57,25 @@ def test_bad_config_values_fail_at_config_time_naming_the_field(field, value):
         setattr(cfg, field, value)  # assigning later is checked as well
     assert_one_line_naming(info, field)
     assert getattr(cfg, field) == getattr(MinRNNConfig(), field)  # and the bad value was not kept
+
+
+OLD_BAD_VALUES = [("forget_bias", float("nan")), ("mingru_forget_bias", float("inf")), ("minlstm_normalize", 1)]
+
+
+@pytest.mark.parametrize("field,value", OLD_BAD_VALUES, ids=[f"{f}={v!r}" for f, v in OLD_BAD_VALUES])
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_bad_values_of_old_keys_fail_naming_the_key(field, value, cell):
+    """An old key is checked whether or not it applies to the cell (and then mapped or dropped);
+    assigning one later is refused by name, since the model would never read it."""
+    with pytest.raises(ValueError) as info:
+        MinRNNConfig(cell=cell, **{field: value})
+    assert_one_line_naming(info, field)
+    assert "must be" in str(info.value)
+    cfg = MinRNNConfig(cell=cell)
+    with pytest.raises(ValueError) as info:
+        setattr(cfg, field, value)
+    assert_one_line_naming(info, field)
+    assert field not in vars(cfg)
 
 
 def test_derived_width_of_zero_fails():
@@ -81,7 +100,8 @@ def test_bad_value_in_a_saved_config_fails_on_load(tmp_path):
 
 
 def test_good_values_are_accepted():
-    cfg = MinRNNConfig(cell="minlstm", conv_kernel=1, dropout=0, expansion_factor=1, mlp_mult=1.5, forget_bias=-1)
+    cfg = MinRNNConfig(cell="minlstm", conv_kernel=1, dropout=0, expansion_factor=1, mlp_mult=1.5, decay_bias=-1,
+                       cell_options={"normalize": False})
     assert cfg.rnn_hidden_size == cfg.hidden_size and cfg.mlp_hidden_size == round(1.5 * cfg.hidden_size)
 
 

@@ -1,8 +1,8 @@
-"""The fast one-token step (minrnn.models.decoding_minrnn) against the block's general path:
-logits and every cache tensor after each step, every block kind, float32/float64, batches
-with padded rows; generate() gives the same tokens either way; and the step steps aside
-whenever its shortcuts would change what the model computes (autograd, dropout, hooks,
-replaced modules)."""
+"""The one-token step (``MinRNNBlock.step``, composed from its modules' steps) against the
+block's general path: logits and every cache tensor after each step, every block kind (a
+hybrid's attention blocks too), float32/float64, batches with padded rows; generate() gives
+the same tokens either way; and the step computes what the model computes under autograd,
+dropout, hooks and replaced projections (which it calls as modules)."""
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ import torch
 pytest.importorskip("transformers")
 
 from minrnn.models import MinRNNCache  # noqa: E402
-from minrnn.models.decoding_minrnn import block_step, fast_step  # noqa: E402
+from minrnn.models.decoding_minrnn import fast_step  # noqa: E402
+from minrnn.models.modeling_minrnn import MinRNNBlock  # noqa: E402
 from minrnn.ops import cpu  # noqa: E402
 
 from .conftest import ALL_BLOCKS, random_ids, tiny_lm  # noqa: E402
@@ -23,15 +24,21 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-6}
 
 @pytest.fixture
 def count_fast_steps(monkeypatch):
-    """How many block steps took the fast path."""
+    """For each one-position call of a block with a cache: whether it ran the block's step."""
     taken = []
+    step, forward = MinRNNBlock.step, MinRNNBlock.forward
 
-    def counting(*args, **kwargs):
-        out = block_step(*args, **kwargs)
-        taken.append(out is not None)
-        return out
+    def counting_step(*args, **kwargs):
+        taken[-1] = True
+        return step(*args, **kwargs)
 
-    monkeypatch.setattr("minrnn.models.modeling_minrnn.block_step", counting)
+    def counting_forward(self, hidden_states, mask=None, cache=None):
+        if cache is not None and hidden_states.shape[1] == 1:
+            taken.append(False)
+        return forward(self, hidden_states, mask, cache)
+
+    monkeypatch.setattr(MinRNNBlock, "step", counting_step)
+    monkeypatch.setattr(MinRNNBlock, "forward", counting_forward)
     return taken
 
 
@@ -46,13 +53,26 @@ def step_through(model, ids, mask=None, fast=True):
         for t in range(prefix, ids.shape[1]):
             out = model(ids[:, t:t + 1], attention_mask=None if mask is None else mask[:, :t + 1], cache=cache)
             logits.append(out.logits)
-            states.append([(layer.recurrent_states[0].clone(),
+            states.append([(_copy(layer.recurrent_states[0]),
                             None if layer.conv_states[0] is None else layer.conv_states[0].clone())
                            for layer in cache.layers])
     return logits, states, cache
 
 
+def _copy(state):
+    """A copy of a cached state: a tensor, or an attention block's keys, values, positions, ..."""
+    return state.clone() if isinstance(state, torch.Tensor) else tuple(t.clone() for t in state)
+
+
 def assert_close(got, want, tol):
+    if isinstance(want, tuple):  # an attention block's window: every field
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for a, b in zip(got, want):
+            if b.is_floating_point():
+                assert_close(a, b, tol)
+            else:  # positions, valid: exactly
+                assert torch.equal(a, b)
+        return
     assert got.shape == want.shape and got.dtype == want.dtype
     if want.numel() == 0:
         return
@@ -74,10 +94,14 @@ def assert_paths_agree(model, ids, mask=None):
     assert fast_cache.get_seq_length() == ref_cache.get_seq_length() == ids.shape[1]
 
 
+# a hybrid: attention in block 1, whose step is the attention's
+STEPPED_BLOCKS = {**ALL_BLOCKS, "hybrid-mingru-conv": dict(cell="mingru", attention_layers=[1], num_attention_heads=2)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block", list(ALL_BLOCKS))
+@pytest.mark.parametrize("block", list(STEPPED_BLOCKS))
 def test_fast_step_equals_the_general_path(block, dtype, count_fast_steps):
-    model = tiny_lm(dtype=dtype, **ALL_BLOCKS[block])
+    model = tiny_lm(dtype=dtype, **STEPPED_BLOCKS[block])
     assert_paths_agree(model, random_ids(3, 12))
     n = model.config.num_hidden_layers
     assert count_fast_steps.count(True) == 5 * n  # the fast run: every block of every step
@@ -147,36 +171,77 @@ def run_one_step(model):
     return model(random_ids(1, 1), cache=cache)
 
 
-def test_autograd_takes_the_general_path(count_fast_steps):
+def one_step(model, fast, seed=None):
+    """Logits of one stepped position after a 4-token prefill (with autograd where enabled)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    cache = MinRNNCache(model.config)
+    with torch.no_grad():
+        model(random_ids(2, 4), cache=cache)
+    with fast_step(fast):
+        return model(random_ids(2, 1, seed=2), cache=cache).logits
+
+
+def test_autograd_through_the_step_gives_the_general_paths_gradients(count_fast_steps):
     model = tiny_lm()
-    out = run_one_step(model)  # grad enabled, parameters that want it
-    out.logits.sum().backward()
-    assert model.model.layers[0].mixer.in_proj.weight.grad is not None
-    assert not any(count_fast_steps)
+    grads = []
+    for fast in (True, False):
+        model.zero_grad()
+        logits = one_step(model, fast)  # grad enabled, parameters that want it
+        logits.square().sum().backward()
+        assert model.model.layers[0].mixer.in_proj.weight.grad is not None
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert count_fast_steps == [True, True, False, False]  # the step's blocks, then the general path's
+    (fast_logits, fast_grads), (ref_logits, ref_grads) = grads
+    assert_close(fast_logits, ref_logits, TOL[torch.float32])
+    assert fast_grads.keys() == ref_grads.keys() and len(fast_grads) == len(list(model.parameters()))
+    for name, g in fast_grads.items():
+        assert_close(g, ref_grads[name], TOL[torch.float32])
 
 
-def test_active_dropout_takes_the_general_path(count_fast_steps):
+def test_active_dropout_acts_in_the_step_as_in_the_general_path(count_fast_steps):
+    """In training mode the step draws the same dropout masks, in the same order, as the
+    sequence path; and they act (the logits differ from evaluation mode's)."""
     model = tiny_lm(dropout=0.5).train()
     with torch.no_grad():
-        run_one_step(model)
-    assert not any(count_fast_steps)
+        fast, ref = one_step(model, True, seed=5), one_step(model, False, seed=5)
+        plain = one_step(model.eval(), True)
+    assert count_fast_steps == [True, True, False, False, True, True]
+    assert_close(fast, ref, TOL[torch.float32])
+    assert not torch.allclose(fast, plain)
 
 
-@pytest.mark.parametrize("where", ["in_proj", "down_proj", "rnn_norm"])
-def test_a_hooked_module_takes_the_general_path(where, count_fast_steps):
+@pytest.mark.parametrize("where", ["in_proj", "out_proj", "up_proj", "down_proj"])
+def test_a_hooked_projection_is_called_by_the_step(where, count_fast_steps):
     model = tiny_lm()
     block = model.model.layers[0]
-    module = {"in_proj": block.mixer.in_proj, "down_proj": block.mlp.down_proj, "rnn_norm": block.rnn_norm}[where]
+    module = {"in_proj": block.mixer.in_proj, "out_proj": block.mixer.out_proj, "up_proj": block.mlp.up_proj,
+              "down_proj": block.mlp.down_proj}[where]
     calls = []
     module.register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
         run_one_step(model)
     assert calls == [1, 1]  # the prefill and the step both called it
-    assert count_fast_steps == [False, True]  # block 0 general, block 1 fast
+    assert count_fast_steps == [True, True]  # both blocks stepped
 
 
-def test_a_replaced_projection_takes_the_general_path(count_fast_steps):
-    """A wrapper around a projection (an adapter) must be called, not bypassed."""
+def test_a_norms_forward_hook_sees_the_general_path_only(count_fast_steps):
+    """The norms (and the conv) compute a step from their weights in ``step``, not through
+    forward, so a forward hook on them sees a decoding step only under fast_step(False)."""
+    model = tiny_lm()
+    calls = []
+    model.model.layers[0].rnn_norm.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        run_one_step(model)
+        assert calls == [1]
+        with fast_step(False):
+            run_one_step(model)
+    assert calls == [1, 1, 1]
+    assert count_fast_steps == [True, True, False, False]
+
+
+def test_a_replaced_projection_is_called_by_the_step(count_fast_steps):
+    """A wrapper around a projection (an adapter) is called by the step, not bypassed."""
     model = tiny_lm()
     block = model.model.layers[1]
     inner = block.mixer.out_proj
@@ -189,11 +254,13 @@ def test_a_replaced_projection_takes_the_general_path(count_fast_steps):
         def forward(self, x):
             return 2 * self.inner(x)
 
-    block.mixer.out_proj = Doubled()
     ids = random_ids(2, 6)
+    plain, _ = _stepped_and_whole(model, ids)
+    block.mixer.out_proj = Doubled()
     stepped, whole = _stepped_and_whole(model, ids)
-    assert count_fast_steps.count(False) == 6
+    assert count_fast_steps == [True] * 24  # 6 positions x 2 blocks, twice
     assert_close(stepped, whole, TOL[torch.float32])
+    assert not torch.allclose(stepped, plain)
 
 
 def test_the_state_a_caller_kept_is_not_overwritten():

@@ -202,8 +202,8 @@ def test_per_token_work_does_not_grow_with_context(use_cache):
         assert len(rec.shapes) == NEW * L  # one prefill + NEW - 1 steps, each through every layer
         assert rec.shapes[:L] == [(2, T, 16)] * L  # the prefill: the whole prompt at once
         fed[T] = rec.shapes[L:]
-    if use_cache:
-        assert fed[4] == fed[200] == [(2, 1, 16)] * (NEW - 1) * L
+    if use_cache:  # the blocks' one-token step: one position per row, (B, D)
+        assert fed[4] == fed[200] == [(2, 16)] * (NEW - 1) * L
     else:
         assert fed[4] != fed[200]
         assert fed[200][-1] == (2, 200 + NEW - 1, 16)

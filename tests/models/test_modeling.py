@@ -232,7 +232,7 @@ def test_half_precision_state_is_float32():
 def test_block_structure_follows_the_config():
     m = MinRNNModel(tiny_config(cell="minlstm", use_conv=True, conv_kernel=5, use_mlp=False, expansion_factor=2))
     block = m.layers[0]
-    assert block.conv.kernel_size == (5,) and block.conv.groups == 16
+    assert block.conv.kernel_size == 5 and block.conv.weight.shape == (16, 1, 5) and block.conv.bias.shape == (16,)
     assert block.mixer.in_proj.out_features == 3 * 32 and block.mixer.out_proj.in_features == 32
     assert block.mlp is None
     m = MinRNNModel(tiny_config(cell="mingru", use_conv=False, mlp_mult=3))
@@ -244,7 +244,7 @@ def test_block_structure_follows_the_config():
 
 
 def test_init_as_documented():
-    cfg = tiny_config(cell="minlstm", forget_bias=2.5, hidden_size=64, num_hidden_layers=8, initializer_range=0.02,
+    cfg = tiny_config(cell="minlstm", decay_bias=2.5, hidden_size=64, num_hidden_layers=8, initializer_range=0.02,
                       expansion_factor=2)
     torch.manual_seed(0)
     m = MinRNNForCausalLM(cfg)
@@ -262,23 +262,36 @@ def test_init_as_documented():
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("mingru_forget_bias", [0.0, 3.0])
-def test_mingru_forget_bias_sets_the_starting_decay(mingru_forget_bias):
-    """minGRU's gate bias starts at -mingru_forget_bias, so the decay a = 1 - z of a zero input
-    starts at sigmoid(mingru_forget_bias); forget_bias (minLSTM's) does not touch minGRU."""
-    cfg = tiny_config(cell="mingru", mingru_forget_bias=mingru_forget_bias, forget_bias=7.0, hidden_size=16,
-                      expansion_factor=2)
+@pytest.mark.parametrize("decay_bias", [None, 0.0, 3.0])
+def test_mingru_decay_bias_sets_the_starting_decay(decay_bias):
+    """minGRU's gate bias starts at -decay_bias (0 by default), so the decay a = 1 - z of a zero
+    input starts at sigmoid(decay_bias); minLSTM's old key (forget_bias) does not touch minGRU."""
+    cfg = tiny_config(cell="mingru", decay_bias=decay_bias, forget_bias=7.0, hidden_size=16, expansion_factor=2)
+    want = 0.0 if decay_bias is None else decay_bias
     m = MinRNNForCausalLM(cfg)
     E = cfg.rnn_hidden_size
     for layer in m.model.layers:
         bias = layer.mixer.in_proj.bias.detach()
-        assert torch.all(bias[E:] == -mingru_forget_bias) and torch.all(bias[:E] == 0)
+        assert torch.all(bias[E:] == -want) and torch.all(bias[:E] == 0)
         x = torch.zeros(1, 3, 16)
         pre = layer.mixer.in_proj(x).chunk(2, -1)
         a, _ = MF.mingru_gates(*pre)
-        torch.testing.assert_close(a, torch.full_like(a, torch.sigmoid(torch.tensor(mingru_forget_bias)).item()))
+        torch.testing.assert_close(a, torch.full_like(a, torch.sigmoid(torch.tensor(want)).item()))
     reloaded = MinRNNConfig.from_dict(cfg.to_dict())
-    assert reloaded.mingru_forget_bias == mingru_forget_bias
+    assert reloaded.decay_bias == decay_bias and reloaded.resolved_decay_bias == want
+
+
+@pytest.mark.parametrize("old_value", [0.0, 3.0])
+def test_mingru_forget_bias_the_old_key_sets_the_same_decay(old_value):
+    """The old key mingru_forget_bias builds what decay_bias builds (and is saved as decay_bias)."""
+    old = tiny_config(cell="mingru", mingru_forget_bias=old_value, forget_bias=7.0)
+    new = tiny_config(cell="mingru", decay_bias=old_value)
+    assert old.to_dict() == new.to_dict() and "mingru_forget_bias" not in old.to_dict()
+    torch.manual_seed(0)
+    a = MinRNNForCausalLM(old).state_dict()
+    torch.manual_seed(0)
+    b = MinRNNForCausalLM(new).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_labels_give_next_token_loss():

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modules_minrnn import MinRNNResidualOut
+
 
 class AttentionWindow(NamedTuple):
     """Keys and values of some positions of one attention layer (after RoPE)."""
@@ -99,8 +101,6 @@ class MinRNNAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from .modeling_minrnn import MinRNNResidualOut  # the init rule of residual-writing projections
-
         D, self.heads, self.kv_heads, self.head_dim = (config.hidden_size, config.num_attention_heads,
                                                        config.kv_heads, config.head_dim)
         self.window, self.theta = config.attention_window, float(config.rope_theta)
@@ -145,6 +145,13 @@ class MinRNNAttention(nn.Module):
             y = attention_fast(q, keys, values, visible, self.window)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out_proj(y), new
+
+    def step(self, x: Tensor, past: AttentionWindow | None,
+             mask: Tensor | None = None) -> tuple[Tensor, AttentionWindow]:
+        """One position: x (B, D), past as ``forward``'s, mask (B,) bool or None.
+        Returns (y (B, D), this position's keys/values for the cache)."""
+        y, new = self.forward(x.unsqueeze(1), past, None if mask is None else mask.unsqueeze(1))
+        return y[:, 0], new
 
 
 __all__ = ["AttentionWindow", "MinRNNAttention", "attention_reference", "attention_fast", "every_third_block", "rope",

@@ -104,6 +104,22 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
         self.seen_tokens += int(num_tokens)
         return self.recurrent_states[state_idx]
 
+    def step_inputs(self, batch: int, channels: int) -> tuple[Tensor | None, Tensor | AttentionWindow | None]:
+        """(conv window (B, D, k - 1), recurrent state) for a step of ``batch`` rows of
+        ``channels``, each None before the first position; a one-line error when the cache
+        holds another batch."""
+        if not self.has_previous_state[0]:
+            return None, None
+        window, state = self.conv_states[0], self.recurrent_states[0]
+        held = state.batch_size if isinstance(state, AttentionWindow) else None if state is None else state.shape[0]
+        if held is not None and held != batch:
+            raise ValueError(f"the cache holds a state for batch {held}, but the input has batch {batch}; "
+                             "use a fresh cache for a new batch")
+        if window is not None and tuple(window.shape[:2]) != (batch, channels):
+            raise ValueError(f"the cache holds conv inputs for (batch, channels) = {tuple(window.shape[:2])}, "
+                             f"but this call has {(batch, channels)}; use a fresh cache for a new batch")
+        return window, state
+
     def store_step(self, conv_window: Tensor | None, recurrent_state: Tensor) -> None:
         """Keep one decoding step's new conv window (None: no conv; the caller made it fresh, so
         no copy) and state, and count the position."""

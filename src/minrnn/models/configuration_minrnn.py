@@ -10,14 +10,24 @@ bad value fails there with a one-line ValueError naming the field, not later ins
 
 import functools
 import math
+from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassError
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 
-from ..ops import BACKENDS
+from ..ops import BACKENDS, check_backend_takes_cell
+from ..ops.cells import CELLS, CellSpec, get_cell
 
-CELLS = ("mingru", "minlstm", "mingru_signed", "minlstm_signed")
+# Keys of earlier versions, each the name one cell family gave a field of today's: key ->
+# (today's field, the option inside cell_options or None, the cells it applied to, its check).
+# Accepted when a config is built or loaded; the key for the config's cell is mapped, the others dropped.
+OLD_KEYS = {
+    "forget_bias": ("decay_bias", None, ("minlstm", "minlstm_signed"), "finite"),
+    "mingru_forget_bias": ("decay_bias", None, ("mingru", "mingru_signed"), "finite"),
+    "minlstm_normalize": ("cell_options", "normalize", ("minlstm", "minlstm_signed"), "bool"),
+}
 
 
 # --- field validators: each raises with the field's name in the message ---------------
@@ -58,9 +68,22 @@ def _non_negative(name):
     return check
 
 
+def _optional_finite(name):
+    def check(value):
+        if value is not None:
+            _finite(name)(value)
+    return check
+
+
 def _cell(value):
-    if value not in CELLS:
-        raise ValueError(f"cell must be one of {CELLS}, got {value!r}")
+    # the registry as it is now: a cell registered after import is accepted
+    if not isinstance(value, str) or value not in CELLS:
+        raise ValueError(f"cell must be one of {sorted(CELLS)} (minrnn.ops.cells.CELLS), got {value!r}")
+
+
+def _cell_options(value):
+    if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) for k in value)):
+        raise ValueError(f"cell_options must be None or a mapping of option names to values, got {value!r}")
 
 
 def _conv_kernel(value):
@@ -69,8 +92,6 @@ def _conv_kernel(value):
 
 
 def _activation(value):
-    from transformers.activations import ACT2FN
-
     if value not in ACT2FN:
         raise ValueError(f"hidden_act must be one of {sorted(ACT2FN)}, got {value!r}")
 
@@ -113,14 +134,24 @@ class MinRNNConfig(PreTrainedConfig):
         vocab_size: number of tokens (default 256: bytes).
         hidden_size: the model width D (default 384).
         num_hidden_layers: number of blocks (default 6).
-        cell: "mingru" (default), "minlstm", or their variants with transitions in (-1, 1)
-            "mingru_signed" / "minlstm_signed" (state tracking, e.g. parity; not with scan_backend "log").
+        cell: a cell registered in ``minrnn.ops.cells.CELLS``: "mingru" (default), "minlstm", or
+            their variants with transitions in (-1, 1) "mingru_signed" / "minlstm_signed" (state
+            tracking, e.g. parity; not with scan_backend "log"), or one registered later with
+            ``minrnn.ops.cells.register_cell``.
         expansion_factor: the recurrent width is round(hidden_size * expansion_factor) (default 2.0).
-        minlstm_normalize: minLSTM uses f/(f+i), i/(f+i) (the paper's equations; default True).
-        forget_bias: added to minLSTM's forget-gate bias at init (default 3.0, the official code's).
-        mingru_forget_bias: minGRU's counterpart, subtracted from its gate's bias at init, so the
-            decay a = 1 - z starts near sigmoid(mingru_forget_bias) (default 0.0: a ~ 1/2, the
-            paper's and the official code's minGRU; 3.0 starts it remembering as minLSTM does).
+        decay_bias: a "remember more" bias put at init on the bias of the pre-activation that sets
+            the cell's decay (its ``CellSpec.decay_slot``, with its ``decay_bias_sign``): minLSTM's
+            forget gate gets +decay_bias, minGRU's gate -decay_bias (a = 1 - z), so the decay of
+            a zero input starts near sigmoid(decay_bias). Default None: the cell's own
+            (``CellSpec.default_decay_bias``: minGRU 0.0, the paper's, a ~ 1/2; minLSTM 3.0, the
+            official code's; the signed cells as their bases).
+        cell_options: the cell's options by name (its ``CellSpec.option_names``), e.g. minLSTM's
+            {"normalize": False} for f, i instead of f/(f+i), i/(f+i); default None: the cell's
+            defaults (minLSTM normalize=True, the paper's equations).
+        Older names, still accepted when a config is built or loaded (config.json) and mapped:
+            forget_bias (minLSTM's decay_bias), mingru_forget_bias (minGRU's decay_bias),
+            minlstm_normalize (minLSTM's cell_options["normalize"]); the one for the config's
+            cell is kept, those for the other cell are dropped.
         use_conv: put a causal depthwise conv (with a residual) before the recurrence (default True).
         conv_kernel: the conv's width in tokens, >= 1 (default 4); it sees tokens t-k+1 .. t.
         use_mlp: add the MLP sub-block (default True).
@@ -160,9 +191,8 @@ class MinRNNConfig(PreTrainedConfig):
     num_hidden_layers: int = validated_field(_positive_int("num_hidden_layers"), default=6)
     cell: str = validated_field(_cell, default="mingru")
     expansion_factor: int | float = validated_field(_positive_number("expansion_factor"), default=2.0)
-    minlstm_normalize: bool = True
-    forget_bias: int | float = validated_field(_finite("forget_bias"), default=3.0)
-    mingru_forget_bias: int | float = validated_field(_finite("mingru_forget_bias"), default=0.0)
+    decay_bias: int | float | None = validated_field(_optional_finite("decay_bias"), default=None)
+    cell_options: dict | None = validated_field(_cell_options, default=None)
     use_conv: bool = True
     conv_kernel: int = validated_field(_conv_kernel, default=4)
     use_mlp: bool = True
@@ -190,6 +220,32 @@ class MinRNNConfig(PreTrainedConfig):
     attention_window: int | None = validated_field(
         _optional_positive_int("attention_window", "None: full causal attention"), default=None)
     rope_theta: int | float = validated_field(_positive_number("rope_theta"), default=10000.0)
+
+    # The old keys, annotated so that readers of the annotations (the [model] table of a training
+    # config) accept them as this constructor does; ClassVar, so they are not fields.
+    forget_bias: ClassVar[float]
+    mingru_forget_bias: ClassVar[float]
+    minlstm_normalize: ClassVar[bool]
+
+    def __post_init__(self, **kwargs):
+        _map_old_keys(self, kwargs)
+        super().__post_init__(**kwargs)
+
+    @property
+    def cell_spec(self) -> CellSpec:
+        """The registered ``CellSpec`` of ``cell``."""
+        return get_cell(self.cell)
+
+    @property
+    def resolved_decay_bias(self) -> float:
+        """decay_bias, or the cell's default when it is None."""
+        return float(self.cell_spec.default_decay_bias if self.decay_bias is None else self.decay_bias)
+
+    @property
+    def resolved_cell_options(self) -> dict:
+        """Every option of the cell by name: cell_options where given, else the cell's default."""
+        spec = self.cell_spec
+        return dict(zip(spec.option_names, spec.options(**(self.cell_options or {}))))
 
     @property
     def rnn_hidden_size(self) -> int:
@@ -237,15 +293,25 @@ class MinRNNConfig(PreTrainedConfig):
             return self.attention_head_dim
         return self.hidden_size // self.num_attention_heads
 
+    def validate_cell_options(self):
+        """Part of the strict validation: cell_options names options of the cell, each of its
+        default's kind (True/False for a flag)."""
+        spec = self.cell_spec
+        for key, value in (self.cell_options or {}).items():
+            if key not in spec.option_names:
+                raise ValueError(f"cell_options: cell {self.cell!r} has no option {key!r} "
+                                 f"(its options: {', '.join(spec.option_names) or 'none'})")
+            default = spec.option_defaults[spec.option_names.index(key)]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ValueError(f"cell_options: option {key!r} of cell {self.cell!r} must be True or False, "
+                                 f"got {value!r}")
+
     def validate_backend(self):
         """Part of the strict validation: the scan backend can run the cell (the log-space scan
         holds positive transitions only, so it cannot run the signed cells)."""
         if self.scan_backend == "auto":
             return
-        from ..ops import BACKENDS, check_backend_takes_cell
-        from ..ops.cells import get_cell
-
-        check_backend_takes_cell(get_cell(self.cell), BACKENDS[self.scan_backend])
+        check_backend_takes_cell(self.cell_spec, BACKENDS[self.scan_backend])
 
     def validate_attention(self):
         """Part of the strict validation: the attention fields agree with each other and the widths."""
@@ -268,6 +334,32 @@ class MinRNNConfig(PreTrainedConfig):
                              f"num_attention_heads={self.num_attention_heads}")
 
 
+def _map_old_keys(config: MinRNNConfig, kwargs: dict) -> None:
+    """Pop the old keys out of ``kwargs`` (a config's keywords beyond its fields): each is
+    checked, the one for the config's cell goes to its field, the others are dropped."""
+    for key, (field, option, cells, kind) in OLD_KEYS.items():
+        if key not in kwargs:
+            continue
+        value = kwargs.pop(key)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"MinRNNConfig: {key} must be True or False, got {value!r}")
+        if kind == "finite" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not math.isfinite(value)):
+            raise ValueError(f"MinRNNConfig: {key} must be a finite number, got {value!r}")
+        if config.cell not in cells:
+            continue
+        if option is None:
+            if config.decay_bias is not None:
+                raise ValueError(f"MinRNNConfig: {key} is the old name of {field}: pass one of them, not both")
+            config.decay_bias = value
+        else:
+            options = dict(config.cell_options or {})
+            if option in options:
+                raise ValueError(f"MinRNNConfig: {key} is the old name of {field}[{option!r}]: pass one of them, not both")
+            options[option] = value
+            config.cell_options = options
+
+
 def _one_line_value_errors(method):
     """Re-raise the strict dataclass's two-line wrapper error as the one-line ValueError of the
     validator (or type check) inside it, which already names the field and what it expects."""
@@ -284,10 +376,25 @@ def _one_line_value_errors(method):
     return checked
 
 
+def _no_old_key_assignment(setattr_):
+    """Assigning an old key would set an attribute the model never reads: refuse it by name."""
+
+    @functools.wraps(setattr_)
+    def checked(self, name, value):
+        if name in OLD_KEYS:
+            field, option = OLD_KEYS[name][:2]
+            raise ValueError(f"MinRNNConfig: {name} is an old name of "
+                             f"{field if option is None else f'{field}[{option!r}]'}; assign that instead")
+        setattr_(self, name, value)
+
+    return checked
+
+
 # After @strict: building (also from_pretrained / from_dict), assigning and validating.
 for _name in ("__init__", "__setattr__", "validate"):
     setattr(MinRNNConfig, _name, _one_line_value_errors(getattr(MinRNNConfig, _name)))
 del _name
+MinRNNConfig.__setattr__ = _no_old_key_assignment(MinRNNConfig.__setattr__)
 
 
-__all__ = ["MinRNNConfig", "CELLS"]
+__all__ = ["MinRNNConfig", "OLD_KEYS"]

@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -37,16 +36,20 @@ from transformers.modeling_outputs import (
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..layers import projected_cell_sequence, projected_cell_step
-from ..ops.cells import get_cell
-from ..ops.conv import causal_conv
-from ..ops.norm import rms_norm
 from .attention_minrnn import MinRNNAttention
 from .cache_minrnn import MinRNNCache
 from .configuration_minrnn import MinRNNConfig
-from .decoding_minrnn import block_step
+from .decoding_minrnn import steps_enabled
 from .generation_minrnn import MinRNNGenerationMixin
 from .loading_minrnn import check_loaded_weights, report_only_if_accepted
+from .modules_minrnn import (
+    MinRNNCausalConv,
+    MinRNNGateProj,
+    MinRNNMixer,
+    MinRNNMLP,
+    MinRNNResidualOut,
+    MinRNNRMSNorm,
+)
 
 # transformers 5 calls the cache `cache`; these older names are accepted with a warning.
 _CACHE_ALIASES = ("past_key_values", "cache_params")
@@ -59,107 +62,19 @@ def _accept_cache_aliases(fn):
     return fn
 
 
-class MinRNNRMSNorm(nn.Module):
-    """RMSNorm over the last axis, computed in float32: x / sqrt(mean(x^2) + eps) * weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x (..., D) -> (..., D); ``minrnn.ops.norm.rms_norm`` (fused kernels on float32 CPU tensors)."""
-        return rms_norm(x, self.weight, self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class MinRNNGateProj(nn.Linear):
-    """The mixer's input projection D -> n E; its bias holds the decay gate's offset at init.
-
-    A class of its own so that ``_init_weights``, which transformers calls on the modules that
-    hold parameters, can tell it apart. ``gate_bias`` goes on the E-wide slice ``gate_slot``,
-    the one that sets the decay (the cell's ``decay_slot``: minLSTM's forget gate,
-    +forget_bias; minGRU's gate z, -mingru_forget_bias, since a = 1 - z).
-    """
-
-    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, gate_bias: float, gate_slot: int = 1):
-        super().__init__(in_features, n_pre * rnn_hidden_size, bias=True)
-        self.rnn_hidden_size = rnn_hidden_size
-        self.gate_bias = gate_bias
-        self.gate_slot = gate_slot
-
-
-class MinRNNResidualOut(nn.Linear):
-    """A projection that writes into the residual stream (the mixer's and the MLP's last one):
-    initialised with std / sqrt(2 * num_hidden_layers)."""
-
-
-# The config field holding each cell's "remember more" bias at init.
-_FORGET_BIAS_FIELD = {"mingru": "mingru_forget_bias", "minlstm": "forget_bias",
-                      "mingru_signed": "mingru_forget_bias", "minlstm_signed": "forget_bias"}
-
-
-class MinRNNMixer(nn.Module):
-    """In (D -> n E) -> minGRU / minLSTM -> Out (E -> D).
-
-    The input projection's pre-activations are the cell's (``[hidden | gate]`` for minGRU,
-    ``[hidden | forget | input]`` for minLSTM), E wide each, as in ``minrnn.MinGRU``/``MinLSTM``;
-    projection, cell, step and padding run through the same functions as those layers
-    (``minrnn.layers.projected_cell_sequence`` / ``projected_cell_step``).
-    """
-
-    def __init__(self, config: MinRNNConfig):
-        super().__init__()
-        self.spec = get_cell(config.cell)
-        self.cell = self.spec.name
-        self.options = {"normalize": config.minlstm_normalize} if "normalize" in self.spec.option_names else {}
-        self.backend = config.scan_backend
-        self.rnn_hidden_size = config.rnn_hidden_size
-        self.n_pre = self.spec.n_pre
-        gate_bias = self.spec.decay_bias_sign * float(getattr(config, _FORGET_BIAS_FIELD.get(self.cell, ""), 0.0))
-        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre, gate_bias,
-                                      self.spec.decay_slot)
-        self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
-
-    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real).
-
-        Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
-        """
-        if x.shape[1] == 1:
-            # decoding: one step, O(1) work whatever the context length
-            y, h_last = projected_cell_step(self.spec, self.in_proj, x, h0, self.options,
-                                            None if mask is None else mask[:, 0])
-            return self.out_proj(y), h_last
-        y, h_last = projected_cell_sequence(self.spec, self.in_proj, x, h0, self.options, self.backend, mask,
-                                            plain=MinRNNGateProj)
-        return self.out_proj(y), h_last
-
-
-class MinRNNMLP(nn.Module):
-    """W2 act(W1 x): D -> round(D * mlp_mult) -> D."""
-
-    def __init__(self, config: MinRNNConfig):
-        super().__init__()
-        self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.use_bias)
-        self.down_proj = MinRNNResidualOut(config.mlp_hidden_size, config.hidden_size, bias=config.use_bias)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
-
-
 class MinRNNBlock(GradientCheckpointingLayer):
-    """[x + Conv(x)] -> x + Mixer(Norm(x)) -> [x + MLP(Norm(x))]; see the module docstring."""
+    """[x + Conv(x)] -> x + Mixer(Norm(x)) -> [x + MLP(Norm(x))]; see the module docstring.
+
+    ``forward`` runs any number of positions (continuing from a cache when given); one position
+    with a cache runs ``step``, the block composed from its modules' one-token steps (unless
+    ``decoding_minrnn.fast_step(False)``). The two compute the same numbers.
+    """
 
     def __init__(self, config: MinRNNConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         D = config.hidden_size
-        # depthwise, unpadded: forward() puts the k - 1 past inputs (or zeros) in front itself
-        self.conv = nn.Conv1d(D, D, config.conv_kernel, groups=D, bias=True) if config.use_conv else None
+        self.conv = MinRNNCausalConv(D, config.conv_kernel) if config.use_conv else None
         self.rnn_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
         # a hybrid's attention blocks: attention in place of the recurrence, all else the same
         self.mixer = (MinRNNAttention(config) if layer_idx in config.attention_layer_indices
@@ -173,24 +88,19 @@ class MinRNNBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None) -> Tensor:
         """hidden_states (B, T, D), mask (B, T) bool or None; reads and updates ``cache``."""
-        if cache is not None and hidden_states.shape[1] == 1:
-            out = block_step(self, hidden_states, mask, cache)  # None: the step needs the general path
-            if out is not None:
-                return out
+        if cache is not None and hidden_states.shape[1] == 1 and steps_enabled():
+            return self.step(hidden_states, mask, cache)
         h0 = None if cache is None else cache.get_recurrent_state(self.layer_idx)
         if isinstance(h0, Tensor) and h0.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"the cache holds a state for batch {h0.shape[0]}, but the input has batch "
                              f"{hidden_states.shape[0]}; use a fresh cache for a new batch")
         if self.conv is not None:
             x = hidden_states if mask is None else hidden_states * mask.unsqueeze(-1).to(hidden_states.dtype)
+            past = None
             if cache is not None:
-                x = cache.update_conv_state(x.transpose(1, 2), self.layer_idx)  # (B, D, k - 1 + T), past first
-                conv = self.conv(x).transpose(1, 2)
-            else:
-                # zeros before the first token; channels-last, so no transposes (and on CPU a
-                # kernel several times faster than nn.Conv1d's for this shape)
-                conv = causal_conv(x, self.conv.weight, self.conv.bias)
-            hidden_states = hidden_states + self.dropout(conv)
+                past = cache.get_conv_state(self.layer_idx)
+                cache.update_conv_state(x.transpose(1, 2), self.layer_idx)  # keeps the last k - 1 inputs
+            hidden_states = hidden_states + self.dropout(self.conv(x, past))
         y, h_last = self.mixer(self.rnn_norm(hidden_states), h0, mask)
         if cache is not None:
             cache.update_recurrent_state(h_last, self.layer_idx, num_tokens=hidden_states.shape[1])
@@ -198,6 +108,30 @@ class MinRNNBlock(GradientCheckpointingLayer):
         if self.mlp is not None:
             hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         return hidden_states
+
+    def step(self, hidden_states: Tensor, mask: Tensor | None, cache: MinRNNCache) -> Tensor:
+        """One position from ``cache``: hidden_states (B, 1, D), mask (B, 1) bool or None ->
+        (B, 1, D); the cache's window and state for this block replaced by new tensors."""
+        layer = cache.layers[self.layer_idx]
+        x = hidden_states[:, 0]
+        keep = None if mask is None else mask[:, 0]
+        window, state = layer.step_inputs(*x.shape)
+        if self.conv is None:
+            normed = self.rnn_norm.step(x)
+        else:
+            window = self.conv.new_window(x) if window is None else window
+            if self.training and self.dropout.p > 0:  # dropout between the conv and the residual
+                y, window = self.conv.step(x, window, keep)
+                x = x + self.dropout(y)
+                normed = self.rnn_norm.step(x)
+            else:
+                x, normed, window = self.conv.add_norm_step(x, window, keep, self.rnn_norm)
+        y, state = self.mixer.step(normed, state, keep)
+        x = x + self.dropout(y)
+        if self.mlp is not None:
+            x = x + self.dropout(self.mlp.step(self.mlp_norm.step(x)))
+        layer.store_step(None if self.conv is None else window, state)
+        return x.unsqueeze(1)
 
 
 class MinRNNPreTrainedModel(PreTrainedModel):
@@ -207,8 +141,9 @@ class MinRNNPreTrainedModel(PreTrainedModel):
     - the two projections that write into the residual stream (the mixer's ``out_proj`` and the
       MLP's ``down_proj``): N(0, initializer_range / sqrt(2 * num_hidden_layers)), GPT-2's
       scaling, so the residual stream's variance does not grow with depth at init;
-    - minLSTM: ``forget_bias`` added to the forget-gate bias, so the cell starts by remembering;
-      minGRU: ``mingru_forget_bias`` subtracted from its gate's bias (0 by default, the paper's);
+    - the cell's decay bias (``config.decay_bias``, else the cell's default) on the bias of its
+      decay pre-activation with the cell's sign: minLSTM's forget gate +3 by default, so the cell
+      starts by remembering; minGRU's gate -0 by default (the paper's init);
     - RMSNorm weights 1.
     """
 
@@ -242,10 +177,13 @@ class MinRNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
         elif isinstance(module, MinRNNGateProj):
             # one copy of the whole bias: a slice would lose the "already loaded" flag
-            E = module.rnn_hidden_size
+            E, slot = module.rnn_hidden_size, module.decay_slot
             bias = torch.zeros_like(module.bias)
-            bias[module.gate_slot * E:(module.gate_slot + 1) * E] = module.gate_bias
+            bias[slot * E:(slot + 1) * E] = module.decay_bias_sign * module.decay_bias
             init.copy_(module.bias, bias)
+        elif isinstance(module, MinRNNCausalConv):  # as nn.Conv1d's in the base rule
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
 
 
 def _check_cache(cache, config: MinRNNConfig) -> None:
@@ -469,6 +407,7 @@ class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
 
 
 __all__ = [
+    "MinRNNBlock",
     "MinRNNPreTrainedModel",
     "MinRNNModel",
     "MinRNNForCausalLM",

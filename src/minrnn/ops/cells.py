@@ -21,7 +21,8 @@ A transition in (0, 1) can only shrink a state towards the input; at a = -1 the 
 h -> -h + b is a reflection, which is what counting modulo 2 (parity) needs. The log
 backend cannot hold a negative a and refuses these cells (``CellSpec.signed``).
 
-Adding a cell: write its gates in log form below and add one ``CellSpec`` to ``CELLS``;
+Adding a cell: write its gates in log form below and ``register_cell`` one ``CellSpec`` (from
+anywhere: the registry is read when a config or layer is validated, not copied at import);
 every backend then runs it (the fused kernels only know the cells they were written for,
 and the others go through the backend's scan).
 """
@@ -118,8 +119,10 @@ class CellSpec:
     ``gates(*pre, *options) -> (a, b)`` and ``log_gates(*pre, *options) -> (log a, log b)``
     take the pre-activations (any shape, one per name in ``pre_names``) followed by the
     option values in the order of ``option_names``. ``decay_slot`` is the pre-activation
-    whose bias sets how much the cell remembers, and ``decay_bias_sign`` the sign with which
-    a "remember more" bias goes on it (minGRU: a = 1 - sigmoid(gate), so -1). ``signed``:
+    whose bias sets how much the cell remembers, ``decay_bias_sign`` the sign with which
+    a "remember more" bias goes on it (minGRU: a = 1 - sigmoid(gate), so -1) and
+    ``default_decay_bias`` the amount a model gives it at init unless told otherwise
+    (minGRU 0, the paper's; minLSTM 3, the official code's). ``signed``:
     a ranges over (-1, 1), so the cell has no log form (``log_gates`` is None) and only the
     backends that take values of any sign (``Backend.signed``) run it.
     """
@@ -134,6 +137,7 @@ class CellSpec:
     option_defaults: tuple = ()
     doc: str = ""
     signed: bool = False
+    default_decay_bias: float = 0.0
 
     @property
     def n_pre(self) -> int:
@@ -171,6 +175,7 @@ CELLS: dict[str, CellSpec] = {}
 
 
 def register_cell(spec: CellSpec) -> None:
+    """Add ``spec`` to ``CELLS`` under its name (a later spec of the same name replaces it)."""
     CELLS[spec.name] = spec
 
 
@@ -186,11 +191,11 @@ def get_cell(cell: str | CellSpec) -> CellSpec:
 register_cell(CellSpec("mingru", ("hidden", "gate"), mingru_gates, mingru_log_gates,
                        decay_slot=1, decay_bias_sign=-1.0, doc="a = 1 - sigmoid(gate), b = sigmoid(gate) g(hidden)"))
 register_cell(CellSpec("minlstm", ("hidden", "forget", "input"), minlstm_gates, minlstm_log_gates,
-                       decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,),
+                       decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,), default_decay_bias=3.0,
                        doc="a = f', b = i' g(hidden), f' and i' normalised to sum 1 when normalize"))
 register_cell(CellSpec("mingru_signed", ("hidden", "gate"), mingru_signed_gates, None,
                        decay_slot=1, decay_bias_sign=-1.0, signed=True,
                        doc="a = 1 - 2 sigmoid(gate) in (-1, 1), b = sigmoid(gate) g(hidden)"))
 register_cell(CellSpec("minlstm_signed", ("hidden", "forget", "input"), minlstm_signed_gates, None,
                        decay_slot=1, decay_bias_sign=1.0, option_names=("normalize",), option_defaults=(True,),
-                       signed=True, doc="a = 2f' - 1 in (-1, 1), b = i' g(hidden), f' and i' as minlstm's"))
+                       signed=True, default_decay_bias=3.0, doc="a = 2f' - 1 in (-1, 1), b = i' g(hidden), f' and i' as minlstm's"))

@@ -1,0 +1,186 @@
+"""The modules of a MinRNN block, each with its forward over a sequence beside its one-token
+``step`` (as mamba's ``Mamba.forward`` / ``Mamba.step``):
+
+    MinRNNRMSNorm      forward (..., D)            step (B, D)
+    MinRNNCausalConv   forward (B, T, D) [+ past]  step (B, D) with its window of past inputs
+    MinRNNMixer        forward (B, T, D) [+ h0]    step (B, D) with its state h
+    MinRNNMLP          forward (..., D)            step (B, D)
+    MinRNNGateProj, MinRNNResidualOut: the Linear layers whose init differs (see modeling_minrnn)
+
+A step runs the decoding kernels of ``minrnn.ops.step`` where they apply (float32/float64 CPU
+tensors, no gradient to record) and their torch references otherwise, so it is correct under
+autograd too. The Linear layers are called as modules in a step as in a forward (their hooks
+and wrappers, e.g. adapters, apply); the norms and the conv compute from their own weights.
+
+This is the leaf of ``minrnn.models``: the attention mixer and the block import from here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.activations import ACT2FN
+
+from ..layers import projected_cell_sequence, projected_cell_step
+from ..ops import step as S
+from ..ops.conv import causal_conv
+from ..ops.norm import rms_norm
+
+
+class MinRNNRMSNorm(nn.Module):
+    """RMSNorm over the last axis, computed in float32: x / sqrt(mean(x^2) + eps) * weight."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D); ``minrnn.ops.norm.rms_norm`` (fused kernels on float32 CPU tensors)."""
+        return rms_norm(x, self.weight, self.eps)
+
+    def step(self, x: Tensor) -> Tensor:
+        """x (B, D) -> (B, D), one position per row: the decoding step's norm kernel where it applies."""
+        return S.rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MinRNNCausalConv(nn.Module):
+    """Causal depthwise conv over time, channels-last: y_t = bias + sum_j weight[:, 0, j] x_{t-k+1+j}.
+
+    ``weight`` (D, 1, k) and ``bias`` (D,) have nn.Conv1d(D, D, k, groups=D)'s names and shapes,
+    so state dicts written when the block held that module load unchanged. The k - 1 inputs
+    before a call (its ``past``, or a step's ``window``) are zeros at the start of a sequence.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.channels, self.kernel_size = channels, kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default (the model re-initialises it in _init_weights)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}"
+
+    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
+        """x (B, T, D) -> y (B, T, D); past (B, D, k - 1): the inputs before x, oldest first
+        (None: zeros). ``minrnn.ops.conv.causal_conv`` (a CPU kernel for float32/float64)."""
+        if past is None or past.shape[-1] == 0:
+            return causal_conv(x, self.weight, self.bias)
+        full = torch.cat([past.transpose(1, 2).to(x.dtype), x], dim=1)
+        return causal_conv(full, self.weight, self.bias)[:, past.shape[-1]:]
+
+    def new_window(self, x: Tensor) -> Tensor:
+        """The window of a sequence's start for x (B, D): zeros (B, D, k - 1)."""
+        return x.new_zeros(x.shape[0], self.channels, self.kernel_size - 1)
+
+    def step(self, x: Tensor, window: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One position: x (B, D), window (B, D, k - 1) the past inputs, oldest first; mask (B,)
+        bool, False feeds a zero (padding), or None. Returns (y (B, D), the new window)."""
+        xin = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        full = torch.cat([window.to(x.dtype), xin.unsqueeze(-1)], dim=-1)  # (B, D, k)
+        y = F.conv1d(full, self.weight, self.bias, groups=self.channels)[..., 0]
+        return y, full[..., 1:]
+
+    def add_norm_step(self, x: Tensor, window: Tensor, mask: Tensor | None,
+                      norm: MinRNNRMSNorm) -> tuple[Tensor, Tensor, Tensor]:
+        """``step`` followed by the block's residual and ``norm``: (x + y, norm.step(x + y), the
+        new window), in one kernel (``minrnn.ops.step.conv_norm_step``) where it applies."""
+        return S.conv_norm_step(x, mask, window, self.weight.view(self.channels, -1), self.bias,
+                                norm.weight, norm.eps)
+
+
+class MinRNNGateProj(nn.Linear):
+    """The mixer's input projection D -> n E; its bias holds the cell's decay bias at init.
+
+    A class of its own so that ``_init_weights``, which transformers calls on the modules that
+    hold parameters, can tell it apart: ``decay_bias_sign * decay_bias`` goes on the E-wide
+    slice ``decay_slot``, the pre-activation that sets the decay (the cell's ``CellSpec``:
+    minLSTM's forget gate gets +decay_bias, minGRU's gate z -decay_bias, since a = 1 - z).
+    """
+
+    def __init__(self, in_features: int, rnn_hidden_size: int, n_pre: int, decay_bias: float = 0.0,
+                 decay_slot: int = 1, decay_bias_sign: float = 1.0):
+        super().__init__(in_features, n_pre * rnn_hidden_size, bias=True)
+        self.rnn_hidden_size = rnn_hidden_size
+        self.decay_bias, self.decay_slot, self.decay_bias_sign = decay_bias, decay_slot, decay_bias_sign
+
+
+class MinRNNResidualOut(nn.Linear):
+    """A projection that writes into the residual stream (the mixers' and the MLP's last one):
+    initialised with std / sqrt(2 * num_hidden_layers)."""
+
+
+class MinRNNMixer(nn.Module):
+    """In (D -> n E) -> the cell -> Out (E -> D), for any cell registered in ``minrnn.ops.cells``.
+
+    The input projection's pre-activations are the cell's (``[hidden | gate]`` for minGRU,
+    ``[hidden | forget | input]`` for minLSTM), E wide each, as in ``minrnn.MinGRU``/``MinLSTM``;
+    projection, cell, step and padding run through the same functions as those layers
+    (``minrnn.layers.projected_cell_sequence`` / ``projected_cell_step``).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.spec = config.cell_spec
+        self.cell = self.spec.name
+        self.options = config.resolved_cell_options
+        self.backend = config.scan_backend
+        self.rnn_hidden_size = config.rnn_hidden_size
+        self.n_pre = self.spec.n_pre
+        self.in_proj = MinRNNGateProj(config.hidden_size, self.rnn_hidden_size, self.n_pre, config.resolved_decay_bias,
+                                      self.spec.decay_slot, self.spec.decay_bias_sign)
+        self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real).
+
+        Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
+        """
+        if x.shape[1] == 1:
+            # one position: the step's O(1) update, whatever the context length
+            y, h_last = projected_cell_step(self.spec, self.in_proj, x, h0, self.options,
+                                            None if mask is None else mask[:, 0])
+            return self.out_proj(y), h_last
+        y, h_last = projected_cell_sequence(self.spec, self.in_proj, x, h0, self.options, self.backend, mask,
+                                            plain=MinRNNGateProj)
+        return self.out_proj(y), h_last
+
+    def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One position: x (B, D), h (B, E) or None (zeros), mask (B,) bool (False keeps h) or
+        None. Returns (y (B, D), the new h (B, E) in the state dtype)."""
+        y, state = projected_cell_step(self.spec, self.in_proj, x, h, self.options, mask)
+        return self.out_proj(y), state
+
+
+class MinRNNMLP(nn.Module):
+    """W2 act(W1 x): D -> round(D * mlp_mult) -> D."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.use_bias)
+        self.down_proj = MinRNNResidualOut(config.mlp_hidden_size, config.hidden_size, bias=config.use_bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., D) -> (..., D)."""
+        return self.down_proj(self.act(self.up_proj(x)))
+
+    def step(self, x: Tensor) -> Tensor:
+        """x (B, D) -> (B, D): one position (the MLP keeps no state, so its forward)."""
+        return self.forward(x)
+
+
+__all__ = ["MinRNNRMSNorm", "MinRNNCausalConv", "MinRNNGateProj", "MinRNNResidualOut", "MinRNNMixer", "MinRNNMLP"]

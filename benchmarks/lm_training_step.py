@@ -96,10 +96,12 @@ def _gemm_replay(calls):
 
 
 def _with_norm_backend(model: nn.Module, backend: str) -> nn.Module:
-    """A copy of ``model`` whose MinRNNRMSNorms run ``minrnn.ops.norm.rms_norm(backend=...)``."""
+    """A copy of ``model`` whose MinRNNRMSNorms run ``minrnn.ops.norm.rms_norm(backend=...)``;
+    "torch" is the reference's torch ops, which the "sequential" backend runs."""
     from minrnn.models.modeling_minrnn import MinRNNRMSNorm
     from minrnn.ops.norm import rms_norm
 
+    backend = "sequential" if backend == "torch" else backend
     model = copy.deepcopy(model)
     for m in model.modules():
         if isinstance(m, MinRNNRMSNorm):

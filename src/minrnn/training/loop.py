@@ -35,13 +35,15 @@ from pathlib import Path
 
 import torch
 
+from ..data.text import load_splits
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_model_config, check_resume_settings, check_same_config
 from .distributed import Dist
 from .hf_export import check_pretrained_config, link_checkpoints, load_run_tokenizer, pretrained_files
 from .metrics import MetricsLog, plot_losses
+from .optim import autocast_context, build_optimizer, lr_factor, param_groups  # noqa: F401 (the engine's API)
 from .run_folder import RunLock, check_fresh_start, truncate_metrics, write_run_file
-from .workloads import TextWorkload, Workload
+from .workloads import TextWorkload, Workload, text_tokenizer, text_workload
 
 
 def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -73,71 +75,21 @@ def lm_spec(config: TrainConfig, tokenizer) -> ModelSpec:
                      {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, **config.model})
 
 
-def lr_factor(step: int, config) -> float:
-    """Multiplier of ``config.lr`` at optimiser step ``step`` (0-based): linear warmup over
-    ``warmup_steps``, then a cosine from lr down to min_lr at the last step."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float,
-                 exempt: Callable[[str], bool] | None = None) -> list[dict]:
-    """Weight decay on matrices (projections, embeddings, conv kernels), none on vectors
-    (biases, norm scales): decaying a norm's scale towards 0 only fights the norm. Nor on
-    the parameters whose name ``exempt`` accepts."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # named_parameters lists tied weights once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and not (exempt and exempt(name)) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _recurrent_projection(name: str) -> bool:
-    return "mixer.in_proj" in name  # a minRNN's gate and candidate projection
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """The engine's AdamW for ``model`` on ``device``: ``param_groups`` (decay on matrices only, and
-    on the recurrence's projection unless ``decay_recurrence`` is false), the config's lr and
-    betas, the fused kernel unless ``fused_optimizer`` is false."""
-    exempt = None if config.decay_recurrence else _recurrent_projection
-    fused = config.fused_optimizer
-    return torch.optim.AdamW(param_groups(model, config.weight_decay, exempt), lr=config.lr,
-                             betas=(config.beta1, config.beta2), fused=fused or None,
-                             foreach=device.type == "cuda" and not fused)
-
-
-def autocast_context(config: TrainConfig, device: torch.device):
-    if config.dtype == "bfloat16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ConfigError("dtype = bfloat16 asked for, but this GPU does not support bfloat16")
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def text_setup(config: TrainConfig, dist: Dist, resumed_tokenizer=None):
     """(splits, tokenizer) of ``config.data``: on a fresh start rank 0 builds the tokenizer from
     the data (the others read it back once rank 0 has saved it: None here); a resumed run
     passes the tokenizer it was trained with."""
-    from ..data.text import load_splits
-    from ..data.tokenizers import build_tokenizer
-
     splits = load_splits(config.data, config.data_dir or None)
     if resumed_tokenizer is not None or not dist.is_main:
         return splits, resumed_tokenizer
-    text = "".join(splits.values()) if config.tokenizer == "char" else splits["train"]
-    return splits, build_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
+    return splits, text_tokenizer(splits, config.tokenizer, config.bpe_vocab_size)
 
 
-def text_workload(config: TrainConfig, tokenizer, splits: dict[str, str]) -> TextWorkload:
-    return TextWorkload.from_splits({"train": splits["train"], "valid": splits["valid"]}, tokenizer,
-                                    seq_len=config.seq_len, batch_size=config.batch_size,
-                                    grad_accum=config.grad_accum, eval_windows=config.eval_windows,
-                                    seed=config.seed, name=config.data)
+def config_workload(config: TrainConfig, tokenizer, splits: dict[str, str]) -> TextWorkload:
+    """The text workload of ``config`` (train on train, evaluate on valid)."""
+    return text_workload(splits, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
+                         grad_accum=config.grad_accum, eval_windows=config.eval_windows, seed=config.seed,
+                         name=config.data)
 
 
 class Trainer:
@@ -209,13 +161,13 @@ class Trainer:
             resumed = load_run_tokenizer(self.run_dir, loaded[0]) if loaded else None
             splits, self.tokenizer = text_setup(config, self.dist, resumed)
             if self.tokenizer is not None:
-                workload = text_workload(config, self.tokenizer, splits)
+                workload = config_workload(config, self.tokenizer, splits)
         self._on_main(lambda: self._prepare_run_dir(resume, overwrite))
         if workload is None:  # the other processes read rank 0's tokenizer back
             from ..data.tokenizers import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.run_dir)
-            workload = text_workload(config, self.tokenizer, splits)
+            workload = config_workload(config, self.tokenizer, splits)
         self.workload = workload
         self.spec = model or lm_spec(config, self.tokenizer)
 

@@ -113,6 +113,29 @@ class TextWorkload:
         return {"data": self.name, "train_tokens": self.tokens["train"].numel()}
 
 
+def text_tokenizer(splits: dict[str, str], kind: str, bpe_vocab_size: int = 8192, train_split: str = "train"):
+    """The tokenizer a text run builds from its data: a character vocabulary covers every split
+    given (as nanoGPT builds it), a BPE vocabulary is learnt from the train split only."""
+    from ..data.tokenizers import build_tokenizer
+
+    text = "".join(splits.values()) if kind == "char" else splits[train_split]
+    return build_tokenizer(kind, text, bpe_vocab_size)
+
+
+def text_workload(splits: dict[str, str], tokenizer, *, seq_len: int, batch_size: int, grad_accum: int = 1,
+                  eval_windows: int = 64, seed: int = 0, train_split: str = "train", eval_split: str = "valid",
+                  name: str = "text") -> TextWorkload:
+    """The workload of a text run (`minrnn train` and `minrnn compare` alike): ``splits[train_split]``
+    trains, ``eval_windows`` windows of ``splits[eval_split]`` evaluate, ``tokenizer`` encodes both."""
+    work = TextWorkload.from_splits({"train": splits[train_split], eval_split: splits[eval_split]}, tokenizer,
+                                    seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                                    eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name)
+    work.tokenizer = tokenizer
+    work.description = (f"{name} ({tokenizer.kind} tokens): {work.tokens['train'].numel():,} train tokens from "
+                        f"{train_split}, evaluated on {eval_split}")
+    return work
+
+
 class TaskWorkload:
     """A synthetic task: batches drawn from (seed, step, micro-step) at lengths in
     ``train_lengths``; loss and accuracy over the answer positions only, the accuracy the mean

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -11,10 +12,22 @@ pq = pytest.importorskip("pyarrow.parquet")
 pa = pytest.importorskip("pyarrow")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-from minrnn.data import download, locate_corpus  # noqa: E402
+from minrnn.data import CORPORA, download, locate_corpus  # noqa: E402
 from minrnn.data.text import DataError, load_splits  # noqa: E402
 
 TRAIN = " \n = A training text = \n \n It has lines , and blank ones . \n \n" * 50
+
+
+def _hub_sha1(split: str) -> str:
+    return CORPORA["wikitext-2"].hub.splits[split][2]
+
+
+def _with_hub_sha1(monkeypatch, split: str, sha1: str) -> None:
+    """wikitext-2's record with another published SHA-1 for ``split``."""
+    record = CORPORA["wikitext-2"]
+    hub_split, name, _ = record.hub.splits[split]
+    hub = dataclasses.replace(record.hub, splits={**record.hub.splits, split: (hub_split, name, sha1)})
+    monkeypatch.setitem(CORPORA, "wikitext-2", dataclasses.replace(record, hub=hub))
 
 
 def _hub_rows(text: str) -> list[str]:
@@ -46,9 +59,7 @@ def fake_hub(tmp_path, monkeypatch):
         return str(root)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    spec = dict(download.WIKITEXT["wikitext-2"])
-    spec["files"] = dict(spec["files"], train=("wiki.train.tokens", hashlib.sha1(TRAIN.encode()).hexdigest()))
-    monkeypatch.setitem(download.WIKITEXT, "wikitext-2", spec)
+    _with_hub_sha1(monkeypatch, "train", hashlib.sha1(TRAIN.encode()).hexdigest())
     monkeypatch.setenv("MINRNN_DATA_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("HOME", str(tmp_path))
     return calls, {"valid": valid, "test": test}
@@ -56,14 +67,14 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_the_hub_rows_rebuild_the_original_files(tmp_path, fake_hub):
     calls, originals = fake_hub
-    folder = download.download_wikitext("wikitext-2", tmp_path / "data")
+    folder = download.download_from_hub("wikitext-2", tmp_path / "data")
     assert calls == [{"repo_id": "Salesforce/wikitext", "repo_type": "dataset",
                          "allow_patterns": ["wikitext-2-v1/*.parquet"]}]
     assert sorted(p.name for p in folder.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
     # byte for byte the files the project's shared data holds (their SHA-256 is checked too)
     for split in ("valid", "test"):
         assert (folder / f"{split}.txt").read_text(encoding="utf-8") == originals[split]
-        assert download.WIKITEXT["wikitext-2"]["files"][split][1] == hashlib.sha1(originals[split].encode()).hexdigest()
+        assert _hub_sha1(split) == hashlib.sha1(originals[split].encode()).hexdigest()
     assert (folder / "train.txt").read_text() == TRAIN
 
 
@@ -77,11 +88,9 @@ def test_load_splits_downloads_once_then_reads_from_disk(tmp_path, fake_hub):
 
 
 def test_a_wrong_checksum_writes_nothing(tmp_path, fake_hub, monkeypatch):
-    spec = dict(download.WIKITEXT["wikitext-2"])
-    spec["files"] = dict(spec["files"], test=("wiki.test.tokens", "0" * 40))
-    monkeypatch.setitem(download.WIKITEXT, "wikitext-2", spec)
+    _with_hub_sha1(monkeypatch, "test", "0" * 40)
     with pytest.raises(ValueError, match=r"wikitext-2-v1/test rebuilt has sha1 \w+, expected 0{40}\. Nothing was"):
-        download.download_wikitext("wikitext-2", tmp_path / "data")
+        download.download_from_hub("wikitext-2", tmp_path / "data")
     assert not (tmp_path / "data" / "wikitext-2").exists()
     with pytest.raises(DataError, match="expected 0{40}"):
         load_splits("wikitext-2", str(tmp_path / "data"))
@@ -110,7 +119,7 @@ def test_offline_fails_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("MINRNN_DATA_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(OSError) as err:
-        download.download_wikitext("wikitext-103", tmp_path / "data")
+        download.download_from_hub("wikitext-103", tmp_path / "data")
     message = str(err.value)
     assert "\n" not in message and message.startswith("could not download Salesforce/wikitext/wikitext-103-v1")
     with pytest.raises(FileNotFoundError) as err:
@@ -122,5 +131,7 @@ def test_offline_fails_with_one_line(tmp_path, monkeypatch):
 
 
 def test_unknown_corpus_is_named():
-    with pytest.raises(KeyError, match="unknown WikiText corpus 'wikitext-3'"):
-        download.download_wikitext("wikitext-3")
+    with pytest.raises(KeyError, match="unknown corpus 'wikitext-3'"):
+        download.download_from_hub("wikitext-3")
+    with pytest.raises(KeyError, match="'tinyshakespeare' has no Hugging Face hub source"):
+        download.download_from_hub("tinyshakespeare")

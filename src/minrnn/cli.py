@@ -186,13 +186,16 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
 @subcommand("compare", "train every model of an experiment's preset with the same engine (resumable), "
                        "then write a Markdown table and plots to OUT/EXPERIMENT-PRESET/")
 def compare(p: argparse.ArgumentParser) -> Runner:
+    from .experiments import experiment_names  # the presets folder's files; imports no torch
+
     p.add_argument("experiment", metavar="EXPERIMENT",
-                   help="selective_copying, chomsky, shakespeare_char, wikitext2 (hyphens allowed), "
-                        "or text (your own corpus: --data FILE)")
-    p.add_argument("--preset", default="cpu", help="cpu (default), paper, or full (wikitext2)")
+                   help=f"one of {', '.join(experiment_names())} (a TOML file of minrnn/experiments/configs "
+                        "each; hyphens allowed); text trains on your own corpus (--data FILE)")
+    p.add_argument("--preset", default="cpu", help="a table of the experiment's file: cpu (default), paper, "
+                                                   "or another the file has (wikitext2: full, cpu_tuned)")
     p.add_argument("--data", default=None, metavar="FILE",
-                   help="text only: a text file (split 90/10 into train and validation) or a folder of "
-                        "train/valid files")
+                   help="text only: a text file (split 90/10 into train and validation), a folder of "
+                        "train/valid files or a named corpus")
     p.add_argument("--tokenizer", default=None, choices=["char", "byte", "bpe"],
                    help="text only: the tokenizer (default: the preset's, char)")
     p.add_argument("--models", default=None, metavar="A,B,...",
@@ -222,6 +225,9 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="CPU threads per run (torch, OpenMP, numba); default: every core")
+    p.add_argument("--in-process", action="store_true",
+                   help="train every run in this process instead of one process each (what a program that "
+                        "calls minrnn.cli.main has registered, models, corpora or cells, is then known to the runs)")
     p.add_argument("--keep-weights", action="store_true",
                    help="each run trained now also writes its final weights to RUN/weights.pt "
                         "(a torch state dict, for analyses of your own)")
@@ -237,7 +243,8 @@ def compare(p: argparse.ArgumentParser) -> Runner:
             tokenizer=args.tokenizer, steps=args.steps, eval_every=args.eval_every, seed=args.seed,
             device=str(args.device), dtype=args.dtype, data_dir=args.data_dir, sweep=not args.no_sweep,
             budget_s=args.budget_s, lr=args.lr, options=parse_options(args.options), optim=parse_optim(args.optim),
-            out=str(args.out), threads=args.threads, progress=not args.no_progress, keep_weights=args.keep_weights)
+            out=str(args.out), isolate=not args.in_process, threads=args.threads, progress=not args.no_progress,
+            keep_weights=args.keep_weights)
         md = run_compare(config)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")

@@ -76,8 +76,7 @@ def test_chomsky_reports_each_task_and_the_mean(tmp_path):
 
 def test_sweep_runs_every_value(tmp_path):
     runs = plan_runs("selective_copying", "cpu", ["mingru", "lstm"], steps=2)
-    assert [r.name for r in runs] == ["mingru-num_layers=1", "lstm-num_layers=1", "mingru-num_layers=2",
-                                      "lstm-num_layers=2", "mingru-num_layers=3", "lstm-num_layers=3"]
+    assert [r.name for r in runs] == [f"{m}-num_hidden_layers={n}" for n in (1, 2, 3) for m in ("mingru", "lstm")]
     assert len(plan_runs("selective_copying", "cpu", ["mingru"], sweep=False)) == 1
 
 
@@ -271,15 +270,15 @@ def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_pa
     md = compare("selective_copying", "cpu", ["mingru", "llama"], tmp_path, steps=1, eval_every=1,
                  isolate=False, log=lambda s: None, progress=False)
     text = md.read_text()
-    assert "steps to the best Transformer's best (same num_layers)" in text
-    assert "| model | num_layers=1 | num_layers=2 | num_layers=3 |" in text
+    assert "steps to the best Transformer's best (same num_hidden_layers)" in text
+    assert "| model | num_hidden_layers=1 | num_hidden_layers=2 | num_hidden_layers=3 |" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| llama-")}
     # each llama run reaches its own best at its one evaluation: 1 step, at every depth
     assert len(rows) == 3 and all(line.split("|")[8].strip() == "1" for line in rows.values())
     results = _results(md)
     matrix = [line for line in text.splitlines() if line.startswith("| mingru |")]
     want = [f"{r['final_split']['accuracy']:.3f}" for r in sorted(
-        (r for r in results if r["model"] == "mingru"), key=lambda r: r["sweep"]["num_layers"])]
+        (r for r in results if r["model"] == "mingru"), key=lambda r: r["sweep"]["num_hidden_layers"])]
     assert matrix == ["| mingru | " + " | ".join(want) + " |"]
 
 
@@ -313,6 +312,8 @@ def test_compare_text_on_a_users_file_end_to_end(tmp_path, capsys):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(experiment="text"), "--data: `compare text` needs"),
+    (dict(experiment="shakespeare_char", options={"mingru": {"width": 100, "hidden_size": 100}}),
+     "'width' and 'hidden_size' are one option"),
     (dict(experiment="shakespeare_char", data="x.txt"), "--data and --tokenizer are for `compare text`"),
     (dict(experiment="text", data="x.txt", tokenizer="words"), "--tokenizer must be one of"),
 ])

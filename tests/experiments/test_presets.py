@@ -57,12 +57,13 @@ def test_preset_names_known_things_and_every_model_fits_its_budget(experiment, n
 def test_paper_presets_hold_the_papers_numbers():
     sc = load_preset("selective_copying", "paper")
     assert sc.data == {"task": "selective_copying", "length": 4096, "num_tokens": 16}
-    assert sc.reference["width"] == 64 and sc.reference["expansion_factor"] == 6 and sc.reference["num_layers"] == 3
+    assert sc.reference["hidden_size"] == 64 and sc.reference["expansion_factor"] == 6
+    assert sc.reference["num_hidden_layers"] == 3
     assert sc.common["dropout"] == 0.1
     assert (sc.train["batch_size"], sc.train["grad_accum"], sc.train["lr"], sc.train["steps"]) == (64, 2, 3e-4, 400_000)
     ch = load_preset("chomsky", "paper")
     assert ch.data["train_lengths"] == [1, 40] and ch.eval_lengths() == list(range(40, 257))
-    assert (ch.reference["width"], ch.reference["num_layers"], ch.train["batch_size"]) == (256, 2, 128)
+    assert (ch.reference["hidden_size"], ch.reference["num_hidden_layers"], ch.train["batch_size"]) == (256, 2, 128)
     assert load_preset("chomsky", "cpu").eval_lengths()[-1] == 256
     sh = load_preset("shakespeare_char", "paper")
     assert (sh.train["seq_len"], sh.train["batch_size"], sh.train["steps"], sh.common["dropout"]) == (256, 64, 5000, 0.2)
@@ -74,7 +75,7 @@ def test_wikitext2_cpu_tuned_is_the_cpu_preset_but_for_the_tuned_settings():
                                                                            cpu.target_params)
     assert tuned.models == ("mingru", "llama") and tuned.extra_models == ("mingru-hybrid",)
     # the hybrid: minGRU's shape and optimiser settings, its second block attention
-    shape = {"num_layers": 2, "expansion_factor": 4}
+    shape = {"num_hidden_layers": 2, "expansion_factor": 4}
     assert tuned.per_model == {"mingru": shape, "mingru-hybrid": shape}
     assert tuned.train_settings("mingru-hybrid") == tuned.train_settings("mingru")
     assert {m: tuned.train_settings(m)["weight_decay"] for m in tuned.models} == {"mingru": 1.25, "llama": 0.75}
@@ -87,9 +88,10 @@ def test_budget_follows_the_reference_and_the_sweep():
     sc = load_preset("selective_copying", "cpu")
     assert sc.model_settings("mingru", 16) == (None, {**sc.common, **{k: v for k, v in sc.reference.items() if k != "name"}})
     full, _ = sc.model_settings("gru", 16)
-    one, overrides = sc.model_settings("gru", 16, num_layers=1)
-    assert one < full and overrides["num_layers"] == 1
-    with pytest.raises(KeyError, match="not 'rwkv'"):
+    one, overrides = sc.model_settings("gru", 16, num_hidden_layers=1)
+    assert one < full and overrides["num_hidden_layers"] == 1
+    assert sc.model_settings("gru", 16, num_layers=1) == (one, overrides)  # the earlier name, read as the new
+    with pytest.raises(KeyError, match="baseline\\), not 'rwkv'"):
         sc.model_settings("rwkv", 16)
 
 
@@ -172,9 +174,50 @@ def test_extra_models_run_only_when_named(tmp_path):
     with pytest.raises(CompareError, match="mingru-signed has no option 'no_such_key'"):
         plan_runs(CompareConfig("chomsky", "cpu", models=["mingru-signed"],
                                 options={"mingru-signed": {"no_such_key": 1}}))
-    with pytest.raises(CompareError, match=r"--models: \['mamba'\] not in the chomsky/cpu preset's"):
-        plan_runs(CompareConfig("chomsky", "cpu", models=["mamba"]))
+    with pytest.raises(CompareError, match=r"--models: \['mamda'\] not in the chomsky/cpu preset's .* nor a "
+                                           "registered baseline"):
+        plan_runs(CompareConfig("chomsky", "cpu", models=["mamda"]))
+    # a registered family the preset leaves out: run when named, to the budget with the common settings
+    (run,) = plan_runs(CompareConfig("chomsky", "cpu", models=["mamba"], tasks=["parity_check"]))
+    target, overrides = preset.model_settings("mamba", 8)
+    assert run.model == "mamba" and overrides == preset.common and target == preset.model_settings("llama", 8)[0]
     path = tmp_path / "mine.toml"
     path.write_text(GOOD.replace('models = ["gru"]', 'models = ["gru"]\nextra_models = ["gru"]'))
     with pytest.raises(PresetError, match="extra_models must name baselines not in models"):
+        load_preset_file(path, "p")
+
+
+def test_earlier_names_are_read_as_the_current_ones(tmp_path):
+    """width / num_layers / tie_embeddings and a text preset's eval_batches (x batch_size windows) still load,
+    as the preset written with MinRNNConfig's and TrainConfig's names."""
+    text = """[p]
+description = "d"
+source = "s"
+models = ["gru", "mingru"]
+[p.data]
+corpus = "tinyshakespeare"
+tokenizer = "char"
+[p.reference]
+name = "gru"
+{ref}
+[p.per_model.mingru]
+{mingru}
+[p.sweep]
+{sweep}
+[p.train]
+batch_size = 3
+{evaluation}
+"""
+    old, new = tmp_path / "old" / "mine.toml", tmp_path / "new" / "mine.toml"
+    for path, names in ((old, ("width", "num_layers", "tie_embeddings", "eval_batches = 4")),
+                        (new, ("hidden_size", "num_hidden_layers", "tie_word_embeddings", "eval_windows = 12"))):
+        path.parent.mkdir()
+        width, layers, tie, evaluation = names
+        path.write_text(text.format(ref=f"{width} = 32\n{layers} = 1", mingru=f"{tie} = false",
+                                    sweep=f"{layers} = [1, 2]", evaluation=evaluation))
+    assert load_preset_file(old, "p") == load_preset_file(new, "p")
+    assert load_preset_file(new, "p").train["eval_windows"] == 12
+    path = tmp_path / "both.toml"
+    path.write_text(text.format(ref="width = 32\nhidden_size = 32", mingru="", sweep="", evaluation=""))
+    with pytest.raises(PresetError, match=r"both.toml \[p\].reference: 'width' and 'hidden_size' are one option"):
         load_preset_file(path, "p")

@@ -171,8 +171,8 @@ def test_generation_streams_token_by_token(trained_run):
 def test_wikitext_checksums_match_the_shared_files():
     import hashlib
 
-    from minrnn.data import download, locate_corpus
+    from minrnn.data import CORPORA, locate_corpus
 
     for split in ("valid", "test"):
         data = locate_corpus("wikitext-2", split).read_bytes()
-        assert hashlib.sha1(data).hexdigest() == download.WIKITEXT["wikitext-2"]["files"][split][1]
+        assert hashlib.sha1(data).hexdigest() == CORPORA["wikitext-2"].hub.splits[split][2]

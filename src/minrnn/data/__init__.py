@@ -1,5 +1,6 @@
-"""Text corpora and tokenisers; the synthetic tasks arrive with the experiments."""
+"""Text corpora (one `Corpus` record each, `register_corpus` for more) and tokenisers; the
+synthetic tasks arrive with the experiments."""
 
-from .corpora import CORPORA, locate_corpus
+from .corpora import CORPORA, Corpus, CorpusFile, HubSource, get_corpus, locate_corpus, register_corpus
 
-__all__ = ["CORPORA", "locate_corpus"]
+__all__ = ["CORPORA", "Corpus", "CorpusFile", "HubSource", "get_corpus", "locate_corpus", "register_corpus"]

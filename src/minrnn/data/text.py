@@ -1,11 +1,11 @@
 """Text splits for language-model training, and the windows a run reads from them.
 
 `load_splits` turns the config's ``data`` into {"train": str, "valid": str[, "test": str]}:
-  - a named corpus: tinyshakespeare, found by `locate_corpus` (downloaded first, with its
-    checksum checked, when it is missing and a network is there); wikitext-2 / wikitext-103,
-    a folder of that name in the data directories holding train/valid/test files (downloaded
-    from the Salesforce release, SHA-1 checked, when no such folder exists; files whose
-    SHA-256 is recorded are checked too);
+  - a named corpus (a record of minrnn.data.corpora, e.g. tinyshakespeare, wikitext-2): one
+    file split by its ``train_fraction`` (downloaded first, its checksum checked, when it is
+    missing and a network is there), or a folder of that name in the data directories holding
+    train/valid[/test] files (fetched from the record's source when no such folder exists;
+    files whose SHA-256 is recorded are checked);
   - a text file: the first 90% of its characters train, the rest validate (nanoGPT's split);
   - a folder holding train/valid[/test] files (``train.txt``, ``valid.txt`` or ``val.txt``, ...).
 
@@ -22,25 +22,24 @@ from pathlib import Path
 
 import torch
 
-from .corpora import CORPORA, search_dirs, sha256_of
+from .corpora import CORPORA, locate_corpus, search_dirs, sha256_of
+from .download import download_from_hub, ensure_corpus
 
-# The named corpora that are one file (downloadable), and those that are a folder of splits.
-NAMED = ("tinyshakespeare",)  # one file, split 90/10 like nanoGPT
 _SPLIT_NAMES = {
     "train": ("train.txt", "train", "wiki.train.tokens", "train.tokens"),
     "valid": ("valid.txt", "val.txt", "validation.txt", "valid", "wiki.valid.tokens", "valid.tokens"),
     "test": ("test.txt", "test", "wiki.test.tokens", "test.tokens"),
 }
 TRAIN_FRACTION = 0.9
-FOLDER_CORPORA = ("wikitext-2", "wikitext-103")
 
 
 class DataError(ValueError):
     """Data that cannot be used as asked (the message says what and where)."""
 
 
-def split_90_10(text: str) -> dict[str, str]:
-    n = int(len(text) * TRAIN_FRACTION)
+def split_90_10(text: str, fraction: float = TRAIN_FRACTION) -> dict[str, str]:
+    """The first ``fraction`` of the characters train, the rest validate."""
+    n = int(len(text) * fraction)
     return {"train": text[:n], "valid": text[n:]}
 
 
@@ -51,24 +50,38 @@ def _read(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({e})") from None
 
 
-def load_splits(data: str, data_dir: str | None = None) -> dict[str, str]:
-    """The text of each split of ``data`` (see the module docstring)."""
-    if data in NAMED:
-        from .download import ensure_corpus
-
+def load_splits(data: str, data_dir: str | None = None, splits: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The text of each split of ``data`` (see the module docstring). ``splits``: only these, and
+    a named corpus whose files for them all have recorded checksums is read from those files
+    alone (the other splits need not be on disk)."""
+    corpus = CORPORA.get(data)
+    if corpus is not None and splits and all(s in corpus.files for s in splits):
         try:
-            return split_90_10(_read(ensure_corpus(data, "input", data_dir)))
+            return {s: _read(locate_corpus(data, s, data_dir)) for s in splits}
+        except ValueError as e:  # a checksum that differs
+            raise DataError(str(e)) from None
+    if corpus is not None and corpus.layout == "file":
+        try:
+            out = split_90_10(_read(ensure_corpus(data, "input", data_dir)), corpus.train_fraction)
         except ValueError as e:  # a file or a download whose checksum is wrong
             raise DataError(str(e)) from None
-    if data in FOLDER_CORPORA:
-        return _named_folder(data, data_dir)
-    path = Path(data).expanduser()
-    if path.is_file():
-        return split_90_10(_read(path))
-    if path.is_dir():
-        return {split: _read(f) for split, f in _folder_files(path).items()}
-    raise DataError(f"data {data!r} is neither a named corpus ({', '.join((*NAMED, *FOLDER_CORPORA))}) nor an "
-                    f"existing file or folder (looked for {path.resolve()})")
+    elif corpus is not None:
+        out = _named_folder(data, data_dir)
+    else:
+        path = Path(data).expanduser()
+        if path.is_file():
+            out = split_90_10(_read(path))
+        elif path.is_dir():
+            out = {split: _read(f) for split, f in _folder_files(path).items()}
+        else:
+            raise DataError(f"data {data!r} is neither a named corpus ({', '.join(CORPORA)}) nor an "
+                            f"existing file or folder (looked for {path.resolve()})")
+    if splits is None:
+        return out
+    missing = [s for s in splits if s not in out]
+    if missing:
+        raise DataError(f"data {data!r} has no {missing[0]} split here (found {', '.join(sorted(out))})")
+    return {s: out[s] for s in splits}
 
 
 def _folder_files(path: Path) -> dict[str, Path]:
@@ -96,22 +109,24 @@ def _named_folder(corpus: str, data_dir: str | None, download: bool = True) -> d
             tried[-1] += f" ({e})"
             continue
         for split, f in files.items():
-            spec = CORPORA.get(corpus, {}).get(split)
+            spec = CORPORA[corpus].files.get(split)
             if spec is not None and sha256_of(f) != spec.sha256:
                 raise DataError(f"{f} is not the {corpus} {split} file: its sha256 differs from the "
                                 f"published {spec.sha256}")
         return {split: _read(f) for split, f in files.items()}
-    from .download import WIKITEXT, download_wikitext
-
+    hub = CORPORA[corpus].hub
+    if hub is None:
+        raise FileNotFoundError(f"{corpus} not found; looked in: {'; '.join(tried)}. Put its train/valid[/test] "
+                                "files in a folder of that name in one of these places")
     if not download:
         raise FileNotFoundError(f"{corpus} not found after downloading it; looked in: {'; '.join(tried)}")
     try:
-        download_wikitext(corpus, data_dir)
+        download_from_hub(corpus, data_dir)
     except ValueError as e:  # a download whose checksum is wrong
         raise DataError(str(e)) from None
     except Exception as e:  # no network, HTTP error, DNS failure
         raise FileNotFoundError(
-            f"{corpus} not found; looked in: {'; '.join(tried)}; downloading {WIKITEXT[corpus]['url']} failed "
+            f"{corpus} not found; looked in: {'; '.join(tried)}; downloading {hub.url} failed "
             f"too ({e}). Put train.txt, valid.txt and test.txt (or wiki.*.tokens) in a folder {corpus}/ under "
             "MINRNN_DATA_DIR (or --data_dir), or pass --data FOLDER") from None
     return _named_folder(corpus, data_dir, download=False)

@@ -14,7 +14,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ..training.config import DTYPES, OPTIM_KEYS, TOKENIZERS, field_types
-from .presets import EXPERIMENTS, Preset, load_preset, tomllib
+from . import experiment_names
+from .baselines import BASELINES, canonical_options, get_baseline
+from .presets import Preset, load_preset, tomllib
 
 # What --optim may change: the optimiser's settings (the peak learning rate has its own --lr).
 COMPARE_OPTIM_KEYS = tuple(k for k in OPTIM_KEYS if k != "lr")
@@ -29,13 +31,14 @@ class CompareConfig:
     """A `minrnn compare` request: an experiment's preset and what to change of it.
 
     ``models``/``tasks``: subsets of the preset's (None: all). ``data``/``tokenizer``: the corpus
-    of the ``text`` experiment. ``sweep``: run the preset's sweep (e.g. depths 1, 2, 3).
+    of an experiment whose preset names none (``text``). ``sweep``: run the preset's sweep (e.g. depths 1, 2, 3).
     ``budget_s``: stop each run after this much training time. ``lr``: the peak learning rate of
     every run (min_lr scaled alike). ``options``: {model: {key: value}} build options on top of
     the preset's (``--set``). ``optim``: optimiser settings on top of the preset's (``--optim``).
-    ``isolate``: each run in its own process (its own peak memory; a crash loses one run).
-    ``threads``: CPU threads per run (needs ``isolate``). ``keep_weights``: each run also
-    writes its final weights to ``weights.pt``."""
+    ``isolate``: each run in its own process (its own peak memory; a crash loses one run);
+    without it every run trains in this process, so the models, corpora and cells this process
+    registered are known to them. ``threads``: CPU threads per run (needs ``isolate``).
+    ``keep_weights``: each run also writes its final weights to ``weights.pt``."""
 
     experiment: str
     preset: str = "cpu"
@@ -104,24 +107,27 @@ def digest_of(preset: Preset) -> str:
 def plan_runs(c: CompareConfig) -> list[RunSpec]:
     """The runs of ``c``, in order: Chomsky tasks x sweep values x models."""
     experiment = c.experiment.replace("-", "_")
-    if experiment not in EXPERIMENTS:
-        raise CompareError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+    if experiment not in experiment_names():
+        raise CompareError(f"unknown experiment {experiment!r}; known: {', '.join(experiment_names())}")
     try:
         preset = load_preset(experiment, c.preset)
     except KeyError as e:
         raise CompareError(f"--preset: {e.args[0]}") from None
-    if experiment == "text":
+    if preset.user_data:
         if not c.data:
-            raise CompareError("--data: `compare text` needs a text file or a folder of train/valid files")
+            raise CompareError(f"--data: `compare {experiment}` needs a text file, a folder of train/valid files "
+                               "or a named corpus")
     elif c.data or c.tokenizer:
         raise CompareError(f"--data and --tokenizer are for `compare text`; {experiment} has its own data")
     if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:
         raise CompareError(f"--tokenizer must be one of {TOKENIZERS}, got {c.tokenizer!r}")
     models = list(c.models or preset.models)
-    unknown = [m for m in models if m not in preset.available_models]
+    # beyond the preset's own models, any registered family: built with the preset's common
+    # settings to its budget, trained with its train table
+    unknown = [m for m in models if m not in preset.available_models and m not in BASELINES]
     if unknown:
         raise CompareError(f"--models: {unknown} not in the {experiment}/{c.preset} preset's "
-                           f"{list(preset.available_models)}")
+                           f"{list(preset.available_models)} nor a registered baseline ({', '.join(BASELINES)})")
     steps = preset.train["steps"] if c.steps is None else c.steps
     if steps < 1:
         raise CompareError(f"--steps must be >= 1, got {steps}")
@@ -147,12 +153,15 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
         raise CompareError(f"--lr must be a positive number, got {c.lr}")
     if c.threads is not None and not c.isolate:
         raise CompareError("threads needs isolated runs (a thread count is fixed per process)")
-    options = dict(c.options or {})
+    try:
+        options = {m: canonical_options(o, f"--set {m}") for m, o in (c.options or {}).items()}
+    except ValueError as e:
+        raise CompareError(str(e)) from None
     stray = [m for m in options if m not in models]
     if stray:
         raise CompareError(f"--set names {stray}, which this comparison does not run (its models: {models})")
     for m, opts in options.items():
-        unknown = sorted(set(opts) - _option_keys(m))
+        unknown = sorted(set(opts) - get_baseline(m).option_keys())
         if unknown:
             raise CompareError(f"--set {m}.{unknown[0]}: {m} has no option {unknown[0]!r} (transformers configs "
                                "would keep a misspelt key silently, so only known ones are taken)")
@@ -161,23 +170,6 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
     return [RunSpec(experiment, c.preset, m, steps, t, s, c.seed, c.device, c.dtype, c.data_dir, c.eval_every,
                     c.budget_s, digest, c.lr, dict(options.get(m, {})), dict(optim), c.data, c.tokenizer)
             for t in run_tasks for s in sweeps for m in models]
-
-
-def _option_keys(model: str) -> set[str]:
-    """The build options ``model`` knows: build_model's own, and its config's fields."""
-    from .baselines import GENERIC_KEYS, MINRNN_MODELS
-
-    keys = set(GENERIC_KEYS)
-    if model in MINRNN_MODELS:
-        from ..training.config import model_keys
-        return keys | set(model_keys())
-    if model in ("lstm", "gru"):
-        return keys
-    import transformers
-
-    config = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "mamba": "MambaConfig"}[model]
-    keys |= set(getattr(transformers, config)().to_dict())
-    return keys | ({"mamba_scan"} if model == "mamba" else set())
 
 
 def _toml_value(text: str):

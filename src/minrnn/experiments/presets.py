@@ -4,14 +4,16 @@
     target, overrides = preset.model_settings("llama", vocab_size=16)
     model = build_model("llama", 16, target, **overrides)
 
-One file per experiment (selective_copying, chomsky, shakespeare_char, wikitext2, and text: a
-user's own corpus given by ``--data``), one table
-per preset ("paper" and "cpu"; wikitext2 has "full" and "cpu", since the paper has no WikiText
-experiment). Each says where its numbers come from (``source``). A preset's tables:
+One file per experiment, found in that folder (selective_copying, chomsky, shakespeare_char,
+wikitext2, and text: a preset that names no data takes the user's corpus from ``--data``), one
+table per preset ("paper" and "cpu"; wikitext2 has "full" and "cpu", since the paper has no
+WikiText experiment). Each says where its numbers come from (``source``). A preset's tables:
 
     models          the models compared (names of minrnn.experiments.baselines.BASELINES)
     extra_models    optional: more models the preset sizes and sets up, run only when named
-                    (``--models``): variants beside the compared models, not in the default table
+                    (``--models``): variants beside the compared models, not in the default table.
+                    Any other registered baseline may be named too: it is built with ``common``
+                    to the preset's budget
     reference       a model whose parameter count every model is built to (name + overrides);
     target_params   or the budget as a number
     common          build_model overrides for every model (dropout, max_length, ...)
@@ -19,9 +21,14 @@ experiment). Each says where its numbers come from (``source``). A preset's tabl
     per_model_train.NAME  train settings for one model (its tuned learning rate; the preset
                     says how it was chosen)
     data            the task (task / tasks and their lengths) or the corpus and tokenizer
-    train           optimiser, schedule and evaluation: TrainConfig's names (LOOP_KEYS), the
-                    engine's defaults for what it leaves out, and EVAL_KEYS
+    train           optimiser, schedule and evaluation: TrainConfig's names (LOOP_KEYS:
+                    eval_windows for text), the engine's defaults for what it leaves out, and
+                    TASK_EVAL_KEYS for the synthetic tasks
     sweep           optional: lists of values of one override to repeat the comparison over
+
+Overrides use MinRNNConfig's names where they mean the same thing (hidden_size,
+num_hidden_layers, tie_word_embeddings); the earlier width, num_layers and tie_embeddings, and a
+text preset's eval_batches (x batch_size windows), are read as those.
 
 Presets are data: nothing here trains.
 """
@@ -42,11 +49,10 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 from ..data.corpora import CORPORA
 from ..data.tasks import CHOMSKY_TASKS, TASKS
 from ..training.config import OPTIM_KEYS, TOKENIZERS, field_types
-from .baselines import BASELINES, GENERIC_KEYS, build_model
+from . import CONFIG_DIR, experiment_names
+from .baselines import BASELINES, GENERIC_KEYS, build_model, canonical_options
 
-CONFIG_DIR = Path(__file__).with_name("configs")
-# "text" is a user's own corpus: its preset gives no corpus, `minrnn compare text --data FILE` does
-EXPERIMENTS = ("selective_copying", "chomsky", "shakespeare_char", "wikitext2", "text")
+EXPERIMENTS = experiment_names()
 SPLITS = ("train", "valid", "test")
 
 _TOP_KEYS = {"description": str, "source": str, "models": list, "extra_models": list, "target_params": int, "reference": dict,
@@ -57,12 +63,12 @@ _DATA_KEYS = {
     "tasks": list, "train_lengths": list, "eval_lengths": list, "eval_length_step": int,  # Chomsky
     "corpus": str, "tokenizer": str, "bpe_vocab_size": int, "train_split": str, "eval_split": str,  # text
 }
-# How a workload is evaluated (text: eval_batches x batch_size windows; tasks: eval_batches of
-# eval_batch_size sequences per length, drawn from val_seed, the final test from test_seed)
-EVAL_KEYS = {"eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int}
+# How a synthetic task is evaluated: eval_batches of eval_batch_size sequences per length, drawn
+# from val_seed, the final test from test_seed (text is evaluated on TrainConfig's eval_windows)
+TASK_EVAL_KEYS = {"eval_batches": int, "eval_batch_size": int, "val_seed": int, "test_seed": int}
 # The TrainConfig settings a preset's train table may give (the rest are the engine's defaults)
-LOOP_KEYS = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", *OPTIM_KEYS)
-_TRAIN_KEYS = {**{k: field_types()[k] for k in LOOP_KEYS}, **EVAL_KEYS}
+LOOP_KEYS = ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_windows", *OPTIM_KEYS)
+_TRAIN_KEYS = {**{k: field_types()[k] for k in LOOP_KEYS}, **TASK_EVAL_KEYS}
 _OPTIMISER_KEYS = {k: _TRAIN_KEYS[k] for k in OPTIM_KEYS}
 
 
@@ -97,6 +103,11 @@ class Preset:
         return {**self.train, **self.per_model_train.get(model, {})}
 
     @property
+    def user_data(self) -> bool:
+        """The preset names no corpus or task: the data comes from ``--data``."""
+        return not any(k in self.data for k in ("task", "tasks", "corpus"))
+
+    @property
     def tasks(self) -> tuple[str, ...]:
         """The synthetic tasks of the preset (empty for a text corpus)."""
         if "task" in self.data:
@@ -110,10 +121,13 @@ class Preset:
 
     def model_settings(self, model: str, vocab_size: int, **sweep) -> tuple[int | None, dict[str, Any]]:
         """(target_params, overrides) such that ``build_model(model, vocab_size, target_params,
-        **overrides)`` builds ``model`` as this preset says; ``sweep`` values (e.g. num_layers=2)
-        apply to every model, the reference included, so the budget follows them."""
-        if model not in self.available_models:
-            raise KeyError(f"{self.experiment}/{self.name} runs {list(self.available_models)}, not {model!r}")
+        **overrides)`` builds ``model`` as this preset says (a registered baseline the preset does
+        not name: with the common overrides, to the budget); ``sweep`` values (e.g.
+        num_hidden_layers=2) apply to every model, the reference included, so the budget follows them."""
+        if model not in self.available_models and model not in BASELINES:
+            raise KeyError(f"{self.experiment}/{self.name} runs {list(self.available_models)} (or another registered "
+                           f"baseline), not {model!r}")
+        sweep = canonical_options(sweep, "sweep")
         overrides = {**self.common, **self.per_model.get(model, {}), **sweep}
         if self.reference is None:
             return self.target_params, overrides
@@ -143,8 +157,33 @@ def _check_types(where: str, table: dict, schema: dict) -> None:
             _fail(where, f"{key} must be {want.__name__}, got {value!r}")
 
 
+def _canonical(table: dict, where: str) -> dict:
+    """The preset's overrides under their current names (ALIASES read as the names they stand for),
+    and text evaluation as eval_windows (eval_batches x batch_size, the earlier setting)."""
+    table = dict(table)
+    try:
+        for key in ("common", "reference", "sweep"):
+            if isinstance(table.get(key), dict):
+                table[key] = canonical_options(table[key], f"{where}.{key}")
+        if isinstance(table.get("per_model"), dict):
+            table["per_model"] = {m: canonical_options(v, f"{where}.per_model.{m}") if isinstance(v, dict) else v
+                                  for m, v in table["per_model"].items()}
+    except ValueError as e:
+        raise PresetError(str(e)) from None
+    data, train = table.get("data"), table.get("train")
+    if isinstance(train, dict) and isinstance(data, dict) and "eval_batches" in train \
+            and not any(k in data for k in ("task", "tasks")):
+        train = dict(train)
+        if "eval_windows" in train:
+            _fail(where + ".train", "eval_batches and eval_windows: give eval_windows only")
+        train["eval_windows"] = train.pop("eval_batches") * train.get("batch_size", 1)
+        table["train"] = train
+    return table
+
+
 def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
     _check_types(where, table, _TOP_KEYS)
+    table = _canonical(table, where)
     for key in ("description", "source", "models", "data", "train"):
         if key not in table:
             _fail(where, f"missing {key!r}")
@@ -193,11 +232,13 @@ def _parse(experiment: str, name: str, table: dict, where: str) -> Preset:
         for key in ("train_split", "eval_split"):
             if key in data and data[key] not in SPLITS:
                 _fail(where + ".data", f"{key} must be one of {SPLITS}, got {data[key]!r}")
-    if experiment == "text":
-        if any(k in data for k in ("task", "tasks", "corpus")) or data.get("tokenizer") not in TOKENIZERS:
-            _fail(where + ".data", f"a text preset names no data (--data gives it) and a tokenizer of {TOKENIZERS}")
-    elif sum(k in data for k in ("task", "tasks", "corpus")) != 1:
-        _fail(where + ".data", "name exactly one of task, tasks (Chomsky) and corpus")
+    named = sum(k in data for k in ("task", "tasks", "corpus"))
+    if named == 0 and data.get("tokenizer") not in TOKENIZERS:
+        _fail(where + ".data", f"a preset that names no data (--data gives it) needs a tokenizer of {TOKENIZERS}")
+    if named > 1:
+        _fail(where + ".data", "name at most one of task, tasks (Chomsky) and corpus (none: --data gives a text)")
+    if any(k in data for k in ("task", "tasks")) and "eval_windows" in train:
+        _fail(where + ".train", "eval_windows is for text; a task is evaluated on eval_batches x eval_batch_size")
     for key in ("train_lengths", "eval_lengths"):
         if key in data:
             pair = data[key]
@@ -225,7 +266,7 @@ def load_preset_file(path: str | Path, preset: str) -> Preset:
 def list_presets() -> dict[str, tuple[str, ...]]:
     """{experiment: (preset names)} of the presets shipped with minrnn."""
     out = {}
-    for experiment in EXPERIMENTS:
+    for experiment in experiment_names():
         with open(CONFIG_DIR / f"{experiment}.toml", "rb") as f:
             out[experiment] = tuple(tomllib.load(f))
     return out
@@ -233,6 +274,6 @@ def list_presets() -> dict[str, tuple[str, ...]]:
 
 def load_preset(experiment: str, preset: str) -> Preset:
     """A shipped preset, e.g. ``load_preset("chomsky", "cpu")``."""
-    if experiment not in EXPERIMENTS:
-        raise KeyError(f"unknown experiment {experiment!r}; known: {', '.join(EXPERIMENTS)}")
+    if experiment not in experiment_names():
+        raise KeyError(f"unknown experiment {experiment!r}; known: {', '.join(experiment_names())}")
     return load_preset_file(CONFIG_DIR / f"{experiment}.toml", preset)

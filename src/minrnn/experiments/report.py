@@ -1,9 +1,11 @@
 """The report of `minrnn compare`: ``results.md`` (one table per task, the steps each model needs
-to reach the best Transformer's best), ``results.json`` and the plots ``loss_vs_steps.png`` /
-``loss_vs_time.png``, written beside the ``runs/`` folder.
+to reach the best Transformer's best, the Transformers being the baselines of kind
+"transformer"), ``results.json`` and the plots ``loss_vs_steps.png`` / ``loss_vs_time.png``,
+written beside the ``runs/`` folder. A perplexity column appears where the corpus's record asks
+for one (minrnn.data.corpora).
 
 What the numbers are. Text: the validation loss during training is the mean next-token loss
-(nats) over ``eval_batches`` x ``batch_size`` windows spread evenly over the evaluation split;
+(nats) over ``eval_windows`` windows spread evenly over the evaluation split;
 the final loss is over every non-overlapping window of that split. Synthetic tasks: the loss
 and accuracy are over the answer positions only (targets aligned with the inputs, see
 minrnn.data.tasks); validation batches use ``val_seed``, the final test ``test_seed``. Wall
@@ -19,9 +21,19 @@ import math
 from pathlib import Path
 
 from .._files import write_atomic
+from ..data.corpora import CORPORA
+from .baselines import of_kind
 from .presets import Preset
 
-TRANSFORMERS = ("llama", "gpt2")
+
+def _perplexity(preset: Preset, results: list[dict]) -> bool:
+    """Whether the corpus (the preset's, or the one given by --data) asks for a perplexity column."""
+    corpus = preset.data.get("corpus") or results[0].get("spec", {}).get("data")
+    return corpus in CORPORA and CORPORA[corpus].perplexity
+
+
+def _perplexity_cell(loss: float) -> str:
+    return f"{math.exp(loss):.1f}" if loss < 700 else "inf"  # exp overflows a float past ~709
 
 
 def _steps_to_reach(result: dict, target: float, key: str, higher_better: bool) -> int | None:
@@ -48,6 +60,8 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
     if set_optim:
         lines += ["Optimiser settings from the command line (`--optim`), on top of the preset's: "
                   + ", ".join(f"{k}={v}" for k, v in set_optim) + ".", ""]
+    transformers = of_kind("transformer")
+    ppl = not task_kind and _perplexity(preset, results)
     groups: dict[str | None, list[dict]] = {}
     for r in results:
         groups.setdefault(r["task"], []).append(r)
@@ -58,7 +72,7 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
         # past overfitting) among the runs of its own sweep value (its depth, say), if any
         targets = {}
         for sweep in {json.dumps(r["sweep"], sort_keys=True) for r in rows}:
-            ref_rows = [r for r in rows if r["model"] in TRANSFORMERS
+            ref_rows = [r for r in rows if r["model"] in transformers
                         and json.dumps(r["sweep"], sort_keys=True) == sweep]
             if ref_rows:
                 best_tf = (max if task_kind else min)(ref_rows, key=lambda r: r["best_val"])
@@ -71,7 +85,7 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
         else:
             reach_name = "steps to Transformer's best"
         final_name = "test accuracy" if task_kind else "final loss, whole eval split"
-        extra = ["ppl"] if "wikitext" in preset.experiment else []
+        extra = ["ppl"] if ppl else []
         header = ["run", "params", "steps", "peak lr", f"final val {metric}", "best val (step)", final_name, *extra,
                   reach_name, "wall s", "tokens/s", "peak MiB"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -84,7 +98,7 @@ def report(results: list[dict], folder: Path, title: str, preset: Preset) -> Pat
             lr = r["lr"]
             cells = [r["run"], f"{r['params']:,}", steps_cell, f"{lr:g}", f"{r['final_val']:.4f}",
                      f"{r['best_val']:.4f} ({r['best_step']})",
-                     f"{final:.4f}", *([f"{math.exp(final):.1f}"] if extra else []),
+                     f"{final:.4f}", *([_perplexity_cell(final)] if extra else []),
                      "-" if reach is None else str(reach), f"{r['wall_s']:.0f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['peak_memory_mib']:.0f}"]
             lines.append("| " + " | ".join(cells) + " |")

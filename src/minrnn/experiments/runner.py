@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 
 from .._files import write_atomic
+from ..data.text import load_splits
 from ..training.config import TrainConfig
 from ..training.loop import ModelSpec, Trainer
 from ..training.metrics import read_metrics
-from ..training.workloads import TaskWorkload, TextWorkload
+from ..training.workloads import TaskWorkload, text_tokenizer, text_workload
 from .plan import CompareError, RunSpec
 from .presets import LOOP_KEYS, Preset, load_preset
 
@@ -53,31 +54,19 @@ def run_dir_of(out: Path, spec: RunSpec) -> Path:
 def make_workload(preset: Preset, spec: RunSpec):
     """The workload of a run: the preset's corpus (or ``spec.data``) or synthetic task."""
     data, train = preset.data, preset.train
-    if "corpus" in data or spec.experiment == "text":
-        from ..data.tokenizers import build_tokenizer
-
+    if "corpus" in data or preset.user_data:
         if spec.data:
-            from ..data.text import load_splits
-
-            text = load_splits(spec.data, spec.data_dir)
-            splits = {"train": text["train"], "eval": text["valid"]}
-            train_split, eval_split, name = "train", "valid", Path(spec.data).name
+            source, train_split, eval_split, name = spec.data, "train", "valid", Path(spec.data).name
         else:
+            source, name = data["corpus"], data["corpus"]
             train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "valid")
-            splits = _corpus_splits(data["corpus"], train_split, eval_split, spec.data_dir)
-            name = data["corpus"]
-        kind = spec.tokenizer or data["tokenizer"]
-        # a character vocabulary covers every split (as nanoGPT builds it); BPE learns from train only
-        vocab_text = splits["train"] + splits["eval"] if kind == "char" else splits["train"]
-        tokenizer = build_tokenizer(kind, vocab_text, data.get("bpe_vocab_size", 8192))
-        work = TextWorkload.from_splits(splits, tokenizer,
-                                        seq_len=train["seq_len"], batch_size=train["batch_size"],
-                                        grad_accum=train.get("grad_accum", 1),
-                                        eval_windows=train.get("eval_batches", 16) * train["batch_size"],
-                                        seed=spec.seed, eval_split="eval", name=name)
-        work.tokenizer = tokenizer
-        work.description = (f"{name} ({kind} tokens): train on {train_split}, evaluate on {eval_split}")
-        return work
+        splits = load_splits(source, spec.data_dir, splits=tuple(dict.fromkeys((train_split, eval_split))))
+        tokenizer = text_tokenizer(splits, spec.tokenizer or data["tokenizer"], data.get("bpe_vocab_size", 8192),
+                                   train_split)
+        return text_workload(splits, tokenizer, seq_len=train["seq_len"], batch_size=train["batch_size"],
+                             grad_accum=train.get("grad_accum", 1),
+                             eval_windows=train.get("eval_windows", TrainConfig.eval_windows), seed=spec.seed,
+                             train_split=train_split, eval_split=eval_split, name=name)
     options = {"num_tokens": data["num_tokens"]} if "num_tokens" in data else {}
     if "length" in data:  # selective copying: one length
         lengths, eval_lengths = (data["length"], data["length"]), [data["length"]]
@@ -87,22 +76,6 @@ def make_workload(preset: Preset, spec: RunSpec):
                         grad_accum=train.get("grad_accum", 1), eval_batches=train.get("eval_batches", 1),
                         eval_batch_size=train.get("eval_batch_size"), val_seed=train.get("val_seed", 0),
                         test_seed=train.get("test_seed", 1), seed=spec.seed, **options)
-
-
-def _corpus_splits(corpus: str, train_split: str, eval_split: str, data_dir: str | None) -> dict[str, str]:
-    from ..data.corpora import CORPORA, locate_corpus
-    from ..data.text import load_splits
-
-    """{"train": text, "eval": text} of a named corpus."""
-    known = CORPORA.get(corpus, {})
-    if train_split in known and eval_split in known:  # files checked by SHA-256, nothing to download
-        return {"train": locate_corpus(corpus, train_split, data_dir).read_text(encoding="utf-8"),
-                "eval": locate_corpus(corpus, eval_split, data_dir).read_text(encoding="utf-8")}
-    splits = load_splits(corpus, data_dir)
-    for split in (train_split, eval_split):
-        if split not in splits:
-            raise CompareError(f"{corpus} has no {split} split here (found {sorted(splits)})")
-    return {"train": splits[train_split], "eval": splits[eval_split]}
 
 
 def build_run_model(spec: RunSpec, preset: Preset, work) -> torch.nn.Module:

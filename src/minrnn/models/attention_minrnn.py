@@ -146,12 +146,12 @@ class MinRNNAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out_proj(y), new
 
-    def step(self, x: Tensor, past: AttentionWindow | None,
-             mask: Tensor | None = None) -> tuple[Tensor, AttentionWindow]:
-        """One position: x (B, D), past as ``forward``'s, mask (B,) bool or None.
-        Returns (y (B, D), this position's keys/values for the cache)."""
+    def step(self, x: Tensor, past: AttentionWindow | None, mask: Tensor | None = None,
+             residual: Tensor | None = None) -> tuple[Tensor, AttentionWindow]:
+        """One position: x (B, D), past as ``forward``'s, mask (B,) bool or None. Returns
+        (y (B, D), plus ``residual`` (B, D) when given; this position's keys/values for the cache)."""
         y, new = self.forward(x.unsqueeze(1), past, None if mask is None else mask.unsqueeze(1))
-        return y[:, 0], new
+        return (y[:, 0] if residual is None else residual + y[:, 0]), new
 
 
 __all__ = ["AttentionWindow", "MinRNNAttention", "attention_reference", "attention_fast", "every_third_block", "rope",

@@ -116,21 +116,30 @@ class MinRNNBlock(GradientCheckpointingLayer):
         x = hidden_states[:, 0]
         keep = None if mask is None else mask[:, 0]
         window, state = layer.step_inputs(*x.shape)
-        if self.conv is None:
+        # dropout only where it acts: its module call would cost more than the adds around it
+        drop = self.dropout if self.training and self.dropout.p > 0 else None
+        conv = self.conv
+        if conv is None:
             normed = self.rnn_norm.step(x)
         else:
-            window = self.conv.new_window(x) if window is None else window
-            if self.training and self.dropout.p > 0:  # dropout between the conv and the residual
-                y, window = self.conv.step(x, window, keep)
-                x = x + self.dropout(y)
+            window = conv.new_window(x) if window is None else window
+            if drop is None:
+                x, normed, window = conv.add_norm_step(x, window, keep, self.rnn_norm)
+            else:  # dropout between the conv and the residual
+                y, window = conv.step(x, window, keep)
+                x = x + drop(y)
                 normed = self.rnn_norm.step(x)
-            else:
-                x, normed, window = self.conv.add_norm_step(x, window, keep, self.rnn_norm)
-        y, state = self.mixer.step(normed, state, keep)
-        x = x + self.dropout(y)
-        if self.mlp is not None:
-            x = x + self.dropout(self.mlp.step(self.mlp_norm.step(x)))
-        layer.store_step(None if self.conv is None else window, state)
+        # without dropout the residual goes into the output projections' matmuls
+        if drop is None:
+            x, state = self.mixer.step(normed, state, keep, residual=x)
+        else:
+            y, state = self.mixer.step(normed, state, keep)
+            x = x + drop(y)
+        mlp = self.mlp
+        if mlp is not None:
+            normed = self.mlp_norm.step(x)
+            x = mlp.step(normed, residual=x) if drop is None else x + drop(mlp.step(normed))
+        layer.store_step(None if conv is None else window, state)
         return x.unsqueeze(1)
 
 

@@ -9,8 +9,10 @@
 
 A step runs the decoding kernels of ``minrnn.ops.step`` where they apply (float32/float64 CPU
 tensors, no gradient to record) and their torch references otherwise, so it is correct under
-autograd too. The Linear layers are called as modules in a step as in a forward (their hooks
-and wrappers, e.g. adapters, apply); the norms and the conv compute from their own weights.
+autograd too. A step's Linear layer is called as a module, its hooks and wrappers (adapters)
+applying as in a forward, unless it is exactly the model's class with no hooks: then its
+weights go to F.linear directly (nn.Module's call costs a few percent of a small model's
+decoding step). The norms and the conv compute a step from their own weights.
 
 This is the leaf of ``minrnn.models``: the attention mixer and the block import from here.
 """
@@ -24,10 +26,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.activations import ACT2FN
 
-from ..layers import projected_cell_sequence, projected_cell_step
+from ..layers import is_plain_linear, projected_cell_sequence, projected_cell_step
 from ..ops import step as S
 from ..ops.conv import causal_conv
 from ..ops.norm import rms_norm
+
+_ONE_CALL_DTYPES = (torch.float32, torch.float64)
+
+
+def linear_step(module: nn.Module, x: Tensor, cls: type = nn.Linear, residual: Tensor | None = None) -> Tensor:
+    """module(x) for a step, plus ``residual`` (B, out) when given: F.linear (or, with a residual,
+    one torch.addmm) on its weights where it is exactly ``cls`` with no hooks
+    (``minrnn.layers.is_plain_linear``, the rule of the fused sequence path), else the call.
+    Half precision adds the residual apart, rounding the sum as the sequence path does."""
+    if not is_plain_linear(module, cls):
+        y = module(x)
+    elif residual is not None and residual.dtype in _ONE_CALL_DTYPES:
+        out = torch.addmm(residual, x, module.weight.t())
+        bias = module.bias
+        return out if bias is None else out + bias
+    else:
+        y = F.linear(x, module.weight, module.bias)
+    return y if residual is None else residual + y
 
 
 class MinRNNRMSNorm(nn.Module):
@@ -137,6 +157,7 @@ class MinRNNMixer(nn.Module):
         self.spec = config.cell_spec
         self.cell = self.spec.name
         self.options = config.resolved_cell_options
+        self.option_values = self.spec.options(**self.options)  # in the spec's order, as the kernels take them
         self.backend = config.scan_backend
         self.rnn_hidden_size = config.rnn_hidden_size
         self.n_pre = self.spec.n_pre
@@ -158,11 +179,14 @@ class MinRNNMixer(nn.Module):
                                             plain=MinRNNGateProj)
         return self.out_proj(y), h_last
 
-    def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One position: x (B, D), h (B, E) or None (zeros), mask (B,) bool (False keeps h) or
-        None. Returns (y (B, D), the new h (B, E) in the state dtype)."""
-        y, state = projected_cell_step(self.spec, self.in_proj, x, h, self.options, mask)
-        return self.out_proj(y), state
+        None. Returns (y (B, D), plus ``residual`` (B, D) when given; the new h (B, E) in the
+        state dtype)."""
+        pre = linear_step(self.in_proj, x, MinRNNGateProj)
+        state = S.cell_step(self.spec, pre, h, self.option_values, mask)
+        return linear_step(self.out_proj, state.to(pre.dtype), MinRNNResidualOut, residual), state
 
 
 class MinRNNMLP(nn.Module):
@@ -178,9 +202,10 @@ class MinRNNMLP(nn.Module):
         """x (..., D) -> (..., D)."""
         return self.down_proj(self.act(self.up_proj(x)))
 
-    def step(self, x: Tensor) -> Tensor:
-        """x (B, D) -> (B, D): one position (the MLP keeps no state, so its forward)."""
-        return self.forward(x)
+    def step(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (B, D) -> (B, D), plus ``residual`` (B, D) when given: one position (the MLP keeps
+        no state: its forward's numbers)."""
+        return linear_step(self.down_proj, self.act(linear_step(self.up_proj, x)), MinRNNResidualOut, residual)
 
 
-__all__ = ["MinRNNRMSNorm", "MinRNNCausalConv", "MinRNNGateProj", "MinRNNResidualOut", "MinRNNMixer", "MinRNNMLP"]
+__all__ = ["linear_step", "MinRNNRMSNorm", "MinRNNCausalConv", "MinRNNGateProj", "MinRNNResidualOut", "MinRNNMixer", "MinRNNMLP"]

@@ -98,7 +98,7 @@ def test_auto_takes_the_kernel_on_cpu_and_the_reference_elsewhere(monkeypatch):
     assert len(calls) == 1
     # no numba: the reference, after one warning that the kernels are missing
     monkeypatch.setitem(ops.BACKENDS, "cpu", dataclasses.replace(spy, available=lambda: False))
-    monkeypatch.setattr(ops, "_SKIPPED_FOR_AUTO", set())
+    monkeypatch.setattr(ops.registry, "_SKIPPED_FOR_AUTO", set())
     with pytest.warns(RuntimeWarning, match="backend 'cpu' is not available"):
         causal_conv(x, w, b)
     assert len(calls) == 1

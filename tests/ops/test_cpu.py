@@ -118,7 +118,7 @@ def test_auto_prefers_cpu_kernels_and_falls_back_without_numba(monkeypatch):
     from dataclasses import replace
 
     monkeypatch.setitem(BACKENDS, "cpu", replace(BACKENDS["cpu"], available=lambda: False))
-    monkeypatch.setattr(minrnn.ops, "_SKIPPED_FOR_AUTO", set())
+    monkeypatch.setattr(minrnn.ops.registry, "_SKIPPED_FOR_AUTO", set())
     with pytest.warns(RuntimeWarning, match="'cpu' is not available .*numba"):  # said once, not silent
         assert resolve_backend("auto", torch.device("cpu")).name == "chunked"
     with pytest.raises(RuntimeError, match="backend 'cpu' is not available here.*numba"):

@@ -14,7 +14,7 @@ def missing_fast_backend(monkeypatch):
     be = ops.Backend("fake_fast", ops.BACKENDS["sequential"].fn, devices=frozenset({"cpu"}), auto_rank=0,
                      available=lambda: False, doc="needs a package that is not installed")
     monkeypatch.setitem(ops.BACKENDS, "fake_fast", be)
-    monkeypatch.setattr(ops, "_SKIPPED_FOR_AUTO", set())
+    monkeypatch.setattr(ops.registry, "_SKIPPED_FOR_AUTO", set())
     return be
 
 
@@ -28,7 +28,7 @@ def test_auto_falls_back_with_one_warning(missing_fast_backend):
 
 
 def test_no_warning_for_a_backend_of_another_device(monkeypatch):
-    monkeypatch.setattr(ops, "_SKIPPED_FOR_AUTO", set())
+    monkeypatch.setattr(ops.registry, "_SKIPPED_FOR_AUTO", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.resolve_backend("auto", torch.device("cpu"))  # triton (CUDA only) is skipped silently

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import resolve_backend
 from .checks import check_conv_args
 from .reference import causal_conv_reference
+from .registry import resolve_backend
 
 __all__ = ["causal_conv", "causal_conv_reference"]
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .checks import accumulation_dtype, check_scan_inputs
+from .registry import BACKENDS, check_backend_takes_cell
 
 CHUNK = 8
 
@@ -117,8 +118,6 @@ def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, m
     """The registered "log" backend's cells: the cell's log-gates (never a log of a sigmoid)
     into the log-space scan; a padded position is log a = 0, log b = -inf. A cell with
     transitions of either sign (no log form) is a ValueError."""
-    from . import BACKENDS, check_backend_takes_cell  # late import: the registry imports this module
-
     check_backend_takes_cell(spec, BACKENDS["log"])
     if h0 is not None and not bool((h0 >= 0).all()):
         raise ValueError("h0 has negative entries, which backend='log' cannot represent; "

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import resolve_backend
 from .checks import check_norm_args
 from .reference import rms_norm_reference
+from .registry import resolve_backend
 
 __all__ = ["rms_norm", "rms_norm_reference"]
 

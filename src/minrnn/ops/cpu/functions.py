@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..cells import get_cell
 from ..packing import pack_chunks
 from . import kernels
 from .launch import channel_block, contiguous_strides, flat_view, launch, new_output
@@ -265,14 +266,10 @@ def cpu_projected_cell(spec, x: Tensor, weight: Tensor, bias: Tensor | None, h0:
 
 def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None) -> Tensor:
     """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C); see ``cpu_cell``."""
-    from ..cells import get_cell
-
     return cpu_cell(get_cell("mingru"), (hidden, gate), h0, ())
 
 
 def cpu_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None,
                 normalize: bool = True) -> Tensor:
     """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
-    from ..cells import get_cell
-
     return cpu_cell(get_cell("minlstm"), (hidden, forget, input), h0, (bool(normalize),))

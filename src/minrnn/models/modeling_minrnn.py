@@ -7,8 +7,11 @@
 One block (Feng et al. 2024, the block of the paper's official code):
 
     x = x + Dropout(CausalDepthwiseConv(x))                 if use_conv
-    x = x + Dropout(Out(minRNN(In(RMSNorm(x)))))             In: D -> 2E (minGRU) or 3E (minLSTM)
+    x = x + Dropout(Out(minRNN(In(RMSNorm(x)))))             In: D -> n E (the cell's n pre-activations)
     x = x + Dropout(W2 act(W1 RMSNorm(x)))                  if use_mlp
+
+The modules are those of ``modules_minrnn`` (each with a forward and a one-token step) and, in
+a hybrid's attention blocks, ``attention_minrnn.MinRNNAttention`` in place of the minRNN mixer.
 
 Every position's output depends on positions <= t only, so the model can run a whole prompt
 in parallel (one scan), continue from a cache in chunks of any length, or decode one token

@@ -12,6 +12,7 @@ import torch
 
 pytest.importorskip("transformers")
 from minrnn.models import MinRNNConfig, MinRNNForCausalLM, MinRNNForSequenceClassification  # noqa: E402
+from minrnn.models.configuration_minrnn import OLD_KEYS  # noqa: E402
 from minrnn.ops.cells import get_cell  # noqa: E402
 
 from .conftest import random_ids, tiny_config  # noqa: E402
@@ -150,7 +151,8 @@ CASES = {
 
 
 def own_fields() -> set[str]:
-    return set(MinRNNConfig.__annotations__)
+    """The config's fields and the earlier names it maps."""
+    return set(MinRNNConfig.__annotations__) | set(OLD_KEYS)
 
 
 def test_every_field_of_the_model_config_has_a_case():

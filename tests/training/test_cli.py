@@ -180,7 +180,17 @@ def test_model_keys_match_the_model_config():
     # every field a trained model's shape or numbers depend on is a key; none the tokenizer sets
     own = set(MinRNNConfig.__annotations__) - {"vocab_size", "use_cache", "pad_token_id", "bos_token_id",
                                                "eos_token_id"}
-    assert set(keys) == own and keys["expansion_factor"] is float and keys["use_conv"] is bool
+    assert set(keys) == own | earlier and keys["expansion_factor"] is float and keys["use_conv"] is bool
+    assert keys["cell_options"] is dict and keys["forget_bias"] is float and keys["minlstm_normalize"] is bool
+
+
+def test_a_cell_options_table_survives_the_saved_config_and_the_command_line(tmp_path):
+    cfg = TrainConfig.from_file(TINY, {"model.cell": "minlstm", "model.cell_options": '{"normalize": false}'})
+    assert cfg.model["cell_options"] == {"normalize": False}
+    (tmp_path / "c.toml").write_text(cfg.to_toml())
+    assert TrainConfig.from_file(tmp_path / "c.toml") == cfg
+    with pytest.raises(ConfigError, match="model.cell_options expects dict"):
+        TrainConfig.from_file(TINY, {"model.cell_options": "[1]"})
 
 
 def test_lr_schedule_warmup_then_cosine():

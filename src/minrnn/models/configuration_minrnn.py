@@ -10,7 +10,6 @@ bad value fails there with a one-line ValueError naming the field, not later ins
 
 import functools
 import math
-from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict, validated_field
 from huggingface_hub.errors import StrictDataclassError
@@ -220,12 +219,6 @@ class MinRNNConfig(PreTrainedConfig):
     attention_window: int | None = validated_field(
         _optional_positive_int("attention_window", "None: full causal attention"), default=None)
     rope_theta: int | float = validated_field(_positive_number("rope_theta"), default=10000.0)
-
-    # The old keys, annotated so that readers of the annotations (the [model] table of a training
-    # config) accept them as this constructor does; ClassVar, so they are not fields.
-    forget_bias: ClassVar[float]
-    mingru_forget_bias: ClassVar[float]
-    minlstm_normalize: ClassVar[bool]
 
     def __post_init__(self, **kwargs):
         _map_old_keys(self, kwargs)

@@ -46,12 +46,14 @@ _NOT_MODEL_KEYS = {"vocab_size", "use_cache", "pad_token_id", "bos_token_id", "e
 
 @functools.cache
 def model_keys() -> dict[str, type]:
-    """{key: type} of the ``[model]`` table: MinRNNConfig's own fields (imports transformers)."""
+    """{key: type} of the ``[model]`` table: MinRNNConfig's own fields, and the earlier names it
+    still maps (``OLD_KEYS``), so that configs written before the rename load (imports transformers)."""
     from ..models import MinRNNConfig
+    from ..models.configuration_minrnn import OLD_KEYS
 
     out = {}
     for name, annotation in MinRNNConfig.__annotations__.items():
-        if name in _NOT_MODEL_KEYS:
+        if name in _NOT_MODEL_KEYS or typing.get_origin(annotation) is typing.ClassVar:
             continue
         # "X | None": the key takes an X (leaving it out keeps None); lists from TOML arrays
         args = set(typing.get_args(annotation)) - {type(None)}
@@ -59,6 +61,8 @@ def model_keys() -> dict[str, type]:
             out[name] = list
         else:
             out[name] = float if float in args else args.pop() if len(args) == 1 else annotation
+    for name, (_field, _option, _cells, kind) in OLD_KEYS.items():
+        out[name] = bool if kind == "bool" else float
     return out
 
 
@@ -324,8 +328,12 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
                 return int(text)
             if typ is float:
                 return float(text)
-            if typ is list:
-                return json.loads(text)  # from the command line: a JSON / TOML array such as [2, 5]
+            if typ in (list, dict):
+                # from the command line: a JSON array such as [2, 5], an object such as {"normalize": false}
+                parsed = json.loads(text)
+                if not isinstance(parsed, typ):
+                    raise ValueError
+                return parsed
         except ValueError:
             raise ConfigError(f"{key} expects {typ.__name__}, got {value!r}") from None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -342,6 +350,10 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, dict):  # an inline table, keys quoted
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return json.dumps(v)  # a JSON string is a valid TOML basic string
 
 

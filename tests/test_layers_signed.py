@@ -78,7 +78,7 @@ def test_language_model_on_a_signed_cell_generates_the_same_with_and_without_cac
     for cell in ("mingru_signed", "minlstm_signed"):
         torch.manual_seed(0)
         config = MinRNNConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, cell=cell, initializer_range=0.5,
-                              tie_word_embeddings=False, mingru_forget_bias=3.0)
+                              tie_word_embeddings=False, decay_bias=3.0)
         model = MinRNNForCausalLM(config).eval()
         gates = model.model.layers[0].mixer.spec
         assert gates.name == cell and gates.signed

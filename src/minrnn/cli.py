@@ -212,7 +212,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                                                             "the preset's own depth only")
     p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE", dest="options",
                    help="a build option for one model's runs on top of the preset's, e.g. "
-                        "mingru.mingru_forget_bias=3.0 (repeatable); use another --out")
+                        "mingru.decay_bias=3.0 (repeatable); use another --out")
     p.add_argument("--optim", action="append", default=[], metavar="KEY=VALUE",
                    help="an optimiser setting for every run on top of the preset's: weight_decay, beta1, beta2, "
                         "grad_clip, warmup_steps, min_lr, decay_recurrence or fused_optimizer (repeatable); use another --out")

@@ -182,9 +182,9 @@ def test_lr_override_sets_peak_and_floor_and_is_recorded(tmp_path):
 
 
 def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
-    opts = C.parse_options(["mingru.mingru_forget_bias=3.0", "mingru.use_conv=true", "llama.hidden_act=\"silu\""])
-    assert opts == {"mingru": {"mingru_forget_bias": 3.0, "use_conv": True}, "llama": {"hidden_act": "silu"}}
-    for bad in ("mingru_forget_bias=3", "mingru.=3", ".x=3", "mingru.x"):
+    opts = C.parse_options(["mingru.decay_bias=3.0", "mingru.use_conv=true", "llama.hidden_act=\"silu\""])
+    assert opts == {"mingru": {"decay_bias": 3.0, "use_conv": True}, "llama": {"hidden_act": "silu"}}
+    for bad in ("decay_bias=3", "mingru.=3", ".x=3", "mingru.x"):
         with pytest.raises(CompareError, match="expected MODEL.KEY=VALUE"):
             C.parse_options([bad])
     with pytest.raises(CompareError, match="mingru has no option 'mingru_forget_bais'"):
@@ -193,13 +193,13 @@ def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
     with pytest.raises(CompareError, match=r"--set names \['gru'\]"):
         plan_runs("selective_copying", "cpu", ["mingru"], steps=2, sweep=False, options={"gru": {"dropout": 0.1}})
     specs = plan_runs("selective_copying", "cpu", ["mingru", "lstm"], steps=1, eval_every=1, sweep=False,
-                      options={"mingru": {"mingru_forget_bias": 3.0}})
-    assert specs[0].options == {"mingru_forget_bias": 3.0} and specs[1].options == {}
+                      options={"mingru": {"decay_bias": 3.0}})
+    assert specs[0].options == {"decay_bias": 3.0} and specs[1].options == {}
     assert "options" not in specs[1].to_json()  # unset options are left out of spec.json
     md = compare("selective_copying", "cpu", ["mingru"], tmp_path, steps=1, eval_every=1, sweep=False,
-                 isolate=False, log=lambda s: None, progress=False, options={"mingru": {"mingru_forget_bias": 3.0}})
-    assert "mingru.mingru_forget_bias=3.0" in md.read_text()
-    assert _results(md)[0]["options"] == {"mingru_forget_bias": 3.0}
+                 isolate=False, log=lambda s: None, progress=False, options={"mingru": {"decay_bias": 3.0}})
+    assert "mingru.decay_bias=3.0" in md.read_text()
+    assert _results(md)[0]["options"] == {"decay_bias": 3.0}
     assert main(["compare", "selective_copying", "--models", "mingru", "--set", "mingru.nope=1",
                  "--out", str(tmp_path)]) == 2
     # the option reached the model: the gate's bias starts at -3 (checked on a fresh build)

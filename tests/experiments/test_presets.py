@@ -162,8 +162,8 @@ def test_extra_models_run_only_when_named(tmp_path):
     compared = {r.model for r in plan_runs(CompareConfig("chomsky", "cpu", tasks=["parity_check"]))}
     assert compared == {"mingru", "minlstm", "llama", "gpt2", "lstm", "gru"}
     runs = plan_runs(CompareConfig("chomsky", "cpu", models=["mingru-signed"], tasks=["parity_check"],
-                                   options={"mingru-signed": {"mingru_forget_bias": 2.0}}))
-    assert [(r.model, r.options) for r in runs] == [("mingru-signed", {"mingru_forget_bias": 2.0})]
+                                   options={"mingru-signed": {"decay_bias": 2.0}}))
+    assert [(r.model, r.options) for r in runs] == [("mingru-signed", {"decay_bias": 2.0})]
     # the extra model is the reference's block with the signed cell, at the same budget
     preset = load_preset("chomsky", "cpu")
     target, overrides = preset.model_settings("mingru-signed", 8)

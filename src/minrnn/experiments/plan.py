@@ -180,14 +180,14 @@ def _toml_value(text: str):
 
 
 def parse_options(items: list[str]) -> dict[str, dict]:
-    """``["mingru.mingru_forget_bias=3.0", ...]`` -> ``{"mingru": {"mingru_forget_bias": 3.0}}``;
+    """``["mingru.decay_bias=3.0", ...]`` -> ``{"mingru": {"decay_bias": 3.0}}``;
     values are read as TOML values (numbers, true/false, quoted strings), else kept as text."""
     out: dict[str, dict] = {}
     for item in items:
         target, eq, value = item.partition("=")
         model, dot, key = target.partition(".")
         if not (eq and dot and model and key):
-            raise CompareError(f"--set {item!r}: expected MODEL.KEY=VALUE, e.g. mingru.mingru_forget_bias=3.0")
+            raise CompareError(f"--set {item!r}: expected MODEL.KEY=VALUE, e.g. mingru.decay_bias=3.0")
         out.setdefault(model, {})[key] = _toml_value(value)
     return out
 

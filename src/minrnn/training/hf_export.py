@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._files import write_atomic
+from ..data.corpora import sha256_of
 from ..data.tokenizers import FILE as TOKENIZER_FILE
 from ..data.tokenizers import TokenizerError, hf_files, load_tokenizer
 from .checkpoint import (
@@ -107,8 +108,6 @@ def add_pretrained_files(checkpoint: str | Path, files: Mapping[str, bytes]) -> 
 
 
 def _describe(path: Path) -> dict:
-    from ..data.corpora import sha256_of
-
     return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 

@@ -4,6 +4,7 @@ registered from this file (no edit to src/), then run by `minrnn compare` or bui
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -149,3 +150,15 @@ def test_a_registered_cell_builds_to_the_budget(toy_cell):
     assert model.baseline.width == build_model("mingru", 65, 200_000).baseline.width
     logits = model(torch.randint(0, 65, (2, 9)))
     assert logits.shape == (2, 9, 65) and torch.isfinite(logits).all()
+
+
+def test_a_registered_cell_trains_through_compare(tmp_path, toy_cell, toy_corpus):
+    out = tmp_path / "out"
+    assert main(["compare", "text", "--data", "toy-corpus", "--models", "toygru,mingru", "--steps", "3",
+                 "--eval-every", "3", "--out", str(out), "--no-progress", "--in-process"]) == 0
+    results = json.loads((out / "text-cpu" / "results.json").read_text())
+    assert [r["model"] for r in results] == ["toygru", "mingru"]
+    toy, mingru = results
+    # minGRU's projections at minGRU's budget, trained by the same engine on the toy corpus
+    assert toy["params"] == mingru["params"] and toy["steps"] == 3 and toy["data"].startswith("toy-corpus")
+    assert math.isfinite(toy["final_val"]) and toy["final_val"] != mingru["final_val"]

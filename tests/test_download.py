@@ -15,6 +15,8 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 from minrnn.data import CORPORA, download, locate_corpus  # noqa: E402
 from minrnn.data.text import DataError, load_splits  # noqa: E402
 
+from .corpus import requires_corpus  # noqa: E402
+
 TRAIN = " \n = A training text = \n \n It has lines , and blank ones . \n \n" * 50
 
 
@@ -65,6 +67,7 @@ def fake_hub(tmp_path, monkeypatch):
     return calls, {"valid": valid, "test": test}
 
 
+@requires_corpus("wikitext-2", "valid", "test")
 def test_the_hub_rows_rebuild_the_original_files(tmp_path, fake_hub):
     calls, originals = fake_hub
     folder = download.download_from_hub("wikitext-2", tmp_path / "data")
@@ -78,6 +81,7 @@ def test_the_hub_rows_rebuild_the_original_files(tmp_path, fake_hub):
     assert (folder / "train.txt").read_text() == TRAIN
 
 
+@requires_corpus("wikitext-2", "valid", "test")
 def test_load_splits_downloads_once_then_reads_from_disk(tmp_path, fake_hub):
     calls, originals = fake_hub
     s = load_splits("wikitext-2", str(tmp_path / "data"))
@@ -87,6 +91,7 @@ def test_load_splits_downloads_once_then_reads_from_disk(tmp_path, fake_hub):
     assert len(calls) == 1, "found on disk the second time: no download"
 
 
+@requires_corpus("wikitext-2", "valid", "test")
 def test_a_wrong_checksum_writes_nothing(tmp_path, fake_hub, monkeypatch):
     _with_hub_sha1(monkeypatch, "test", "0" * 40)
     with pytest.raises(ValueError, match=r"wikitext-2-v1/test rebuilt has sha1 \w+, expected 0{40}\. Nothing was"):
@@ -96,6 +101,7 @@ def test_a_wrong_checksum_writes_nothing(tmp_path, fake_hub, monkeypatch):
         load_splits("wikitext-2", str(tmp_path / "data"))
 
 
+@requires_corpus("wikitext-2", "valid", "test")
 def test_local_files_and_minrnn_data_dir_need_no_hub(tmp_path, monkeypatch):
     def no_hub(**kwargs):
         raise AssertionError("the hub was asked for files that are on disk")

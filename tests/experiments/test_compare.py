@@ -14,6 +14,8 @@ from minrnn.experiments.compare import CompareConfig, CompareError, RunSpec, tra
 from minrnn.experiments.compare import compare as run_compare
 from minrnn.experiments.compare import plan_runs as plan
 
+from ..corpus import requires_corpus, shakespeare
+
 
 def compare(experiment, preset="cpu", models=None, out="runs/compare", log=print, **kwargs):
     return run_compare(CompareConfig(experiment, preset, models=models, out=str(out), **kwargs), log=log)
@@ -27,6 +29,7 @@ def _results(md):
     return json.loads((md.parent / "results.json").read_text())
 
 
+@requires_corpus("tinyshakespeare", "input")
 def test_shakespeare_two_steps_writes_table_and_plots(tmp_path):
     md = compare("shakespeare_char", "cpu", ["mingru", "llama", "lstm"], tmp_path, steps=2, eval_every=1,
                  isolate=False, log=lambda s: None, progress=False)
@@ -284,10 +287,8 @@ def test_sweep_report_holds_each_run_to_its_own_depth_and_adds_the_matrix(tmp_pa
 
 def test_compare_text_on_a_users_file_end_to_end(tmp_path, capsys):
     """`minrnn compare text --data FILE`: the file split 90/10, every model on the same tokens."""
-    from minrnn.data import locate_corpus
-
     data = tmp_path / "corpus.txt"
-    data.write_text(locate_corpus("tinyshakespeare", "input").read_text()[:30_000])
+    data.write_text(shakespeare(30_000))
     out = tmp_path / "out"
     assert main(["compare", "text", "--data", str(data), "--tokenizer", "byte", "--models", "mingru,llama",
                  "--steps", "2", "--eval-every", "1", "--out", str(out), "--no-progress"]) == 0

@@ -64,6 +64,7 @@ def test_hybrid_trains_a_few_steps_in_compare(tmp_path, name):
 def test_minrnn_train_reads_attention_fields_from_toml_and_command_line(tmp_path):
     from minrnn.training.config import ConfigError, TrainConfig, check_model_config
 
+    from ..corpus import shakespeare
     from ..training.conftest import TINY, minrnn
 
     config = tmp_path / "hybrid.toml"
@@ -77,7 +78,10 @@ def test_minrnn_train_reads_attention_fields_from_toml_and_command_line(tmp_path
     with pytest.raises(ConfigError, match=r"attention_layers must be indices in \[0, 2\)"):
         check_model_config(TrainConfig.from_file(config, {"model.attention_layers": "[5]"}).model)
     out = tmp_path / "run"
-    r = minrnn("train", config, "--out_dir", out, "--steps", 4, "--eval_every", 2, "--checkpoint_every", 2)
+    data = tmp_path / "text.txt"
+    data.write_text(shakespeare(20_000))
+    r = minrnn("train", config, "--data", data, "--out_dir", out, "--steps", 4, "--eval_every", 2,
+               "--checkpoint_every", 2)
     assert r.returncode == 0, r.stderr
     from minrnn.models import MinRNNForCausalLM
 

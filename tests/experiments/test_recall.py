@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minrnn.cli import main as minrnn
-from minrnn.data import locate_corpus
 
+from ..corpus import shakespeare
 from ..scripts import load_script
 
 recall = load_script("experiments", "recall")
@@ -85,7 +85,7 @@ def _eval_loss(run) -> float:
 
 def test_end_to_end_on_two_short_training_runs(tmp_path):
     data = tmp_path / "text.txt"
-    data.write_text(locate_corpus("tinyshakespeare", "input").read_text()[:30_000])
+    data.write_text(shakespeare(30_000))
     runs = [_train(tmp_path, "narrow", data, 0, 16), _train(tmp_path, "wide", data, 1, 32)]
     out = tmp_path / "recall.md"
     with contextlib.redirect_stdout(io.StringIO()):

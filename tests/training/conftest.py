@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from minrnn.data import locate_corpus
+from ..corpus import shakespeare
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "src" / "minrnn" / "training" / "presets" / "tiny_test.toml"
@@ -13,7 +13,7 @@ TINY = ROOT / "src" / "minrnn" / "training" / "presets" / "tiny_test.toml"
 @pytest.fixture(scope="session")
 def small_text(tmp_path_factory) -> Path:
     """The first 60,000 characters of tiny shakespeare: enough for the tests' windows, quick to tokenize."""
-    text = locate_corpus("tinyshakespeare", "input").read_text()[:60_000]
+    text = shakespeare(60_000)
     path = tmp_path_factory.mktemp("data") / "shakespeare_small.txt"
     path.write_text(text)
     return path

@@ -8,14 +8,10 @@ import torch
 
 from minrnn.training import checkpoint as ckpt
 
+from ..corpus import shakespeare  # noqa: F401  (the shipped sample: runs with no data folder)
+
 ROOT = Path(__file__).resolve().parents[2]
 SHAKESPEARE_HEAD = 60_000  # characters of tiny shakespeare the tests use: quick to tokenize
-
-
-def shakespeare(n: int = SHAKESPEARE_HEAD) -> str:
-    from minrnn.data import locate_corpus
-
-    return locate_corpus("tinyshakespeare", "input").read_text()[:n]
 
 
 def small_model(vocab_size: int, seed: int = 0, **config):

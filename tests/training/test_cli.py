@@ -9,6 +9,7 @@ import torch
 
 from minrnn.training.config import ConfigError, TrainConfig, model_keys, parse_overrides
 
+from ..corpus import requires_corpus
 from .conftest import TINY, minrnn
 from .conftest import assert_one_line_error as assert_user_error
 
@@ -89,6 +90,7 @@ def test_missing_named_corpus_says_where_it_looked(tmp_path, monkeypatch):
     assert not (tmp_path / "empty" / "tinyshakespeare" / "input.txt").exists()
 
 
+@requires_corpus("tinyshakespeare", "input")
 def test_download_writes_the_checked_file(tmp_path, monkeypatch):
     from minrnn.data import download, locate_corpus
 

@@ -15,6 +15,7 @@ from minrnn.data.tokenizers import (
     load_tokenizer,
 )
 
+from ..corpus import requires_corpus
 from .conftest import TINY, minrnn
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nÆsop's café — 10€\n" * 40
@@ -64,6 +65,7 @@ def test_splits_of_a_file_and_a_folder(tmp_path):
         load_splits(str(tmp_path / "nope"))
 
 
+@requires_corpus("tinyshakespeare", "input")
 def test_tinyshakespeare_split_is_nanogpts():
     s = load_splits("tinyshakespeare")
     assert len(s["train"]) == int(1115394 * 0.9) and len(s["train"]) + len(s["valid"]) == 1115394
@@ -85,6 +87,7 @@ def test_windows_are_a_function_of_seed_and_step():
     assert eval_offsets(40, 16, 10).numel() == 2
 
 
+@requires_corpus("wikitext-2", "valid")
 def test_bpe_run_on_a_folder_reports_bits_per_byte(tmp_path):
     from minrnn.data import locate_corpus
 
@@ -125,6 +128,7 @@ def _offline(url, timeout=30.0):
     raise OSError("no network in tests")
 
 
+@requires_corpus("wikitext-2", "valid")
 def test_named_wikitext_folder(tmp_path, monkeypatch):
     from minrnn.data import locate_corpus
 
@@ -168,6 +172,7 @@ def test_generation_streams_token_by_token(trained_run):
     assert tok.decode(logits.argmax(-1).tolist()) == text
 
 
+@requires_corpus("wikitext-2", "valid", "test")
 def test_wikitext_checksums_match_the_shared_files():
     import hashlib
 

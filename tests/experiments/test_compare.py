@@ -187,6 +187,9 @@ def test_lr_override_sets_peak_and_floor_and_is_recorded(tmp_path):
 def test_set_adds_a_model_option_records_it_and_refuses_unknown_keys(tmp_path):
     opts = C.parse_options(["mingru.decay_bias=3.0", "mingru.use_conv=true", "llama.hidden_act=\"silu\""])
     assert opts == {"mingru": {"decay_bias": 3.0, "use_conv": True}, "llama": {"hidden_act": "silu"}}
+    # a cell's options: a TOML inline table
+    assert C.parse_options(["minlstm.cell_options={normalize = false}"]) == {
+        "minlstm": {"cell_options": {"normalize": False}}}
     for bad in ("decay_bias=3", "mingru.=3", ".x=3", "mingru.x"):
         with pytest.raises(CompareError, match="expected MODEL.KEY=VALUE"):
             C.parse_options([bad])

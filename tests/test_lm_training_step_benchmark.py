@@ -9,13 +9,18 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
+from .corpus import requires_corpus  # noqa: E402
 from .scripts import load_script  # noqa: E402
+
+# the benchmark reads the preset's corpus itself (checked against its checksum)
+NEEDS_SHAKESPEARE = requires_corpus("tinyshakespeare", "input")
 
 
 def _load():
     return load_script("benchmarks", "lm_training_step")
 
 
+@NEEDS_SHAKESPEARE
 def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
     bench = _load()
     out = tmp_path / "step.json"
@@ -33,6 +38,7 @@ def test_a_short_run_writes_a_row_per_model(tmp_path, capsys):
     assert res["markdown"] in capsys.readouterr().out
 
 
+@NEEDS_SHAKESPEARE
 def test_norm_both_adds_a_row_with_the_torch_norm_for_the_minrnn_models_only(tmp_path):
     bench = _load()
     out = tmp_path / "step.json"
@@ -75,6 +81,7 @@ def test_the_gemm_replay_covers_every_linear_call_of_a_step():
     bench._gemm_replay(calls)()  # runs on tensors of those shapes
 
 
+@NEEDS_SHAKESPEARE
 def test_a_variant_is_the_model_built_with_that_option_in_a_row_of_its_own(tmp_path):
     bench = _load()
     out = tmp_path / "step.json"
@@ -86,6 +93,7 @@ def test_a_variant_is_the_model_built_with_that_option_in_a_row_of_its_own(tmp_p
     assert rows["mingru (width=120)"]["params"] != rows["mingru"]["params"]
 
 
+@NEEDS_SHAKESPEARE
 @pytest.mark.parametrize("bad", ["mingru", "mingru.width", "mingru.no_such_option=1", "mingru.width=64"])
 def test_a_bad_variant_is_a_usage_error(bad, tmp_path):
     with pytest.raises(SystemExit) as e:

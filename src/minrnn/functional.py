@@ -8,7 +8,10 @@ Layout: pre-activations are (B, T, C); h0 is (B, C); a padding mask is (B, T) bo
 False for padding. h0 is a state, a value of h: it is never passed through g (that is the
 usual bug that makes parallel and step mode disagree once a state is carried between
 calls). A padded position is the identity of the recurrence (a = 1, b = 0): the state
-passes through it unchanged.
+passes through it unchanged. A document start (``reset`` (B, T) bool, True at a document's
+first token) forgets the state before it (a = 0, so h = b there): documents packed in one row
+give what each gives alone. Both are masks of the same kind, applied to the gates
+(``minrnn.ops.cells.apply_boundaries``) or inside a backend's kernels.
 
 float16/bfloat16 inputs are computed in float32; h comes back in the input dtype and the
 final state stays float32 so that a state carried across calls is not rounded.
@@ -24,6 +27,7 @@ from .ops import check_backend_takes_cell, resolve_backend
 from .ops.cells import (  # noqa: F401  (the gates are part of this module's API)
     CELLS,
     CellSpec,
+    apply_boundaries,
     g,
     get_cell,
     identity_where_masked,
@@ -38,6 +42,7 @@ from .ops.checks import (
     check_finite_state,
     check_float_tensor,
     check_mask,
+    check_reset,
     check_sequences,
     state_dtype,
 )
@@ -99,7 +104,8 @@ def _cell_name(base: str, signed) -> str:
 
 
 def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = None, *, mask: Tensor | None = None,
-             mode: str = "parallel", backend: str = "auto", **options) -> tuple[Tensor, Tensor]:
+             reset: Tensor | None = None, mode: str = "parallel", backend: str = "auto",
+             **options) -> tuple[Tensor, Tensor]:
     """Any cell over a sequence.
 
     Args:
@@ -108,6 +114,8 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
         pre: the cell's pre-activations, one (B, T, C) tensor per name in its ``pre_names``.
         h0: (B, C) start state (a value of h), zeros when None; float32 beside half inputs.
         mask: (B, T) bool, False where a position is padding (an identity step), or None.
+        reset: (B, T) bool, True where a document starts (the state before it is forgotten:
+            a = 0), or None. A reset at t = 0 ignores h0.
         mode: "parallel" (a scan backend) or "sequential" (the step loop).
         backend: scan backend for mode="parallel"; see ``minrnn.scan``. A signed cell
             (transitions in (-1, 1)) on backend "log" is a ValueError.
@@ -127,6 +135,7 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     B, T, _ = pre[0].shape
     check_mask(mask, (B, T), pre[0].device, "(batch, time)")
+    check_reset(reset, (B, T), pre[0].device, "(batch, time)")
     check_finite_state(h0)
     cdt = accumulation_dtype(in_dtype)
     pre = tuple(p.to(cdt) for p in pre)
@@ -137,26 +146,28 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
     if mode == "sequential":
         h, out = h0, []
         masks = mask.unbind(1) if mask is not None else [None] * T
-        for step, m in zip(zip(*(p.unbind(1) for p in pre)), masks):  # unbind: see ops/reference.py
-            h = spec.step(step, h, opts, m)
+        resets = reset.unbind(1) if reset is not None else [None] * T
+        for step, m, r in zip(zip(*(p.unbind(1) for p in pre)), masks, resets):  # unbind: see ops/reference.py
+            h = spec.step(step, h, opts, m, r)
             out.append(h)
         h = torch.stack(out, dim=1)
     else:
         be = resolve_backend(backend, pre[0].device)
         check_backend_takes_cell(spec, be)
-        if be.runs_cell(spec, masked=mask is not None):
-            h = be.cell(spec, pre, h0, opts, mask)
+        if be.runs_cell(spec, masked=mask is not None, resets=reset is not None):
+            # a backend that takes no resets is never handed the keyword
+            h = be.cell(spec, pre, h0, opts, mask) if reset is None else be.cell(spec, pre, h0, opts, mask, reset=reset)
         else:
             def gates(*p):
-                a, b = spec.gates(*p, *opts)
-                return (a, b) if mask is None else identity_where_masked(a, b, mask)
+                return apply_boundaries(*spec.gates(*p, *opts), mask, reset)
 
             h = _RecomputeGates.apply(gates, be.fn, h0, *pre)
     return h.to(in_dtype), h[:, -1]
 
 
 def mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, mask: Tensor | None = None,
-           mode: str = "parallel", backend: str = "auto", signed: bool = False) -> tuple[Tensor, Tensor]:
+           reset: Tensor | None = None, mode: str = "parallel", backend: str = "auto",
+           signed: bool = False) -> tuple[Tensor, Tensor]:
     """minGRU over a sequence.
 
     Args:
@@ -164,18 +175,20 @@ def mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, mask: Tens
         gate: (B, T, C) update-gate pre-activation (z = sigmoid(gate)).
         h0: (B, C) start state (a value of h, not passed through g), zeros when None.
         mask: (B, T) bool, False at padded positions (identity steps), or None.
+        reset: (B, T) bool, True where a document starts (the state is forgotten), or None.
         mode: "parallel" (a scan backend) or "sequential" (the step loop).
         backend: scan backend for mode="parallel"; see ``minrnn.scan``.
         signed: the "mingru_signed" cell, a = 1 - 2z in (-1, 1) (not on backend "log").
     Returns:
         (h, h_last): h (B, T, C) every state, h_last (B, C) the final one.
     """
-    return run_cell(_cell_name("mingru", signed), (hidden, gate), h0, mask=mask, mode=mode, backend=backend)
+    return run_cell(_cell_name("mingru", signed), (hidden, gate), h0, mask=mask, reset=reset, mode=mode,
+                    backend=backend)
 
 
 def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, *,
-            normalize: bool = True, mask: Tensor | None = None, mode: str = "parallel",
-            backend: str = "auto", signed: bool = False) -> tuple[Tensor, Tensor]:
+            normalize: bool = True, mask: Tensor | None = None, reset: Tensor | None = None,
+            mode: str = "parallel", backend: str = "auto", signed: bool = False) -> tuple[Tensor, Tensor]:
     """minLSTM over a sequence.
 
     Args:
@@ -183,18 +196,18 @@ def minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = N
         forget, input: (B, T, C) forget- and input-gate pre-activations.
         h0: (B, C) start state (not passed through g), zeros when None.
         normalize: use f/(f+i), i/(f+i) (the paper's equations) rather than f, i.
-        mask, mode, backend: as in ``mingru``.
+        mask, reset, mode, backend: as in ``mingru``.
         signed: the "minlstm_signed" cell, a = 2f' - 1 in (-1, 1) (not on backend "log").
     Returns:
         (h, h_last): h (B, T, C), h_last (B, C).
     """
-    return run_cell(_cell_name("minlstm", signed), (hidden, forget, input), h0, mask=mask, mode=mode, backend=backend,
-                    normalize=normalize)
+    return run_cell(_cell_name("minlstm", signed), (hidden, forget, input), h0, mask=mask, reset=reset, mode=mode,
+                    backend=backend, normalize=normalize)
 
 
 def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                   h0: Tensor | None = None, *, mask: Tensor | None = None, backend: str = "auto",
-                   **options) -> tuple[Tensor, Tensor]:
+                   h0: Tensor | None = None, *, mask: Tensor | None = None, reset: Tensor | None = None,
+                   backend: str = "auto", **options) -> tuple[Tensor, Tensor]:
     """A layer: the input projection ``F.linear(x, weight, bias)``, split into the cell's
     pre-activations, then the cell.
 
@@ -205,6 +218,7 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
         weight: (n*C, I); bias: (n*C,) or None.
         h0: (B, C) start state, zeros when None.
         mask: (B, T) bool, False at padded positions (identity steps), or None.
+        reset: (B, T) bool, True where a document starts (the state is forgotten), or None.
         backend: as in ``mingru``.
         options: the cell's options (minLSTM: ``normalize``).
     Returns:
@@ -213,8 +227,8 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
     Same values as ``run_cell(cell, F.linear(x, weight, bias).chunk(n, -1), h0)``. A backend
     with a fused projected cell (``cpu``) runs the matmul and the cell as one autograd
     Function whose kernels add the bias and sum its gradient, which saves two passes over the
-    pre-activations; float32/float64 without autocast or mask only, anything else takes the
-    composed path.
+    pre-activations; float32/float64 without autocast or mask (and without resets unless the
+    backend's kernels take them), anything else takes the composed path.
     """
     spec = get_cell(cell)
     opts = spec.options(**options)
@@ -232,7 +246,7 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
     check_backend_takes_cell(spec, be)
     dt = x.dtype
     B, T, _ = x.shape
-    if (mask is None and be.projected_cell is not None and be.runs_cell(spec, masked=False) and B * T > 0
+    if (mask is None and be.projected_cell is not None and be.runs_cell(spec, resets=reset is not None) and B * T > 0
             and dt in (torch.float32, torch.float64) and weight.dtype == dt
             and (bias is None or bias.dtype == dt) and weight.device == x.device
             and (bias is None or bias.device == x.device) and not torch.is_autocast_enabled(x.device.type)):
@@ -240,16 +254,22 @@ def projected_cell(cell: str | CellSpec, x: Tensor, weight: Tensor, bias: Tensor
         # that owns no memory
         check_sequences(("x",), (x.new_empty(()).expand(B, T, weight.shape[0] // n),), h0)
         check_finite_state(h0)
-        h = be.projected_cell(spec, x, weight, bias, h0, opts)
+        if reset is None:
+            h = be.projected_cell(spec, x, weight, bias, h0, opts)
+        else:
+            check_reset(reset, (B, T), x.device, "(batch, time)")
+            h = be.projected_cell(spec, x, weight, bias, h0, opts, reset=reset)
         return h, h[:, -1]
-    return cell_on_pre_activations(spec, F.linear(x, weight, bias), h0, mask=mask, backend=backend, **options)
+    return cell_on_pre_activations(spec, F.linear(x, weight, bias), h0, mask=mask, reset=reset, backend=backend,
+                                   **options)
 
 
 def cell_on_pre_activations(cell: str | CellSpec, pre: Tensor, h0: Tensor | None = None, *,
-                            mask: Tensor | None = None, backend: str = "auto", **options) -> tuple[Tensor, Tensor]:
+                            mask: Tensor | None = None, reset: Tensor | None = None, backend: str = "auto",
+                            **options) -> tuple[Tensor, Tensor]:
     """The cell on one packed tensor of pre-activations (B, T, n*C), split into its n chunks."""
     spec = get_cell(cell)
-    return run_cell(spec, pre.chunk(spec.n_pre, dim=-1), h0, mask=mask, backend=backend, **options)
+    return run_cell(spec, pre.chunk(spec.n_pre, dim=-1), h0, mask=mask, reset=reset, backend=backend, **options)
 
 
 # --- one step (decoding) -------------------------------------------------------------

@@ -35,21 +35,23 @@ def is_plain_linear(module: nn.Module, cls: type) -> bool:
 
 
 def projected_cell_sequence(spec: CellSpec, proj: nn.Module, x: Tensor, h0: Tensor | None, options: dict,
-                            backend: str, mask: Tensor | None = None,
-                            plain: type = nn.Linear) -> tuple[Tensor, Tensor]:
+                            backend: str, mask: Tensor | None = None, plain: type = nn.Linear,
+                            reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One layer and direction over a sequence: x (B, T, I) -> ``proj`` -> the cell.
 
-    h0 (B, C) or None; mask (B, T) bool or None (False: padding, an identity step). Returns
+    h0 (B, C) or None; mask (B, T) bool or None (False: padding, an identity step); reset (B, T)
+    bool or None (True: a document starts, the state is forgotten). Returns
     (h (B, T, C) in x's dtype, h_last (B, C) in the accumulation dtype). A projection that is
     exactly ``plain`` (no subclass, no hooks) is fused with the cell where the backend can;
     any other module runs as itself.
     """
     if is_plain_linear(proj, plain):
         start = None if h0 is None else h0.to(accumulation_dtype(x.dtype))
-        return MF.projected_cell(spec, x, proj.weight, proj.bias, start, mask=mask, backend=backend, **options)
+        return MF.projected_cell(spec, x, proj.weight, proj.bias, start, mask=mask, reset=reset, backend=backend,
+                                 **options)
     pre = proj(x)  # a wrapped or hooked projection (an adapter, a quantised layer) runs as a module
     start = None if h0 is None else h0.to(accumulation_dtype(pre.dtype))
-    return MF.cell_on_pre_activations(spec, pre, start, mask=mask, backend=backend, **options)
+    return MF.cell_on_pre_activations(spec, pre, start, mask=mask, reset=reset, backend=backend, **options)
 
 
 def projected_cell_step(spec: CellSpec, proj: nn.Module, x_t: Tensor, h: Tensor | None, options: dict,
@@ -212,10 +214,20 @@ class MinRNN(nn.Module):
             raise ValueError(f"h0 is on {h0.device} but x is on {like.device}")
         return h0
 
-    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, T, input_size), h0 (D*L, B, H) or None -> (output (B, T, D*H), h_n (D*L, B, H))."""
+    def forward(self, x: Tensor, h0: Tensor | None = None, *, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, input_size), h0 (D*L, B, H) or None -> (output (B, T, D*H), h_n (D*L, B, H)).
+
+        reset: (B, T) bool, True where a document starts, or None: documents packed in a row
+        give what each gives alone (the forward direction forgets its state at a document's
+        first token, the reverse direction at its last; h0 still starts the row's ends).
+        """
         self._check_input(x, time_axis=True)
         h0 = self._start_state(h0, x.shape[0], x)
+        resets = [reset, None]
+        if reset is not None:
+            MF.check_reset(reset, tuple(x.shape[:2]), x.device, "(batch, time)")
+            # read backwards, a document starts at its last token: the position before a start
+            resets[1] = torch.cat([reset[:, 1:], reset.new_zeros(reset.shape[0], 1)], 1).flip(1)
         finals = []
         layer_in = x
         for layer in range(self.num_layers):
@@ -224,7 +236,7 @@ class MinRNN(nn.Module):
                 k = layer * self.num_directions + d
                 seq = layer_in if d == 0 else layer_in.flip(1)
                 h, h_last = projected_cell_sequence(self.spec, self.proj[k], seq, None if h0 is None else h0[k],
-                                                    self.options, self.backend)
+                                                    self.options, self.backend, reset=resets[d])
                 outs.append(h if d == 0 else h.flip(1))
                 finals.append(h_last)
             layer_in = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

@@ -72,11 +72,11 @@ from .log import log_cell, log_scan, log_space_scan  # noqa: E402
 from .reference import causal_conv_reference, reference_cell, rms_norm_reference, sequential_scan  # noqa: E402
 
 _TORCH_OPS = dict(norm=rms_norm_reference, conv=causal_conv_reference)
-register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True, **_TORCH_OPS,
+register(Backend("sequential", sequential_scan, cell=reference_cell, cell_masks=True, cell_resets=True, **_TORCH_OPS,
                  doc="the plain loop; the reference"))
 register(Backend("chunked", chunked_scan, auto_rank=100, **_TORCH_OPS,
                  doc="pure-torch chunked parallel scan, any sign; torch's norm and conv"))
-register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=True,
+register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=True, cell_resets=True,
                  doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
                  cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, projected_cell=cpu.cpu_projected_cell,

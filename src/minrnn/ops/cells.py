@@ -155,12 +155,11 @@ class CellSpec:
                      for k, d in zip(self.option_names, self.option_defaults))
 
     def step(self, pre: tuple[Tensor, ...], h: Tensor | None, options: tuple = (),
-             mask: Tensor | None = None) -> Tensor:
+             mask: Tensor | None = None, reset: Tensor | None = None) -> Tensor:
         """One step h = a h + b on (B, C) pre-activations (h None: zeros); where ``mask``
-        (B,) is False the step is the identity (a = 1, b = 0) and h passes unchanged."""
-        a, b = self.gates(*pre, *options)
-        if mask is not None:
-            a, b = identity_where_masked(a, b, mask)
+        (B,) is False the step is the identity (a = 1, b = 0) and h passes unchanged; where
+        ``reset`` (B,) is True the state is forgotten first (a = 0: a document starts)."""
+        a, b = apply_boundaries(*self.gates(*pre, *options), mask, reset)
         return b if h is None else a * h + b
 
 
@@ -169,6 +168,18 @@ def identity_where_masked(a: Tensor, b: Tensor, mask: Tensor) -> tuple[Tensor, T
     m = mask.unsqueeze(-1)
     return (torch.where(m, a, torch.ones((), dtype=a.dtype, device=a.device)),
             torch.where(m, b, torch.zeros((), dtype=b.dtype, device=b.device)))
+
+
+def apply_boundaries(a: Tensor, b: Tensor, mask: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(a, b) with padding and document starts applied, both masks of a's shape without the
+    channels: where ``mask`` is False the step is the identity (a = 1, b = 0); then where
+    ``reset`` is True the state before the step is forgotten (a = 0, so h = b: the step
+    starts from zero, as if its document were run alone)."""
+    if mask is not None:
+        a, b = identity_where_masked(a, b, mask)
+    if reset is not None:
+        a = torch.where(reset.unsqueeze(-1), torch.zeros((), dtype=a.dtype, device=a.device), a)
+    return a, b
 
 
 CELLS: dict[str, CellSpec] = {}

@@ -74,17 +74,24 @@ def check_scan_inputs(a, b, h0, names=("a", "b", "h0")) -> None:
     check_sequences(names[:2], (a, b), h0, names[2])
 
 
-def check_mask(mask: Tensor | None, shape: tuple[int, ...], device: torch.device, what: str) -> None:
-    """A padding mask: None, or a bool tensor of ``shape`` (``what`` names its axes) on ``device``."""
+def check_mask(mask: Tensor | None, shape: tuple[int, ...], device: torch.device, what: str,
+               name: str = "mask", meaning: str = "False: padding") -> None:
+    """A per-position flag: None, or a bool tensor of ``shape`` (``what`` names its axes) on
+    ``device``; ``name`` and ``meaning`` word the error (a padding mask, or ``reset``)."""
     if mask is None:
         return
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor {what} (False: padding), got "
+        raise TypeError(f"{name} must be a bool tensor {what} ({meaning}), got "
                         f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}")
     if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must be {what} = {tuple(shape)}, got shape {tuple(mask.shape)}")
+        raise ValueError(f"{name} must be {what} = {tuple(shape)}, got shape {tuple(mask.shape)}")
     if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the inputs are on {device}")
+        raise ValueError(f"{name} is on {mask.device} but the inputs are on {device}")
+
+
+def check_reset(reset: Tensor | None, shape: tuple[int, ...], device: torch.device, what: str) -> None:
+    """Document starts: None, or a bool tensor of ``shape`` on ``device``, True where a document starts."""
+    check_mask(reset, shape, device, what, name="reset", meaning="True where a document starts")
 
 
 def check_norm_args(x, weight, eps) -> None:

@@ -114,10 +114,11 @@ def log_space_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
 
 
 
-def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
+def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None,
+             reset: Tensor | None = None) -> Tensor:
     """The registered "log" backend's cells: the cell's log-gates (never a log of a sigmoid)
-    into the log-space scan; a padded position is log a = 0, log b = -inf. A cell with
-    transitions of either sign (no log form) is a ValueError."""
+    into the log-space scan; a padded position is log a = 0, log b = -inf, a document start
+    (``reset``) log a = -inf. A cell with transitions of either sign (no log form) is a ValueError."""
     check_backend_takes_cell(spec, BACKENDS["log"])
     if h0 is not None and not bool((h0 >= 0).all()):
         raise ValueError("h0 has negative entries, which backend='log' cannot represent; "
@@ -127,4 +128,7 @@ def log_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, m
         m = mask.unsqueeze(-1)
         log_a = torch.where(m, log_a, log_a.new_zeros(()))
         log_b = torch.where(m, log_b, log_b.new_full((), float("-inf")))
+    if reset is not None:
+        # only sums of like-signed logs are formed (never a difference), so -inf stays exact
+        log_a = torch.where(reset.unsqueeze(-1), log_a.new_full((), float("-inf")), log_a)
     return scan_from_logs(log_a, log_b, h0)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cells import identity_where_masked
+from .cells import apply_boundaries
 
 
 def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -36,11 +36,11 @@ def sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-def reference_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None) -> Tensor:
-    """A cell as its gates followed by the loop, autograd through both: the reference."""
-    a, b = spec.gates(*pre, *options)
-    if mask is not None:
-        a, b = identity_where_masked(a, b, mask)
+def reference_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask: Tensor | None,
+                   reset: Tensor | None = None) -> Tensor:
+    """A cell as its gates followed by the loop, autograd through both: the reference.
+    mask (B, T) False: padding (identity steps); reset (B, T) True: a document starts (a = 0)."""
+    a, b = apply_boundaries(*spec.gates(*pre, *options), mask, reset)
     return sequential_scan(a, b, h0)
 
 

@@ -43,6 +43,9 @@ class Backend:
     cell_names: frozenset | None = None
     #: whether ``cell`` takes a padding mask (B, T); else a masked call goes through ``fn``
     cell_masks: bool = False
+    #: whether ``cell`` (and ``projected_cell``) take ``reset=`` (B, T) bool, True where a
+    #: document starts (a = 0); else a call with resets goes through ``fn``
+    cell_resets: bool = False
     #: a layer's projection and cell as one Function, for the cells in ``cell_names``, used by
     #: minrnn.functional.projected_cell: projected_cell(spec, x, weight, bias, h0, options) -> h
     projected_cell: Callable | None = None
@@ -64,10 +67,11 @@ class Backend:
         allowed = self.dtypes.get(op)
         return allowed is None or all(t.dtype in allowed for t in tensors if t is not None)
 
-    def runs_cell(self, spec, masked: bool = False) -> bool:
-        """Whether ``cell`` computes this cell itself (with a mask when ``masked``)."""
+    def runs_cell(self, spec, masked: bool = False, resets: bool = False) -> bool:
+        """Whether ``cell`` computes this cell itself (with a padding mask when ``masked``, with
+        document starts when ``resets``)."""
         return (self.cell is not None and (self.cell_names is None or spec.name in self.cell_names)
-                and (self.cell_masks or not masked))
+                and (self.cell_masks or not masked) and (self.cell_resets or not resets))
 
     def supports(self, device: torch.device) -> bool:
         return (self.devices is None or device.type in self.devices) and self.available()

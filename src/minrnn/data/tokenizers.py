@@ -1,8 +1,11 @@
 """Tokenizers for training: characters, bytes, or BPE (HF ``tokenizers``), saved with a run.
 
 Each has ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``save(dir)``,
-``to_hf()`` (the same mapping as a ``tokenizers.Tokenizer``) and a ``unit`` ("char", "byte" or
-"token") naming what one id stands for.
+``to_hf()`` (the same mapping as a ``tokenizers.Tokenizer``), a ``kind`` and a ``unit`` ("char",
+"byte" or "token") naming what one id stands for. `HFTokenizer` gives any transformers fast
+tokenizer (an ``AutoTokenizer`` name or folder, or one of the above with an end-of-text token
+added, as `minrnn prepare` writes) the same interface; `load_prepared_tokenizer` opens the
+tokenizer of a prepared folder.
 
 On disk a tokenizer is what transformers reads: ``tokenizer.json`` in the ``tokenizers``
 format plus ``tokenizer_config.json``, so ``AutoTokenizer.from_pretrained(dir)`` gives a fast
@@ -20,6 +23,10 @@ from .._files import write_atomic
 
 FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+# the end-of-text token added to a tokenizer that has none (GPT-2's spelling)
+BOUNDARY_TOKEN = "<|endoftext|>"
+# tokenizer_config.json key naming the project's kind of a saved HFTokenizer (char, byte, bpe, pretrained)
+KIND_KEY = "minrnn_kind"
 
 
 class VocabularyError(ValueError):
@@ -130,15 +137,20 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
+        # one "document" per line keeps the trainer's memory use flat on a large corpus
+        return cls.train_from_iterator(text.splitlines(keepends=True), vocab_size)
+
+    @classmethod
+    def train_from_iterator(cls, texts, vocab_size: int, show_progress: bool = False) -> BPETokenizer:
+        """Train on the strings of the iterable ``texts`` (read once, not held in memory)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=show_progress,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        # one "document" per line keeps the trainer's memory use flat on a large corpus
-        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
     @property
@@ -156,6 +168,128 @@ class BPETokenizer:
 
     def save(self, directory: Path) -> None:
         save_hf(self, directory)
+
+
+class HFTokenizer:
+    """A transformers fast tokenizer (``PreTrainedTokenizerFast``) with the project's interface.
+
+    ``fast`` is the transformers tokenizer; ``kind`` what made it: "pretrained" (an
+    ``AutoTokenizer`` name or folder) or the project's "char", "byte", "bpe" with an end-of-text
+    token added. `encode` adds no special tokens and encodes special-token text that occurs in
+    a document as ordinary text (what transformers does with ``split_special_tokens=True``), so a
+    document can never produce the end-of-text id itself.
+    """
+
+    def __init__(self, fast, kind: str = "pretrained"):
+        import copy
+
+        self.fast = fast
+        self.kind = kind
+        self.unit = {"char": "char", "byte": "byte"}.get(kind, "token")
+        self._backend = copy.deepcopy(fast.backend_tokenizer)
+        self._backend.encode_special_tokens = True
+        self._backend.no_truncation()
+        self._backend.no_padding()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, kind: str | None = None) -> HFTokenizer:
+        """``AutoTokenizer.from_pretrained(name_or_path)`` (a local folder or a hub name); its fast
+        version is required. TokenizerError, one line, when it cannot be loaded."""
+        from transformers import AutoTokenizer
+
+        try:
+            fast = AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True)
+        except Exception as e:  # OSError, ValueError, hub errors: all mean "no such tokenizer here"
+            raise TokenizerError(f"cannot load tokenizer {str(name_or_path)!r} ({_one_line(e)}); give char, byte, "
+                                 "bpe, a local tokenizer folder or a hub name") from None
+        if not getattr(fast, "is_fast", False) or getattr(fast, "backend_tokenizer", None) is None:
+            raise TokenizerError(f"tokenizer {str(name_or_path)!r} has no fast (tokenizers) version")
+        return cls(fast, kind or fast.init_kwargs.get(KIND_KEY) or "pretrained")
+
+    @classmethod
+    def with_boundary(cls, tokenizer) -> HFTokenizer:
+        """``tokenizer`` (any of this module's) as an HFTokenizer that has an end-of-text token:
+        its own EOS token, else BOUNDARY_TOKEN added as a special token (the next free id)."""
+        if isinstance(tokenizer, HFTokenizer):
+            fast = copy_fast(tokenizer.fast)
+            kind = tokenizer.kind
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            kind = tokenizer.kind
+            fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), clean_up_tokenization_spaces=False)
+        if fast.eos_token_id is None:
+            fast.add_special_tokens({"eos_token": BOUNDARY_TOKEN})
+        fast.init_kwargs[KIND_KEY] = kind
+        return cls(fast, kind)
+
+    @property
+    def vocab_size(self) -> int:
+        """Every id the tokenizer can give, added tokens included (``len(fast)``)."""
+        return len(self.fast)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.fast.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # tokenizers raises its own type, e.g. a character a WordLevel vocabulary lacks
+            raise VocabularyError(f"the text cannot be encoded by this {self.kind} tokenizer ({_one_line(e)})") from None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text (tokenizers' batch call: one call, its own threads)."""
+        try:
+            return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+        except Exception as e:  # see encode
+            raise VocabularyError(f"the text cannot be encoded by this {self.kind} tokenizer ({_one_line(e)})") from None
+
+    def decode(self, ids) -> str:
+        return self.fast.decode(list(ids), clean_up_tokenization_spaces=False)
+
+    def to_hf(self):
+        return self.fast.backend_tokenizer
+
+    def save(self, directory: Path) -> None:
+        save_hf(self, directory)
+
+    def __getstate__(self):
+        return {"files": hf_files(self), "kind": self.kind}
+
+    def __setstate__(self, state):
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in state["files"].items():
+                (Path(tmp) / name).write_bytes(data)
+            self.__init__(_load_fast(Path(tmp)), state["kind"])
+
+
+def copy_fast(fast):
+    """An independent copy of a ``PreTrainedTokenizerFast`` (its files written and read back)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fast.save_pretrained(tmp)
+        return _load_fast(Path(tmp))
+
+
+def _load_fast(directory: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(directory))
+
+
+def load_prepared_tokenizer(directory: str | Path) -> HFTokenizer:
+    """The tokenizer of a prepared folder: ``directory`` is the folder's ``tokenizer/`` (or the
+    prepared folder itself). TokenizerError, one line, when it is missing or damaged."""
+    directory = Path(directory)
+    if not (directory / FILE).is_file() and (directory / "tokenizer" / FILE).is_file():
+        directory = directory / "tokenizer"
+    if not (directory / FILE).is_file():
+        raise TokenizerError(f"{directory / FILE} not found: not a prepared folder's tokenizer")
+    try:
+        fast = _load_fast(directory)
+    except Exception as e:  # transformers / tokenizers raise several types for a damaged file
+        raise TokenizerError(f"{directory} holds no readable tokenizer ({_one_line(e)}): damaged") from None
+    return HFTokenizer(fast, fast.init_kwargs.get(KIND_KEY) or "pretrained")
 
 
 def build_tokenizer(kind: str, train_text: str, bpe_vocab_size: int = 8192):
@@ -176,8 +310,10 @@ def hf_files(tokenizer) -> dict[str, bytes]:
     ``tokenizer_config.json``). Decoding keeps spaces as they are (no clean-up)."""
     from transformers import PreTrainedTokenizerFast
 
-    # no bos/eos/pad/unk: every id is a symbol of the text, as in training
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), clean_up_tokenization_spaces=False)
+    if isinstance(tokenizer, HFTokenizer):  # its special tokens and kind are part of it
+        fast = tokenizer.fast
+    else:  # no bos/eos/pad/unk: every id is a symbol of the text, as in training
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), clean_up_tokenization_spaces=False)
     with tempfile.TemporaryDirectory() as tmp:
         fast.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
@@ -225,6 +361,12 @@ def _from_hf(path: Path, spec: dict):
         tok = Tokenizer.from_str(json.dumps(spec))
     except Exception as e:  # tokenizers raises its own exception types
         raise TokenizerError(f"{path} is not a valid tokenizer ({_one_line(e)}): damaged") from None
+    if spec.get("added_tokens"):  # special tokens (an end-of-text token) need transformers' tokenizer
+        try:
+            fast = _load_fast(path.parent)
+        except Exception as e:  # transformers / tokenizers raise several types for a damaged file
+            raise TokenizerError(f"{path.parent} holds no readable tokenizer ({_one_line(e)}): damaged") from None
+        return HFTokenizer(fast, fast.init_kwargs.get(KIND_KEY) or "pretrained")
     model = spec.get("model") or {}
     vocab = model.get("vocab")
     if model.get("type") == "WordLevel" and isinstance(vocab, dict):

@@ -79,7 +79,7 @@ register(Backend("chunked", chunked_scan, auto_rank=100, **_TORCH_OPS,
 register(Backend("log", log_space_scan, signed=False, cell=log_cell, cell_masks=True, cell_resets=True,
                  doc="the paper's log-space scan, stabilised"))
 register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, available=cpu.available,
-                 cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, projected_cell=cpu.cpu_projected_cell,
+                 cell=cpu.cpu_cell, cell_names=cpu.FUSED_CELLS, cell_resets=True, projected_cell=cpu.cpu_projected_cell,
                  norm=cpu.cpu_rms_norm, conv=cpu.cpu_causal_conv,
                  dtypes={"norm": frozenset({torch.float32}), "conv": frozenset({torch.float32, torch.float64})},
                  doc="compiled CPU kernels; needs numba (pip install numba)"))

@@ -34,10 +34,12 @@ class _CellKernels:
     """A cell's three kernels. Their arguments, in order: the pre-activation columns (each
     followed by the strides they share), then per kernel
 
-    forward:           bias, h0, *options, keep, h, h strides, B, T, C, block
-    backward:          bias, h, h strides, h0, dh, dh strides, *options, dpre columns, dpre strides,
-                       dh0, dbias, B, T, C, block
-    backward_in_place: h, h strides, h0, dh, dh strides, *options, dh0, dbias, B, T, C, block
+    forward:           bias, h0, reset, *options, keep, h, h strides, B, T, C, block
+    backward:          bias, h, h strides, h0, reset, dh, dh strides, *options, dpre columns,
+                       dpre strides, dh0, dbias, B, T, C, block
+    backward_in_place: h, h strides, h0, reset, dh, dh strides, *options, dh0, dbias, B, T, C, block
+
+    reset: the document starts as ``_reset_array`` gives them.
     """
 
     forward: Callable
@@ -73,6 +75,17 @@ def _column_args(pre: Tensor, n: int) -> list:
     flat, strides = flat_view(pre)
     C = pre.shape[-1] // n
     return [a for j in range(n) for a in (flat[j * C:], strides)]
+
+
+# the kernels' "no document starts": one array of one type for every call, so that both
+# cases share one compiled kernel
+_NO_RESETS = np.zeros((0, 0), dtype=np.uint8)
+
+
+def _reset_array(reset: Tensor | None) -> np.ndarray:
+    """Document starts (B, T) bool, or None, as the kernels read them: (B, T) uint8, 1 where
+    a document starts, or a (0, 0) array for none."""
+    return _NO_RESETS if reset is None else reset.detach().contiguous().view(torch.uint8).numpy()
 
 
 def _bias_array(bias: Tensor | None, size: int, dtype: torch.dtype):
@@ -118,11 +131,11 @@ def cpu_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
 
 
 def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, spec, options: tuple, keep: bool,
-                  h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  h: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The forward kernel on packed pre-activations (B, T, n*C) plus ``bias`` (n*C,) or None:
     (h (B, T, C), the start state it used (B, C)). ``keep``: overwrite ``pre`` with what
     ``_cell_backward(in_place=True)`` reads (the exps, bias added). ``h``: a buffer to write h
-    into (a new one when None)."""
+    into (a new one when None). ``reset``: (B, T) bool, True where a document starts, or None."""
     _check_dtype(pre.dtype)
     n = spec.n_pre
     B, T, nC = pre.shape
@@ -131,23 +144,25 @@ def _cell_forward(pre: Tensor, bias: Tensor | None, h0: Tensor | None, spec, opt
     if h is None:
         h = new_output((B, T, C), pre.dtype)
     launch(_CELL_KERNELS[spec.name].forward, h.numel(),
-           *_column_args(pre, n), _bias_array(bias, nC, pre.dtype), start.numpy(), *options, bool(keep),
+           *_column_args(pre, n), _bias_array(bias, nC, pre.dtype), start.numpy(), _reset_array(reset), *options,
+           bool(keep),
            h.view(-1).numpy(), contiguous_strides(B, T, C), *_dims(B, T, C))
     return h, start
 
 
 def _cell_backward(pre: Tensor, bias: Tensor | None, h: Tensor, start: Tensor, dh: Tensor, spec, options: tuple,
-                   in_place: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                   in_place: bool = False, reset: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The backward kernel: (dL/dpre (B, T, n*C), dL/dbias per batch row (B, n*C), dL/dh0 (B, C)).
 
     ``in_place``: dL/dpre is written over ``pre`` (and returned), which holds what
-    ``_cell_forward(keep=True)`` left there (``bias`` is then already in it, and unused)."""
+    ``_cell_forward(keep=True)`` left there (``bias`` is then already in it, and unused).
+    ``reset``: the forward's document starts."""
     n = spec.n_pre
     B, T, C = h.shape
     cell_kernels = _CELL_KERNELS[spec.name]
     dbias = torch.empty(B, n * C, dtype=pre.dtype)  # one row per batch row: no two threads share one
     dh0 = torch.empty_like(start)
-    state_args = (*flat_view(h), start.numpy(), *flat_view(dh), *options)
+    state_args = (*flat_view(h), start.numpy(), _reset_array(reset), *flat_view(dh), *options)
     if in_place:
         launch(cell_kernels.backward_in_place, h.numel(),
                *_column_args(pre, n), *state_args, dh0.numpy(), dbias.numpy(), *_dims(B, T, C))
@@ -164,21 +179,22 @@ class _Cell(torch.autograd.Function):
     """A fused cell over packed pre-activations (B, T, n*C), left intact."""
 
     @staticmethod
-    def forward(ctx, pre, h0, spec, options):
-        h, start = _cell_forward(pre, None, h0, spec, options, keep=False)
-        ctx.save_for_backward(pre, h, start)
+    def forward(ctx, pre, h0, spec, options, reset):
+        h, start = _cell_forward(pre, None, h0, spec, options, keep=False, reset=reset)
+        ctx.save_for_backward(pre, h, start, reset)
         ctx.spec, ctx.options, ctx.has_h0 = spec, options, h0 is not None
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh):
-        pre, h, start = ctx.saved_tensors
-        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.spec, ctx.options)
-        return dpre, (dh0 if ctx.has_h0 else None), None, None
+        pre, h, start, reset = ctx.saved_tensors
+        dpre, _, dh0 = _cell_backward(pre, None, h, start, dh, ctx.spec, ctx.options, reset=reset)
+        return dpre, (dh0 if ctx.has_h0 else None), None, None, None
 
 
-def cpu_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None) -> Tensor:
+def cpu_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None,
+             reset: Tensor | None = None) -> Tensor:
     """A fused cell (``spec`` one of FUSED_CELLS) over its pre-activations.
 
     Args:
@@ -188,15 +204,17 @@ def cpu_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, m
         h0: (B, C) start state of their dtype, or None for zeros.
         options: the cell's option values in ``spec.option_names`` order.
         mask: not supported (minrnn.functional sends masked calls through ``cpu_scan``).
+        reset: (B, T) bool, True where a document starts (the state before it is forgotten:
+            a = 0, h = b there; a start at t = 0 ignores h0), or None.
     Returns:
         h: (B, T, C).
 
-    Saved for backward: the packed pre-activations, h and the start state; the backward
-    recomputes the gates.
+    Saved for backward: the packed pre-activations, h, the start state and the resets; the
+    backward recomputes the gates.
     """
     if mask is not None:
         raise ValueError("backend 'cpu' fused cells take no mask; minrnn.functional applies it")
-    return _Cell.apply(pack_chunks(tuple(pre)), h0, spec, tuple(options))
+    return _Cell.apply(pack_chunks(tuple(pre)), h0, spec, tuple(options), reset)
 
 
 class _ProjectedCell(torch.autograd.Function):
@@ -209,29 +227,30 @@ class _ProjectedCell(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, h0, spec, options):
+    def forward(ctx, x, weight, bias, h0, spec, options, reset):
         pre = _projection(x, weight)
         ctx.consumed = False
-        h, start = _cell_forward(pre, bias, h0, spec, options, keep=True)
-        ctx.save_for_backward(x, weight, bias, pre, h, start)
+        h, start = _cell_forward(pre, bias, h0, spec, options, keep=True, reset=reset)
+        ctx.save_for_backward(x, weight, bias, pre, h, start, reset)
         ctx.spec, ctx.options, ctx.has_h0 = spec, options, h0 is not None
         return h
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh):
-        x, weight, bias, pre, h, start = ctx.saved_tensors
+        x, weight, bias, pre, h, start, reset = ctx.saved_tensors
         if ctx.consumed:  # an earlier backward wrote its gradient over them: the forward again
             pre = _projection(x, weight)
-            _cell_forward(pre, bias, start, ctx.spec, ctx.options, keep=True, h=new_output(tuple(h.shape), h.dtype))
-        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.spec, ctx.options, in_place=True)
+            _cell_forward(pre, bias, start, ctx.spec, ctx.options, keep=True, h=new_output(tuple(h.shape), h.dtype),
+                          reset=reset)
+        dpre, dbias, dh0 = _cell_backward(pre, bias, h, start, dh, ctx.spec, ctx.options, in_place=True, reset=reset)
         ctx.consumed = True
         B, T, I = x.shape
         dpre2 = dpre.view(B * T, -1)
         dx = torch.mm(dpre2, weight.detach()).view(B, T, I) if ctx.needs_input_grad[0] else None
         dw = torch.mm(dpre2.t(), x.detach().reshape(B * T, I)) if ctx.needs_input_grad[1] else None
         db = dbias.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, (dh0 if ctx.has_h0 else None), None, None
+        return dx, dw, db, (dh0 if ctx.has_h0 else None), None, None, None
 
 
 def _projection(x: Tensor, weight: Tensor) -> Tensor:
@@ -243,7 +262,7 @@ def _projection(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def cpu_projected_cell(spec, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor | None,
-                       options: tuple = ()) -> Tensor:
+                       options: tuple = (), reset: Tensor | None = None) -> Tensor:
     """A layer's projection and cell in one: ``spec`` (one of FUSED_CELLS) applied to
     ``x @ weight.T + bias`` split into its n pre-activations of C channels.
 
@@ -252,16 +271,17 @@ def cpu_projected_cell(spec, x: Tensor, weight: Tensor, bias: Tensor | None, h0:
         x: (B, T, I); weight: (n*C, I); bias: (n*C,) or None; h0: (B, C) or None (zeros).
             float32 or float64, all on the CPU in one dtype.
         options: the cell's option values in ``spec.option_names`` order.
+        reset: (B, T) bool, True where a document starts (as in ``cpu_cell``), or None.
     Returns:
         h: (B, T, C).
 
-    Saved for backward: x, weight, bias, h, the start state and the pre-activations' buffer
-    (holding the kept exps). Why one Function: nn.Linear writes its bias into the whole
+    Saved for backward: x, weight, bias, h, the start state, the resets and the
+    pre-activations' buffer (holding the kept exps). Why one Function: nn.Linear writes its bias into the whole
     output and sums dL/dbias in another pass over dL/dpre; here the cell's kernels add the
     bias as they read the pre-activations and sum its gradient as they write theirs, which
     saves those passes over B*T*n*C values.
     """
-    return _ProjectedCell.apply(x, weight, bias, h0, spec, tuple(options))
+    return _ProjectedCell.apply(x, weight, bias, h0, spec, tuple(options), reset)
 
 
 def cpu_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None) -> Tensor:

@@ -13,6 +13,12 @@ The backward is the reverse recurrence
 
     G_t = dL/dh_t + a_{t+1} G_{t+1},   dL/db_t = G_t,   dL/da_t = G_t h_{t-1},   dL/dh0 = a_1 G_1
 
+The cell kernels take document starts: ``reset`` (B, T) uint8, 1 where a document starts
+(a = 0 there: the state before it is forgotten), or a (0, 0) array for none. At a start the
+forward runs the step from a zero state (h_t = b_t) and the backward reads h_{t-1} as 0 (so a,
+a constant there, passes no gradient) and carries nothing to t - 1. The test is one per
+(row, step), outside the loops over channels, which stay vectorised.
+
 The cell kernels add the projection's bias as they read each pre-activation and sum
 dL/dbias per batch row as they write dL/d(pre). With ``keep`` the forward overwrites the
 pre-activations with the forms the backward reads (``_math``: the exps, bias added), and the
@@ -61,6 +67,21 @@ def _row(flat, strides, i, t, c0, n):
     return flat[p : p + n]
 
 
+@njit(inline="always", **JIT)
+def _starts(reset, i, t):
+    """Whether a document starts at step t of batch row i (``reset`` (0, 0): never)."""
+    return reset.shape[0] != 0 and reset[i, t] != 0
+
+
+@njit(inline="always", **JIT)
+def _previous(h, h_strides, h0, zeros, reset, i, t, c0, n):
+    """h_{t-1} of a work item's channels as the backward reads it: h0 before the first step,
+    and zeros where a document starts at t."""
+    if _starts(reset, i, t):
+        return zeros
+    return _row(h, h_strides, i, t - 1, c0, n) if t > 0 else h0[i, c0 : c0 + n]
+
+
 @njit(**PARALLEL_JIT)
 def scan_fwd(a, a_strides, b, b_strides, h0, out, out_strides, B, T, C, blk):
     nblk = (C + blk - 1) // blk
@@ -99,7 +120,7 @@ def scan_bwd(a, a_strides, h, h_strides, h0, dh, dh_strides, da, db, out_strides
 
 
 @njit(**PARALLEL_JIT)
-def mingru_fwd(x, x_strides, k, k_strides, bias, h0, keep, out, out_strides, B, T, C, blk):
+def mingru_fwd(x, x_strides, k, k_strides, bias, h0, reset, keep, out, out_strides, B, T, C, blk):
     """keep: overwrite x and k with what mingru_bwd_in_place reads (see g_from_kept)."""
     nblk = (C + blk - 1) // blk
     zero = _const(bias[0], 0.0)
@@ -113,6 +134,8 @@ def mingru_fwd(x, x_strides, k, k_strides, bias, h0, keep, out, out_strides, B, 
                 _row(k, k_strides, i, t, c0, n),
                 _row(out, out_strides, i, t, c0, n),
             )
+            if _starts(reset, i, t):
+                h[:] = 0
             for c in range(n):
                 kc, xc = kr[c] + bk[c], xr[c] + bx[c]
                 ek, ex = _exp(-abs(kc)), _exp(min(xc, zero))
@@ -142,14 +165,21 @@ def _mingru_reverse_step(dhr, carry, A, dkr, dxr, sk, sx):
         sk[c] += dkr[c]
 
 
+@njit(inline="always", **JIT)
+def _stop_at_start(carry, reset, i, t):
+    """Where a document starts at t, nothing flows to step t - 1 (nor to h0): a_t = 0."""
+    if _starts(reset, i, t):
+        carry[:] = 0
+
+
 @njit(**PARALLEL_JIT)
 def mingru_bwd(
-    x, x_strides, k, k_strides, bias, h, h_strides, h0, dh, dh_strides, dx, dk, out_strides, dh0, dbias, B, T, C, blk
+    x, x_strides, k, k_strides, bias, h, h_strides, h0, reset, dh, dh_strides, dx, dk, out_strides, dh0, dbias, B, T, C, blk
 ):
     nblk = (C + blk - 1) // blk
     for job in prange(B * nblk):
         i, c0, n = _work_item(job, nblk, blk, C)
-        carry = np.zeros(n, dtype=x.dtype)  # a_{t+1} G_{t+1}
+        carry, zeros = np.zeros(n, dtype=x.dtype), np.zeros(n, dtype=x.dtype)  # carry: a_{t+1} G_{t+1}
         A = np.empty(n, dtype=x.dtype)
         bx, bk = bias[c0 : c0 + n], bias[C + c0 : C + c0 + n]
         sx, sk = dbias[i, c0 : c0 + n], dbias[i, C + c0 : C + c0 + n]
@@ -158,7 +188,7 @@ def mingru_bwd(
         for t in range(T - 1, -1, -1):
             kr, xr = _row(k, k_strides, i, t, c0, n), _row(x, x_strides, i, t, c0, n)
             dxr, dkr = _row(dx, out_strides, i, t, c0, n), _row(dk, out_strides, i, t, c0, n)
-            prev = _row(h, h_strides, i, t - 1, c0, n) if t > 0 else h0[i, c0 : c0 + n]
+            prev = _previous(h, h_strides, h0, zeros, reset, i, t, c0, n)
             for c in range(n):  # gates recomputed; d/d(pre) per unit of G
                 z, a = sigmoid_pair(kr[c] + bk[c])
                 gx, slope = g_and_slope(xr[c] + bx[c])
@@ -166,25 +196,28 @@ def mingru_bwd(
                 dxr[c] = z * slope
                 A[c] = a
             _mingru_reverse_step(_row(dh, dh_strides, i, t, c0, n), carry, A, dkr, dxr, sk, sx)
+            _stop_at_start(carry, reset, i, t)
         dh0[i, c0 : c0 + n] = carry
 
 
 @njit(**PARALLEL_JIT)
-def mingru_bwd_in_place(x, x_strides, k, k_strides, h, h_strides, h0, dh, dh_strides, dh0, dbias, B, T, C, blk):
+def mingru_bwd_in_place(
+    x, x_strides, k, k_strides, h, h_strides, h0, reset, dh, dh_strides, dh0, dbias, B, T, C, blk
+):
     """mingru_bwd on what mingru_fwd(keep=True) left in x and k, writing dL/dx and dL/dk
     over it. Its own kernel: with outputs passed as aliases of the inputs, LLVM's run-time
     overlap checks fail and mingru_bwd runs unvectorised."""
     nblk = (C + blk - 1) // blk
     for job in prange(B * nblk):
         i, c0, n = _work_item(job, nblk, blk, C)
-        carry = np.zeros(n, dtype=x.dtype)
+        carry, zeros = np.zeros(n, dtype=x.dtype), np.zeros(n, dtype=x.dtype)
         A = np.empty(n, dtype=x.dtype)
         sx, sk = dbias[i, c0 : c0 + n], dbias[i, C + c0 : C + c0 + n]
         sx[:] = 0
         sk[:] = 0
         for t in range(T - 1, -1, -1):
             kr, xr = _row(k, k_strides, i, t, c0, n), _row(x, x_strides, i, t, c0, n)
-            prev = _row(h, h_strides, i, t - 1, c0, n) if t > 0 else h0[i, c0 : c0 + n]
+            prev = _previous(h, h_strides, h0, zeros, reset, i, t, c0, n)
             for c in range(n):
                 z, a = sigmoid_pair_of(kr[c], abs(kr[c]))
                 gx, slope = g_from_kept(xr[c])
@@ -192,6 +225,7 @@ def mingru_bwd_in_place(x, x_strides, k, k_strides, h, h_strides, h0, dh, dh_str
                 xr[c] = z * slope
                 A[c] = a
             _mingru_reverse_step(_row(dh, dh_strides, i, t, c0, n), carry, A, kr, xr, sk, sx)
+            _stop_at_start(carry, reset, i, t)
         dh0[i, c0 : c0 + n] = carry
 
 
@@ -225,7 +259,7 @@ def _minlstm_raw_in_row(f_kept, inp_kept):
 
 @njit(**PARALLEL_JIT)
 def minlstm_fwd(
-    x, x_strides, f, f_strides, inp, inp_strides, bias, h0, normalize, keep, out, out_strides, B, T, C, blk
+    x, x_strides, f, f_strides, inp, inp_strides, bias, h0, reset, normalize, keep, out, out_strides, B, T, C, blk
 ):
     """keep: overwrite x, f and inp with their kept forms (what minlstm_bwd_in_place reads)."""
     nblk = (C + blk - 1) // blk
@@ -241,6 +275,8 @@ def minlstm_fwd(
                 _row(inp, inp_strides, i, t, c0, n),
             )
             orow = _row(out, out_strides, i, t, c0, n)
+            if _starts(reset, i, t):
+                h[:] = 0
             if _minlstm_kept_row(xr, fr, inp_row, bx, bf, b_inp, normalize, x_kept, f_kept, inp_kept) == 0:
                 for c in range(n):  # the common row: no lstm_gates, no exp
                     a, ip, _, _ = lstm_gates_from_kept(f_kept[c], inp_kept[c], normalize)
@@ -297,13 +333,13 @@ def _minlstm_reverse_step(dhr, carry, A, dxr, dfr, dinp_row, sx, sf, s_inp):
 
 @njit(inline="always", **JIT)
 def _minlstm_work_item_state(x, dbias, i, c0, n, C):
-    """A backward work item's carry (a_{t+1} G_{t+1}, zeros), decay row and its zeroed
-    dL/dbias slices."""
+    """A backward work item's carry (a_{t+1} G_{t+1}, zeros), a row of zeros (h_{t-1} at a
+    document start), its decay row and its zeroed dL/dbias slices."""
     sx, sf, s_inp = dbias[i, c0 : c0 + n], dbias[i, C + c0 : C + c0 + n], dbias[i, 2 * C + c0 : 2 * C + c0 + n]
     sx[:] = 0
     sf[:] = 0
     s_inp[:] = 0
-    return np.zeros(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), sx, sf, s_inp
+    return np.zeros(n, dtype=x.dtype), np.zeros(n, dtype=x.dtype), np.empty(n, dtype=x.dtype), sx, sf, s_inp
 
 
 @njit(**PARALLEL_JIT)
@@ -318,6 +354,7 @@ def minlstm_bwd(
     h,
     h_strides,
     h0,
+    reset,
     dh,
     dh_strides,
     normalize,
@@ -338,7 +375,7 @@ def minlstm_bwd(
     nblk = (C + blk - 1) // blk
     for job in prange(B * nblk):
         i, c0, n = _work_item(job, nblk, blk, C)
-        carry, A, sx, sf, s_inp = _minlstm_work_item_state(x, dbias, i, c0, n, C)
+        carry, zeros, A, sx, sf, s_inp = _minlstm_work_item_state(x, dbias, i, c0, n, C)
         bx, bf, b_inp = bias[c0 : c0 + n], bias[C + c0 : C + c0 + n], bias[2 * C + c0 : 2 * C + c0 + n]
         for t in range(T - 1, -1, -1):
             xr, fr, inp_row = (
@@ -351,31 +388,34 @@ def minlstm_bwd(
                 _row(df, out_strides, i, t, c0, n),
                 _row(dinp, out_strides, i, t, c0, n),
             )
-            prev = _row(h, h_strides, i, t - 1, c0, n) if t > 0 else h0[i, c0 : c0 + n]
+            prev = _previous(h, h_strides, h0, zeros, reset, i, t, c0, n)
             raw = _minlstm_kept_row(xr, fr, inp_row, bx, bf, b_inp, normalize, dxr, dfr, dinp_row) > 0
             _minlstm_grad_row(dxr, dfr, dinp_row, prev, normalize, raw, dxr, dfr, dinp_row, A)
             _minlstm_reverse_step(_row(dh, dh_strides, i, t, c0, n), carry, A, dxr, dfr, dinp_row, sx, sf, s_inp)
+            _stop_at_start(carry, reset, i, t)
         dh0[i, c0 : c0 + n] = carry
 
 
 @njit(**PARALLEL_JIT)
 def minlstm_bwd_in_place(
-    x, x_strides, f, f_strides, inp, inp_strides, h, h_strides, h0, dh, dh_strides, normalize, dh0, dbias, B, T, C, blk
+    x, x_strides, f, f_strides, inp, inp_strides, h, h_strides, h0, reset, dh, dh_strides, normalize, dh0, dbias,
+    B, T, C, blk
 ):
     """minlstm_bwd on what minlstm_fwd(keep=True) left in x, f and inp, writing dL/d(pre)
     over it (its own kernel for the reason given at mingru_bwd_in_place)."""
     nblk = (C + blk - 1) // blk
     for job in prange(B * nblk):
         i, c0, n = _work_item(job, nblk, blk, C)
-        carry, A, sx, sf, s_inp = _minlstm_work_item_state(x, dbias, i, c0, n, C)
+        carry, zeros, A, sx, sf, s_inp = _minlstm_work_item_state(x, dbias, i, c0, n, C)
         for t in range(T - 1, -1, -1):
             xr, fr, inp_row = (
                 _row(x, x_strides, i, t, c0, n),
                 _row(f, f_strides, i, t, c0, n),
                 _row(inp, inp_strides, i, t, c0, n),
             )
-            prev = _row(h, h_strides, i, t - 1, c0, n) if t > 0 else h0[i, c0 : c0 + n]
+            prev = _previous(h, h_strides, h0, zeros, reset, i, t, c0, n)
             raw = _minlstm_raw_in_row(fr, inp_row) > 0
             _minlstm_grad_row(xr, fr, inp_row, prev, normalize, raw, xr, fr, inp_row, A)
             _minlstm_reverse_step(_row(dh, dh_strides, i, t, c0, n), carry, A, xr, fr, inp_row, sx, sf, s_inp)
+            _stop_at_start(carry, reset, i, t)
         dh0[i, c0 : c0 + n] = carry

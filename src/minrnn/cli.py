@@ -42,6 +42,15 @@ def bench(p: argparse.ArgumentParser) -> Runner:
     return add_arguments(p)
 
 
+@subcommand("prepare", "tokenize text files, JSONL/Parquet or a datasets dataset once into token shards "
+                       "(any tokenizer) that minrnn train --data DIR memory-maps")
+def prepare(p: argparse.ArgumentParser) -> Runner:
+    from .data.prepare import add_arguments  # datasets, tokenizers and transformers wait for a run
+
+    run = add_arguments(p)
+    return lambda args: _run_reporting_user_errors(run, args)
+
+
 # --- training, generation, evaluation -------------------------------------------------------
 # A user error (bad config key, missing file, damaged checkpoint, bad prompt) prints one line
 # to stderr and exits with status 2; a traceback is kept for bugs.

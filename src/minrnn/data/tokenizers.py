@@ -207,21 +207,20 @@ class HFTokenizer:
         return cls(fast, kind or fast.init_kwargs.get(KIND_KEY) or "pretrained")
 
     @classmethod
-    def with_boundary(cls, tokenizer) -> HFTokenizer:
-        """``tokenizer`` (any of this module's) as an HFTokenizer that has an end-of-text token:
-        its own EOS token, else BOUNDARY_TOKEN added as a special token (the next free id)."""
+    def of(cls, tokenizer, boundary: bool = True) -> HFTokenizer:
+        """``tokenizer`` (any of this module's) as an HFTokenizer. With ``boundary`` it has an
+        end-of-text token: its own EOS token, else BOUNDARY_TOKEN added as a special token (the
+        next free id)."""
         if isinstance(tokenizer, HFTokenizer):
             fast = copy_fast(tokenizer.fast)
-            kind = tokenizer.kind
         else:
             from transformers import PreTrainedTokenizerFast
 
-            kind = tokenizer.kind
             fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.to_hf(), clean_up_tokenization_spaces=False)
-        if fast.eos_token_id is None:
+        if boundary and fast.eos_token_id is None:
             fast.add_special_tokens({"eos_token": BOUNDARY_TOKEN})
-        fast.init_kwargs[KIND_KEY] = kind
-        return cls(fast, kind)
+        fast.init_kwargs[KIND_KEY] = tokenizer.kind
+        return cls(fast, tokenizer.kind)
 
     @property
     def vocab_size(self) -> int:

@@ -98,14 +98,16 @@ def train(p: argparse.ArgumentParser) -> Runner:
                                                   "run folder (its config.toml: RUN --resume continues it)")
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="--key value",
                    help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
-                        "--resume continues the run in out_dir from its newest good checkpoint; "
-                        "--overwrite replaces a run already in out_dir")
+                        "--data DIR: a prepared folder (minrnn prepare), read memory-mapped with its own "
+                        "tokenizer; --pack-documents (prepared folders): windows start at documents and the "
+                        "model's state resets at each; --resume continues the run in out_dir from its newest "
+                        "good checkpoint; --overwrite replaces a run already in out_dir")
 
     def run(args: argparse.Namespace) -> int:
         from .training.config import find_config, parse_overrides
         from .training.loop import Trainer
 
-        overrides, flags = parse_overrides(args.overrides, flags=("resume", "overwrite"))
+        overrides, flags = parse_overrides(args.overrides, flags=("resume", "overwrite"), switches=("pack_documents",))
         config = TrainConfig.from_file(find_config(args.config), overrides)
         trainer = Trainer(config, resume="resume" in flags, overwrite="overwrite" in flags)
         try:
@@ -165,11 +167,19 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         import json
         import math
 
+        from .data.shards import is_prepared
         from .data.text import DataError, check_long_enough, load_splits
         from .training.loop import evaluate as evaluate_split
-        from .training.loop import load_run
+        from .training.loop import load_run, prepared_split
 
         config, tokenizer, model, path = load_run(args.run, args.checkpoint, args.device)
+        if is_prepared(args.data or config.data):  # token shards: loss and perplexity over their windows
+            stream = prepared_split(args.data or config.data, args.split, tokenizer)
+            check_long_enough(stream, config.seq_len, args.split)
+            loss = evaluate_split(model, stream, config, args.device)
+            print(json.dumps({"checkpoint": str(path), "split": args.split, "loss": loss,
+                              "perplexity": math.exp(loss)}))
+            return 0
         splits = load_splits(args.data or config.data, config.data_dir or None)
         if args.split not in splits:
             raise DataError(f"data {args.data or config.data} has no {args.split} split; it has {', '.join(splits)}")
@@ -204,9 +214,13 @@ def compare(p: argparse.ArgumentParser) -> Runner:
                                                    "or another the file has (wikitext2: full, cpu_tuned)")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="text only: a text file (split 90/10 into train and validation), a folder of "
-                        "train/valid files or a named corpus")
+                        "train/valid files or a named corpus; or, for any text preset, a prepared folder "
+                        "(minrnn prepare: its splits of the preset's names, its tokenizer)")
     p.add_argument("--tokenizer", default=None, choices=["char", "byte", "bpe"],
                    help="text only: the tokenizer (default: the preset's, char)")
+    p.add_argument("--pack-documents", action="store_true",
+                   help="with a prepared folder: windows start at documents and each model resets at every "
+                        "document start (models that cannot, lstm, gru and mamba, are refused)")
     p.add_argument("--models", default=None, metavar="A,B,...",
                    help="comma-separated subset of the preset's models (default: all of them)")
     p.add_argument("--tasks", default=None, metavar="A,B,...", help="chomsky only: a subset of the tasks")
@@ -253,7 +267,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
             device=str(args.device), dtype=args.dtype, data_dir=args.data_dir, sweep=not args.no_sweep,
             budget_s=args.budget_s, lr=args.lr, options=parse_options(args.options), optim=parse_optim(args.optim),
             out=str(args.out), isolate=not args.in_process, threads=args.threads, progress=not args.no_progress,
-            keep_weights=args.keep_weights)
+            keep_weights=args.keep_weights, pack_documents=args.pack_documents)
         md = run_compare(config)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")

@@ -110,6 +110,9 @@ CASES = {
                  lambda ref, run: run.code != 0 and "corpora/tinyshakespeare/input.txt" in run.stderr),
     "tokenizer": (dict(tokenizer="byte"), vocabulary(256)),
     "bpe_vocab_size": (dict(tokenizer="bpe", bpe_vocab_size=300), vocabulary(300)),
+    # on a text file, refused (tests/training/test_prepared_data.py packs a prepared folder's documents)
+    "pack_documents": (dict(pack_documents="true"),
+                       lambda ref, run: run.code == 2 and "pack_documents needs a prepared folder" in run.stderr),
     "steps": (dict(steps=4), lambda ref, run: run.column("step") == [1, 2, 3, 4]),
     "batch_size": (dict(batch_size=3), other_batches),
     "seq_len": (dict(seq_len=12), other_batches),
@@ -161,7 +164,7 @@ def test_a_non_default_value_changes_what_it_should(field, reference, text, tmp_
     threads = torch.get_num_threads()
     try:
         run = train(tmp_path, text, **settings)
-        if field not in ("data_dir", "device"):  # the two whose check is an error
+        if field not in ("data_dir", "device", "pack_documents"):  # those whose check is an error
             assert run.code == 0, run.stderr
         assert check(reference, run), (f"{field}={settings}: rows {run.rows if run.code == 0 else None}\n"
                                        f"stdout {run.stdout[-2000:]}\nstderr {run.stderr[-2000:]}")

@@ -9,11 +9,17 @@
   - a text file: the first 90% of its characters train, the rest validate (nanoGPT's split);
   - a folder holding train/valid[/test] files (``train.txt``, ``valid.txt`` or ``val.txt``, ...).
 
-Where a run reads is a pure function of (seed, step, micro-step): `train_windows` draws the
+Where a run reads is a pure function of (seed, step, micro-step): `train_offsets` draws the
 offsets of a step's global batch from a generator seeded with those numbers, and each process
 takes its own rows. A resumed run therefore reads exactly what an uninterrupted one would,
 without any data-loader state in the checkpoint, and N processes together read what one
 process reads.
+
+The windows are read from a token source: anything with ``len()`` (its tokens) and
+``gather(offsets, length)`` (rows of consecutive tokens). An in-memory split is a
+`TensorTokens`; a split of a prepared folder (minrnn.data.shards) is a ``TokenStream``, read
+through its memory map, which also knows where its documents start: `packed_windows` and
+`document_positions` read those for training on packed documents.
 """
 
 from __future__ import annotations
@@ -137,9 +143,30 @@ def encode_splits(tokenizer, splits: dict[str, str]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(tokenizer.encode(v), dtype=torch.long) for k, v in splits.items()}
 
 
-def check_long_enough(tokens: torch.Tensor, seq_len: int, split: str) -> None:
-    if tokens.numel() < seq_len + 1:
-        raise DataError(f"the {split} split has {tokens.numel()} tokens; one window of seq_len + 1 = "
+class TensorTokens:
+    """A 1-D int64 tensor of token ids as a token source (the in-memory form of a split)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return self.tokens.numel()
+
+    def gather(self, offsets, length: int) -> torch.Tensor:
+        """Rows ``tokens[o : o + length]`` for each offset: (len(offsets), length) int64."""
+        return self.tokens[torch.as_tensor(offsets)[:, None] + torch.arange(length)]
+
+
+def token_source(tokens):
+    """``tokens`` as a token source: a tensor wrapped in `TensorTokens`, a source as it is."""
+    return TensorTokens(tokens) if isinstance(tokens, torch.Tensor) else tokens
+
+
+def check_long_enough(tokens, seq_len: int, split: str) -> None:
+    """A DataError when ``tokens`` (a tensor or a token source) cannot hold one window."""
+    n = len(token_source(tokens))
+    if n < seq_len + 1:
+        raise DataError(f"the {split} split has {n} tokens; one window of seq_len + 1 = "
                         f"{seq_len + 1} tokens does not fit (use a longer file or a smaller --seq_len)")
 
 
@@ -156,11 +183,49 @@ def train_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, ste
     return torch.randint(0, n_tokens - seq_len, (global_batch,), generator=_generator(seed, step, micro))
 
 
-def windows(tokens: torch.Tensor, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, each (len(offsets), seq_len)."""
-    idx = offsets[:, None] + torch.arange(seq_len + 1)
-    w = tokens[idx]
+def windows(tokens, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (len(offsets), seq_len) int64, of ``tokens`` (a 1-D
+    tensor or a token source) at ``offsets`` (N,) int64."""
+    w = torch.as_tensor(token_source(tokens).gather(offsets.numpy(), seq_len + 1))
     return w[:, :-1], w[:, 1:]
+
+
+def packed_starts(stream, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Where the packed windows of ``offsets`` (N,) int64 start: each offset moved to the first
+    document start of ``stream`` at or after it, looked for up to ``seq_len`` tokens on (and no
+    later than the last offset a whole window fits at); an offset with none there lies in a
+    document longer than a window, and its window starts at the offset itself (a window-long
+    piece of that document). A pure function of the offsets and the document index."""
+    last = len(stream) - seq_len - 1
+    out = offsets.clone()
+    for i, o in enumerate(offsets.tolist()):
+        found = stream.document_starts(o, min(o + seq_len, last) + 1)
+        if len(found):
+            out[i] = int(found[0])
+        # else: no document starts within reach, the window is a piece of one long document
+    return out
+
+
+def document_positions(stream, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """position_ids (N, seq_len) int64 of the windows of ``stream`` at ``starts`` (N,): each
+    position's distance from the latest document start in its window, or from the window's
+    first token (transformers' padding-free convention: 0 where a document, or the window, begins)."""
+    begins = torch.zeros(len(starts), seq_len, dtype=torch.bool)
+    begins[:, 0] = True
+    for i, s in enumerate(starts.tolist()):
+        inside = torch.from_numpy(stream.document_starts(s + 1, s + seq_len) - s)
+        begins[i, inside] = True
+    index = torch.arange(seq_len).expand(len(starts), seq_len)
+    return index - torch.where(begins, index, 0).cummax(dim=1).values
+
+
+def packed_windows(stream, offsets: torch.Tensor, seq_len: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and position_ids, each (len(offsets), seq_len) int64, of the windows of
+    packed documents at ``offsets`` (see `packed_starts` and `document_positions`)."""
+    starts = packed_starts(stream, offsets, seq_len)
+    x, y = windows(stream, starts, seq_len)
+    return x, y, document_positions(stream, starts, seq_len)
 
 
 def eval_offsets(n_tokens: int, seq_len: int, count: int) -> torch.Tensor:

@@ -114,6 +114,9 @@ class Baseline:
     "module:Class", imported when asked for); ``options``: any other option names it takes.
     ``kind``: "transformer" (the report holds every run to the best of these), "state-space",
     "recurrent" or "minrnn" (this package's model: its options are MinRNNConfig's fields).
+    ``packs_documents``: its forward takes ``position_ids`` (B, T) restarting at 0 at each
+    document start (transformers' padding-free convention) and keeps the documents apart, so
+    `minrnn compare --pack-documents` may run it.
     """
 
     name: str
@@ -125,6 +128,7 @@ class Baseline:
     config: str | type | None = None
     options: tuple[str, ...] = ()
     doc: str = ""
+    packs_documents: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -178,12 +182,12 @@ def _cell_families() -> dict[str, Baseline]:
     out = {}
     for cell, spec in CELLS.items():
         name = cell.replace("_", "-")
-        out[name] = Baseline(name, _make_minrnn(cell), "minrnn", config=config, doc=spec.doc)
+        out[name] = Baseline(name, _make_minrnn(cell), "minrnn", config=config, doc=spec.doc, packs_documents=True)
     for cell, spec in CELLS.items():
         if not spec.signed:
             name = cell.replace("_", "-") + "-hybrid"
             out[name] = Baseline(name, _make_minrnn_hybrid(cell), "minrnn", config=config,
-                                 doc=f"{cell}, attention in every third block")
+                                 doc=f"{cell}, attention in every third block", packs_documents=True)
     return out
 
 
@@ -340,10 +344,10 @@ def _make_torch_rnn(cell):
 
 register_baseline(Baseline("llama", _make_llama, "transformer", width_step=lambda opts: 2 * _heads(opts, "num_attention_heads"),
                            default_mlp=lambda width: round(8 * width / 3), config="transformers:LlamaConfig",
-                           doc="transformers' LlamaForCausalLM: RoPE, RMSNorm, SwiGLU MLP"))
+                           doc="transformers' LlamaForCausalLM: RoPE, RMSNorm, SwiGLU MLP", packs_documents=True))
 register_baseline(Baseline("gpt2", _make_gpt2, "transformer", width_step=lambda opts: _heads(opts, "n_head"),
                            default_mlp=lambda width: 4 * width, config="transformers:GPT2Config",
-                           doc="transformers' GPT2LMHeadModel (nanoGPT's architecture)"))
+                           doc="transformers' GPT2LMHeadModel (nanoGPT's architecture)", packs_documents=True))
 register_baseline(Baseline("mamba", _make_mamba, "state-space", num_hidden_layers=8, config="transformers:MambaConfig",
                            options=("mamba_scan",), doc="transformers' MambaForCausalLM"))
 register_baseline(Baseline("lstm", _make_torch_rnn("lstm"), "recurrent", num_hidden_layers=2,

@@ -21,8 +21,10 @@ def mambapy_available() -> bool:
 
 
 class LogitsOnly(nn.Module):
-    """A transformers causal LM seen as ``forward(input_ids (B, T)) -> logits (B, T, V)``.
+    """A transformers causal LM seen as ``forward(input_ids (B, T), position_ids=None) -> logits (B, T, V)``.
 
+    ``position_ids`` (B, T), restarting at 0 at each document start, keep packed documents
+    apart (transformers' padding-free convention: no attention mask and no cache are passed).
     ``.model`` is the transformers model itself (for ``generate``, ``save_pretrained``).
     No cache is built: the wrapper is for training and scoring whole sequences.
     """
@@ -31,8 +33,9 @@ class LogitsOnly(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def forward(self, input_ids: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        return self.model(input_ids=input_ids, use_cache=False, **extra).logits
 
 
 class TorchRNNLM(nn.Module):

@@ -13,6 +13,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..data.shards import is_prepared
 from ..training.config import DTYPES, OPTIM_KEYS, TOKENIZERS, field_types
 from . import experiment_names
 from .baselines import BASELINES, canonical_options, get_baseline
@@ -31,7 +32,11 @@ class CompareConfig:
     """A `minrnn compare` request: an experiment's preset and what to change of it.
 
     ``models``/``tasks``: subsets of the preset's (None: all). ``data``/``tokenizer``: the corpus
-    of an experiment whose preset names none (``text``). ``sweep``: run the preset's sweep (e.g. depths 1, 2, 3).
+    of an experiment whose preset names none (``text``); ``data`` may also be a prepared folder
+    (``minrnn prepare``) for any text preset, read memory-mapped with its own tokenizer (the
+    preset's train and eval splits are the folder's splits of those names; ``text``: train and
+    valid). ``pack_documents``: windows of whole documents, the state reset at each (a prepared
+    folder, and models that reset: see baselines.Baseline.packs_documents). ``sweep``: run the preset's sweep (e.g. depths 1, 2, 3).
     ``budget_s``: stop each run after this much training time. ``lr``: the peak learning rate of
     every run (min_lr scaled alike). ``options``: {model: {key: value}} build options on top of
     the preset's (``--set``). ``optim``: optimiser settings on top of the preset's (``--optim``).
@@ -62,6 +67,7 @@ class CompareConfig:
     threads: int | None = None
     progress: bool = True
     keep_weights: bool = False
+    pack_documents: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class RunSpec:
     optim: dict = field(default_factory=dict)    # optimiser settings on top of the preset's (--optim)
     data: str | None = None                     # text experiment: the corpus (a file or a folder)
     tokenizer: str | None = None                # text experiment: the tokenizer instead of the preset's
+    pack_documents: bool = False                # windows of whole documents (a prepared folder as data)
 
     @property
     def name(self) -> str:
@@ -94,8 +101,9 @@ class RunSpec:
 
     def to_json(self) -> dict:
         """The spec as written to spec.json: where the data directory is does not change the
-        run; unset options are left out."""
-        return {k: v for k, v in asdict(self).items() if k != "data_dir" and v is not None and v != {}}
+        run; unset options (None, {}, False) are left out."""
+        return {k: v for k, v in asdict(self).items()
+                if k != "data_dir" and v is not None and v != {} and v is not False}
 
 
 def digest_of(preset: Preset) -> str:
@@ -113,12 +121,16 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
         preset = load_preset(experiment, c.preset)
     except KeyError as e:
         raise CompareError(f"--preset: {e.args[0]}") from None
+    prepared = bool(c.data) and is_prepared(c.data)
     if preset.user_data:
         if not c.data:
-            raise CompareError(f"--data: `compare {experiment}` needs a text file, a folder of train/valid files "
-                               "or a named corpus")
-    elif c.data or c.tokenizer:
-        raise CompareError(f"--data and --tokenizer are for `compare text`; {experiment} has its own data")
+            raise CompareError(f"--data: `compare {experiment}` needs a text file, a folder of train/valid files, "
+                               "a named corpus or a prepared folder (minrnn prepare)")
+    elif c.tokenizer or (c.data and not ("corpus" in preset.data and prepared)):
+        raise CompareError(f"--data and --tokenizer are for `compare text`; {experiment} has its own data"
+                           + (" (--data may name a prepared folder of it)" if "corpus" in preset.data else ""))
+    if prepared and c.tokenizer:
+        raise CompareError(f"--tokenizer: {c.data} is a prepared folder, whose own tokenizer the runs use")
     if c.tokenizer is not None and c.tokenizer not in TOKENIZERS:
         raise CompareError(f"--tokenizer must be one of {TOKENIZERS}, got {c.tokenizer!r}")
     models = list(c.models or preset.models)
@@ -166,9 +178,18 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
             raise CompareError(f"--set {m}.{unknown[0]}: {m} has no option {unknown[0]!r} (transformers configs "
                                "would keep a misspelt key silently, so only known ones are taken)")
     optim = check_optim(c.optim or {})
+    if c.pack_documents:
+        if not prepared:
+            raise CompareError(f"--pack-documents needs a prepared folder as --data (minrnn prepare; documents are "
+                               f"known only there), got {c.data or 'none'}")
+        unable = [m for m in models if not get_baseline(m).packs_documents]
+        if unable:
+            raise CompareError(f"--pack-documents: {unable[0]} cannot reset its state at a document start "
+                               "(leave it out with --models)")
     digest = digest_of(preset)
     return [RunSpec(experiment, c.preset, m, steps, t, s, c.seed, c.device, c.dtype, c.data_dir, c.eval_every,
-                    c.budget_s, digest, c.lr, dict(options.get(m, {})), dict(optim), c.data, c.tokenizer)
+                    c.budget_s, digest, c.lr, dict(options.get(m, {})), dict(optim), c.data, c.tokenizer,
+                    c.pack_documents)
             for t in run_tasks for s in sweeps for m in models]
 
 

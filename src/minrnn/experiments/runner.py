@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from .._files import write_atomic
+from ..data.shards import PreparedData, is_prepared
 from ..data.text import load_splits
 from ..training.config import TrainConfig
-from ..training.loop import ModelSpec, Trainer
+from ..training.loop import ModelSpec, Trainer, prepared_tokenizer
 from ..training.metrics import read_metrics
-from ..training.workloads import TaskWorkload, text_tokenizer, text_workload
+from ..training.workloads import TaskWorkload, prepared_workload, text_tokenizer, text_workload
 from .plan import CompareError, RunSpec
 from .presets import LOOP_KEYS, Preset, load_preset
 
@@ -52,21 +53,29 @@ def run_dir_of(out: Path, spec: RunSpec) -> Path:
 
 
 def make_workload(preset: Preset, spec: RunSpec):
-    """The workload of a run: the preset's corpus (or ``spec.data``) or synthetic task."""
+    """The workload of a run: the preset's corpus (or ``spec.data``: a corpus, file or folder of
+    text, or a prepared folder, whose splits of the preset's names are read memory-mapped with
+    its own tokenizer) or synthetic task."""
     data, train = preset.data, preset.train
     if "corpus" in data or preset.user_data:
+        train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "valid")
         if spec.data:
-            source, train_split, eval_split, name = spec.data, "train", "valid", Path(spec.data).name
+            source, name = spec.data, Path(spec.data).name
+            if not is_prepared(spec.data):  # a text file or folder: its train and valid splits
+                train_split, eval_split = "train", "valid"
         else:
             source, name = data["corpus"], data["corpus"]
-            train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "valid")
+        settings = dict(seq_len=train["seq_len"], batch_size=train["batch_size"], grad_accum=train.get("grad_accum", 1),
+                        eval_windows=train.get("eval_windows", TrainConfig.eval_windows), seed=spec.seed,
+                        train_split=train_split, eval_split=eval_split, name=name)
+        if is_prepared(source):
+            prepared = PreparedData.open(source, verify=True)
+            return prepared_workload(prepared, prepared_tokenizer(prepared), pack_documents=spec.pack_documents,
+                                     **settings)
         splits = load_splits(source, spec.data_dir, splits=tuple(dict.fromkeys((train_split, eval_split))))
         tokenizer = text_tokenizer(splits, spec.tokenizer or data["tokenizer"], data.get("bpe_vocab_size", 8192),
                                    train_split)
-        return text_workload(splits, tokenizer, seq_len=train["seq_len"], batch_size=train["batch_size"],
-                             grad_accum=train.get("grad_accum", 1),
-                             eval_windows=train.get("eval_windows", TrainConfig.eval_windows), seed=spec.seed,
-                             train_split=train_split, eval_split=eval_split, name=name)
+        return text_workload(splits, tokenizer, **settings)
     options = {"num_tokens": data["num_tokens"]} if "num_tokens" in data else {}
     if "length" in data:  # selective copying: one length
         lengths, eval_lengths = (data["length"], data["length"]), [data["length"]]
@@ -107,7 +116,7 @@ def run_config(spec: RunSpec, preset: Preset, run_dir: Path, progress: bool, dat
     values = {k: train[k] for k in LOOP_KEYS if k in train}
     values.update(steps=spec.steps, seed=spec.seed, device=spec.device, dtype=spec.dtype, out_dir=str(run_dir),
                   data=data, budget_s=spec.budget_s or 0.0, keep_last=1, plot=False, sample_tokens=0,
-                  progress="always" if progress else "never")
+                  progress="always" if progress else "never", pack_documents=spec.pack_documents)
     if spec.eval_every is not None:
         values["eval_every"] = spec.eval_every
     values["checkpoint_every"] = values.get("eval_every", TrainConfig.eval_every)
@@ -164,7 +173,7 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
                 + (f", MLP {info.mlp_width}" if info.mlp_width else "") + ")")
 
     model_spec = ModelSpec(build, {"model": spec.model, "sweep": spec.sweep, "options": spec.options},
-                           logits=lambda model, x: model(x), describe=describe)
+                           logits=lambda model, x, **extras: model(x, **extras), describe=describe)
     resume = bool(list_checkpoints(run_dir))
     trainer = Trainer(config, work, model_spec, resume=resume, overwrite=not resume, log=log, name=spec.name)
     try:

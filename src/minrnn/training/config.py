@@ -85,7 +85,12 @@ class TrainConfig:
     """All settings of a training run (the presets are minrnn/training/presets/*.toml).
 
     Data: ``data`` is a named corpus (tinyshakespeare, wikitext-2, wikitext-103), a text file
-    (split 90/10 into train/valid like nanoGPT), or a folder holding train/valid[/test] files.
+    (split 90/10 into train/valid like nanoGPT), a folder holding train/valid[/test] files, or a
+    prepared folder (``minrnn prepare``'s output, a manifest.json in it): its token shards read
+    through memory maps, with the folder's own tokenizer and vocabulary (``tokenizer`` and
+    ``bpe_vocab_size`` are then not used). ``pack_documents`` (prepared folders only): each
+    window starts at a document start and the model gets position_ids restarting at 0 at
+    each document start, so that its state resets there.
     A batch is ``batch_size`` windows of ``seq_len`` + 1 tokens; one optimiser step sees
     ``batch_size * grad_accum`` windows in all (over every process under torchrun).
     """
@@ -93,8 +98,9 @@ class TrainConfig:
     # data
     data: str = "tinyshakespeare"
     data_dir: str = ""  # where named corpora are looked for first ("" : MINRNN_DATA_DIR, ~/.cache/minrnn/data)
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # not used with a prepared folder: its own tokenizer is
     bpe_vocab_size: int = 8192
+    pack_documents: bool = False  # prepared folders: windows start at documents, the state resets at each
     # optimisation
     steps: int = 1000
     batch_size: int = 32
@@ -155,7 +161,7 @@ class TrainConfig:
         need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}, got {self.tokenizer!r}")
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.progress in PROGRESS, f"progress must be one of {PROGRESS}, got {self.progress!r}")
-        need(bool(self.data), "data must name a corpus, a text file or a folder")
+        need(bool(self.data), "data must name a corpus, a text file, a folder or a prepared folder")
         keys = model_keys() if self.model else {}
         for key, value in self.model.items():
             if key not in keys:
@@ -257,11 +263,17 @@ def merge(values: dict, overrides: dict) -> dict:
     return out
 
 
-def parse_overrides(tokens: list[str], flags: tuple[str, ...] = ()) -> tuple[dict, set]:
+_BOOL_WORDS = ("true", "false", "1", "0", "yes", "no")
+
+
+def parse_overrides(tokens: list[str], flags: tuple[str, ...] = (), switches: tuple[str, ...] = ()
+                    ) -> tuple[dict, set]:
     """``["--lr", "1e-3", "--model.hidden_size=64", "--resume"]`` -> ({"lr": "1e-3", ...}, {"resume"}).
 
     Values stay strings (converted against the field's type later); names in ``flags`` take no
-    value. Dashes in a key are read as underscores (``--out-dir`` is ``out_dir``).
+    value; names in ``switches`` (boolean keys) may stand alone for true (``--pack-documents``)
+    or take one (``--pack-documents false``). Dashes in a key are read as underscores
+    (``--out-dir`` is ``out_dir``).
     """
     values, seen_flags = {}, set()
     i = 0
@@ -275,6 +287,10 @@ def parse_overrides(tokens: list[str], flags: tuple[str, ...] = ()) -> tuple[dic
             if eq:
                 raise ConfigError(f"--{key} takes no value")
             seen_flags.add(key)
+            i += 1
+            continue
+        if key in switches and not eq and (i + 1 >= len(tokens) or tokens[i + 1].lower() not in _BOOL_WORDS):
+            values[key] = "true"
             i += 1
             continue
         if not eq:

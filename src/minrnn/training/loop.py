@@ -7,7 +7,8 @@
 
 A run is a workload (what to train on: minrnn.training.workloads) and a model (a `ModelSpec`:
 how to build it and read its logits), trained with the settings of a `TrainConfig`. Without a
-workload the Trainer reads ``config.data`` with ``config.tokenizer``; without a model it builds
+workload the Trainer reads ``config.data`` with ``config.tokenizer`` (a prepared folder, made by
+`minrnn prepare`: its memory-mapped shards with its own tokenizer); without a model it builds
 the minGRU/minLSTM language model of ``config.model``.
 
 What a run directory holds: ``config.toml`` (the resolved config), ``tokenizer.json`` (text
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.text import load_splits
+from ..data.text import DataError, load_splits
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, check_model_config, check_resume_settings, check_same_config
 from .distributed import Dist
@@ -43,18 +44,20 @@ from .hf_export import check_pretrained_config, link_checkpoints, load_run_token
 from .metrics import MetricsLog, plot_losses
 from .optim import autocast_context, build_optimizer, lr_factor, param_groups  # noqa: F401 (the engine's API)
 from .run_folder import RunLock, check_fresh_start, truncate_metrics, write_run_file
-from .workloads import TextWorkload, Workload, text_tokenizer, text_workload
+from .workloads import TextWorkload, Workload, prepared_workload, text_tokenizer, text_workload
 
 
-def lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a transformers causal LM (no cache: training and scoring read whole windows)."""
-    return model(input_ids=input_ids, use_cache=False).logits
+def lm_logits(model, input_ids: torch.Tensor, **extras) -> torch.Tensor:
+    """Logits of a transformers causal LM (no cache: training and scoring read whole windows);
+    ``extras``: the batch's keyword inputs (position_ids of packed documents)."""
+    return model(input_ids=input_ids, use_cache=False, **extras).logits
 
 
 @dataclass
 class ModelSpec:
     """How a run gets its model: ``build()`` makes it (called after seeding, on the CPU),
-    ``logits(model, ids)`` reads its logits, ``signature`` is what a checkpoint must match."""
+    ``logits(model, ids, **extras)`` reads its logits (``extras``: a batch's keyword inputs,
+    see workloads.py), ``signature`` is what a checkpoint must match."""
 
     build: Callable[[], torch.nn.Module]
     signature: dict = field(default_factory=dict)
@@ -76,20 +79,65 @@ def lm_spec(config: TrainConfig, tokenizer) -> ModelSpec:
 
 
 def text_setup(config: TrainConfig, dist: Dist, resumed_tokenizer=None):
-    """(splits, tokenizer) of ``config.data``: on a fresh start rank 0 builds the tokenizer from
-    the data (the others read it back once rank 0 has saved it: None here); a resumed run
-    passes the tokenizer it was trained with."""
+    """(data, tokenizer) of ``config.data``.
+
+    A prepared folder: data is its `PreparedData` (every shard's checksum checked, in every
+    process, before anything trains) and the tokenizer the folder's, resumed or not (the
+    checkpoint's record of the shards' checksums keeps a resume on the same tokens);
+    ``config.tokenizer`` is not used. Otherwise data is {split: text},
+    and on a fresh start rank 0 builds the tokenizer from it (the others read it back once rank
+    0 has saved it: None here); a resumed run passes the tokenizer it was trained with."""
+    from ..data.shards import PreparedData, is_prepared
+
+    if is_prepared(config.data):
+        data = PreparedData.open(config.data, verify=True)
+        return data, prepared_tokenizer(data)
+    if config.pack_documents:
+        raise ConfigError(f"pack_documents needs a prepared folder as data (minrnn prepare; documents are known "
+                          f"only there), got data {config.data!r}")
     splits = load_splits(config.data, config.data_dir or None)
     if resumed_tokenizer is not None or not dist.is_main:
         return splits, resumed_tokenizer
     return splits, text_tokenizer(splits, config.tokenizer, config.bpe_vocab_size)
 
 
-def config_workload(config: TrainConfig, tokenizer, splits: dict[str, str]) -> TextWorkload:
-    """The text workload of ``config`` (train on train, evaluate on valid)."""
-    return text_workload(splits, tokenizer, seq_len=config.seq_len, batch_size=config.batch_size,
-                         grad_accum=config.grad_accum, eval_windows=config.eval_windows, seed=config.seed,
-                         name=config.data)
+def prepared_tokenizer(data):
+    """The tokenizer of a prepared folder (a `PreparedData`): a DataError when it does not
+    have the manifest's vocabulary."""
+    from ..data.tokenizers import load_prepared_tokenizer
+
+    tokenizer = load_prepared_tokenizer(data.tokenizer_dir)
+    if tokenizer.vocab_size != data.vocab_size:
+        raise DataError(f"{data.tokenizer_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the manifest "
+                        f"says vocab_size {data.vocab_size}: a damaged prepared folder")
+    return tokenizer
+
+
+def prepared_split(path, split: str, tokenizer):
+    """The TokenStream of ``split`` of the prepared folder ``path`` (its shards verified), to be
+    scored by a model trained with ``tokenizer``: a DataError when the folder's tokenizer maps
+    other ids."""
+    from ..data.shards import PreparedData
+
+    data = PreparedData.open(path, verify=True)
+    if _vocabulary(prepared_tokenizer(data)) != _vocabulary(tokenizer):
+        raise DataError(f"{path}: its tokenizer is not the run's (other ids for the same text); prepare the data "
+                        "with the run's tokenizer folder")
+    return data.split(split)
+
+
+def _vocabulary(tokenizer) -> dict[str, int]:
+    return tokenizer.to_hf().get_vocab(with_added_tokens=True)
+
+
+def config_workload(config: TrainConfig, tokenizer, data) -> TextWorkload:
+    """The text workload of ``config`` (train on train, evaluate on valid) on ``data``: the
+    {split: text} or the `PreparedData` of `text_setup`."""
+    settings = dict(seq_len=config.seq_len, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                    eval_windows=config.eval_windows, seed=config.seed, name=config.data)
+    if isinstance(data, dict):
+        return text_workload(data, tokenizer, **settings)
+    return prepared_workload(data, tokenizer, pack_documents=config.pack_documents, **settings)
 
 
 class Trainer:
@@ -287,7 +335,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            return self.workload.evaluate(lambda x: self.spec.logits(self.ddp, x), self.device,
+            return self.workload.evaluate(lambda x, **extras: self.spec.logits(self.ddp, x, **extras), self.device,
                                           lambda: autocast_context(self.config, self.device), self.dist, full)
         finally:
             self.model.train(was_training)
@@ -319,14 +367,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(c.grad_accum):
-            x, y = self.workload.batch(self.step, micro)
+            x, y, *more = self.workload.batch(self.step, micro)  # more: [extras], the model's keyword inputs
             rows = slice(self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank)
             x, y = x[rows].to(self.device, non_blocking=True), y[rows].to(self.device, non_blocking=True)
+            extras = {k: v[rows].to(self.device, non_blocking=True) for k, v in (more[0] if more else {}).items()}
             sync = contextlib.nullcontext() if micro == c.grad_accum - 1 or not self.dist.enabled \
                 else self.ddp.no_sync()
             with sync:
                 with autocast_context(c, self.device):
-                    logits = self.spec.logits(self.ddp, x)
+                    logits = self.spec.logits(self.ddp, x, **extras)
                 loss = self.workload.loss(logits, y)
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach().double()
@@ -425,17 +474,18 @@ def load_model_state(model, state: dict, path) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, tokens: torch.Tensor, config: TrainConfig, device, dist: Dist = Dist()) -> float:
-    """Mean next-token loss of a language model over the evaluation windows of ``tokens``
-    (``config.eval_windows`` windows spread evenly), the figure training logs as val_loss."""
+def evaluate(model, tokens, config: TrainConfig, device, dist: Dist = Dist()) -> float:
+    """Mean next-token loss of a language model over the evaluation windows of ``tokens`` (a 1-D
+    int64 tensor, or a prepared split's TokenStream; ``config.eval_windows`` windows spread
+    evenly, with ``config.pack_documents`` their position_ids), the figure training logs as val_loss."""
     device = torch.device(device)
     work = TextWorkload({"train": tokens, "valid": tokens}, 0, config.seq_len, config.batch_size,
-                        eval_windows=config.eval_windows)
+                        eval_windows=config.eval_windows, pack_documents=config.pack_documents)
     was_training = model.training
     model.eval()
     try:
-        return work.evaluate(lambda x: lm_logits(model, x), device, lambda: autocast_context(config, device),
-                             dist)["loss"]
+        return work.evaluate(lambda x, **extras: lm_logits(model, x, **extras), device,
+                             lambda: autocast_context(config, device), dist)["loss"]
     finally:
         model.train(was_training)
 

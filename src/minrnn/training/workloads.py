@@ -3,14 +3,20 @@
     work = TextWorkload.from_splits({"train": text, "valid": more}, build_tokenizer("char", text + more),
                                     seq_len=64, batch_size=12)
     x, y = work.batch(step=0, micro=0)           # (batch_size, T) inputs and targets, on the CPU
+    x, y, extras = packed.batch(step=0, micro=0) # ... and the model's keyword inputs (position_ids)
     loss = work.loss(logits, y)                  # mean loss over the scored positions
     work.evaluate(logits_of, device)             # {"loss": ...} (and "accuracy" for a task)
 
 Two kinds share that protocol: `TextWorkload` (next-token prediction on a corpus, any of the
-char/byte/BPE tokenizers) and `TaskWorkload` (a synthetic task of minrnn.data.tasks: selective
-copying or a Chomsky task, scored on its answer positions). The Trainer needs nothing else of
-the data. A batch is a pure function of (seed, step, micro-step), so a resumed run reads
-exactly what an uninterrupted one would; under torchrun each process takes its own rows.
+char/byte/BPE tokenizers, held in memory or read from a prepared folder's memory-mapped shards)
+and `TaskWorkload` (a synthetic task of minrnn.data.tasks: selective copying or a Chomsky task,
+scored on its answer positions). The Trainer needs nothing else of the data. A batch is a pure
+function of (seed, step, micro-step), so a resumed run reads exactly what an uninterrupted one
+would; under torchrun each process takes its own rows.
+
+A batch is ``(inputs, targets)`` or ``(inputs, targets, extras)``: ``extras`` holds keyword
+inputs of the model, (B, T) tensors whose rows go with the inputs' rows; a text workload of
+packed documents gives ``{"position_ids": ...}`` there (0 where a document begins).
 """
 
 from __future__ import annotations
@@ -22,10 +28,21 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ..data.text import _generator, check_long_enough, eval_offsets, train_offsets, windows
+from ..data.text import (
+    DataError,
+    _generator,
+    check_long_enough,
+    document_positions,
+    eval_offsets,
+    packed_windows,
+    token_source,
+    train_offsets,
+    windows,
+)
 from .distributed import Dist
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # input ids (B, T) on the device -> logits (B, T, V)
+# input ids (B, T) on the device, and the batch's extras as keywords -> logits (B, T, V)
+Logits = Callable[..., torch.Tensor]
 
 
 class Workload(Protocol):
@@ -37,7 +54,8 @@ class Workload(Protocol):
     tokens_per_step: int      # tokens of one optimiser step (every micro-step, every process)
     description: str          # a line for the log and the report
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
+        ...
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor: ...
 
@@ -50,9 +68,16 @@ class Workload(Protocol):
 class TextWorkload:
     """Next-token prediction on the token ids of a train and an evaluation split.
 
+    ``tokens``: {"train": ..., eval_split: ...}, each a 1-D int64 tensor or a token source
+    (minrnn.data.text: a prepared split's memory-mapped TokenStream), read window by window.
     The training batch of a step is ``batch_size`` windows of ``seq_len + 1`` tokens at random
     offsets of the train split; evaluation scores ``eval_windows`` windows spread evenly over
     the evaluation split (``full``: every non-overlapping window), the mean loss in nats.
+
+    ``pack_documents`` (sources that know their documents only): each training window is
+    moved to a document start (minrnn.data.text.packed_starts) and every batch, evaluation
+    included, carries ``position_ids`` that restart at 0 at each document start, so that a
+    model that resets there never carries one document into the next.
     """
 
     kind = "text"
@@ -61,14 +86,19 @@ class TextWorkload:
 
     def __init__(self, tokens: dict[str, torch.Tensor], vocab_size: int, seq_len: int, batch_size: int,
                  grad_accum: int = 1, eval_windows: int = 64, seed: int = 0, eval_split: str = "valid",
-                 name: str = "text"):
-        self.tokens = {"train": tokens["train"], "eval": tokens[eval_split]}
+                 name: str = "text", pack_documents: bool = False):
+        self.tokens = {"train": token_source(tokens["train"]), "eval": token_source(tokens[eval_split])}
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.eval_windows, self.seed, self.name = eval_windows, seed, name
         for split, toks in (("train", self.tokens["train"]), (eval_split, self.tokens["eval"])):
             check_long_enough(toks, seq_len, split)
+            if pack_documents and not hasattr(toks, "document_starts"):
+                raise DataError(f"pack_documents: the {split} split of {name} has no document index; packing "
+                                "needs a prepared folder (minrnn prepare) as data")
+        self.pack_documents, self.digest = pack_documents, None
         self.tokens_per_step = seq_len * batch_size * grad_accum
-        self.description = f"{name}: {self.tokens['train'].numel():,} train tokens, evaluated on {eval_split}"
+        self.description = (f"{name}: {len(self.tokens['train']):,} train tokens, evaluated on {eval_split}"
+                            + (", documents packed" if pack_documents else ""))
 
     @classmethod
     def from_splits(cls, splits: dict[str, str], tokenizer, **kwargs) -> TextWorkload:
@@ -82,35 +112,48 @@ class TextWorkload:
         return cls(tokens, tokenizer.vocab_size, **kwargs)
 
     def batch(self, step: int, micro: int):
+        """(inputs, targets), each (batch_size, seq_len) int64 on the CPU; packed documents add
+        {"position_ids": (batch_size, seq_len) int64}."""
         tokens = self.tokens["train"]
-        offsets = train_offsets(tokens.numel(), self.seq_len, self.batch_size, self.seed, step, micro)
+        offsets = train_offsets(len(tokens), self.seq_len, self.batch_size, self.seed, step, micro)
+        if self.pack_documents:
+            x, y, positions = packed_windows(tokens, offsets, self.seq_len)
+            return x, y, {"position_ids": positions}
         return windows(tokens, offsets, self.seq_len)
 
     def loss(self, logits, targets, reduction: str = "mean"):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
-    def eval_batches(self, full: bool = False, dist: Dist = Dist()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(inputs, targets) of the evaluation windows this process scores."""
+    def eval_batches(self, full: bool = False, dist: Dist = Dist()) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
+        """(inputs, targets, extras) of the evaluation windows this process scores: the same
+        windows with packed documents or without (so that the figures compare), with packed
+        documents their position_ids in extras."""
         toks = self.tokens["eval"]
-        count = toks.numel() // self.seq_len if full else self.eval_windows
-        offsets = eval_offsets(toks.numel(), self.seq_len, count)[dist.rank::dist.world_size]
+        count = len(toks) // self.seq_len if full else self.eval_windows
+        offsets = eval_offsets(len(toks), self.seq_len, count)[dist.rank::dist.world_size]
         per = max(1, self.batch_size // dist.world_size)
         for i in range(0, offsets.numel(), per):
-            yield windows(toks, offsets[i:i + per], self.seq_len)
+            x, y = windows(toks, offsets[i:i + per], self.seq_len)
+            extras = ({"position_ids": document_positions(toks, offsets[i:i + per], self.seq_len)}
+                      if self.pack_documents else {})
+            yield x, y, extras
 
     @torch.no_grad()
     def evaluate(self, logits_of: Logits, device, autocast=None, dist: Dist = Dist(), full: bool = False) -> dict:
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        for x, y in self.eval_batches(full, dist):
+        for x, y, extras in self.eval_batches(full, dist):
             with autocast() if autocast else contextlib.nullcontext():
-                logits = logits_of(x.to(device))
+                logits = logits_of(x.to(device), **{k: v.to(device) for k, v in extras.items()})
             total[0] += self.loss(logits, y.to(device), "sum").double()
             total[1] += y.numel()
         total = dist.sum(total)
         return {"loss": (total[0] / total[1]).item()}
 
     def signature(self) -> dict:
-        return {"data": self.name, "train_tokens": self.tokens["train"].numel()}
+        out = {"data": self.name, "train_tokens": len(self.tokens["train"])}
+        if self.digest:  # a prepared folder: its shards' checksums
+            out["shards"] = self.digest
+        return {**out, "pack_documents": True} if self.pack_documents else out
 
 
 def text_tokenizer(splits: dict[str, str], kind: str, bpe_vocab_size: int = 8192, train_split: str = "train"):
@@ -131,9 +174,39 @@ def text_workload(splits: dict[str, str], tokenizer, *, seq_len: int, batch_size
                                     seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                                     eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name)
     work.tokenizer = tokenizer
-    work.description = (f"{name} ({tokenizer.kind} tokens): {work.tokens['train'].numel():,} train tokens from "
+    work.description = (f"{name} ({tokenizer.kind} tokens): {len(work.tokens['train']):,} train tokens from "
                         f"{train_split}, evaluated on {eval_split}")
     return work
+
+
+def prepared_workload(data, tokenizer, *, seq_len: int, batch_size: int, grad_accum: int = 1,
+                      eval_windows: int = 64, seed: int = 0, train_split: str = "train", eval_split: str = "valid",
+                      name: str = "text", pack_documents: bool = False) -> TextWorkload:
+    """The workload of a prepared folder (``data``: a minrnn.data.shards.PreparedData, made by
+    `minrnn prepare`): ``train_split`` trains and ``eval_split`` evaluates, both read through
+    their memory maps (resident memory does not grow with the corpus), at the offsets an
+    in-memory run of the same tokens reads. ``tokenizer``: the folder's; the vocabulary is the
+    manifest's. ``pack_documents``: see `TextWorkload`."""
+    tokens = {"train": data.split(train_split), eval_split: data.split(eval_split)}
+    work = TextWorkload(tokens, data.vocab_size, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                        eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name,
+                        pack_documents=pack_documents)
+    work.tokenizer = tokenizer
+    work.digest = shards_digest(data, train_split)
+    train = tokens["train"]
+    work.description = (f"{name} (prepared, {tokenizer.kind} tokens): {len(train):,} train tokens in "
+                        f"{train.documents:,} documents from {train_split}, evaluated on {eval_split}"
+                        + (", documents packed" if pack_documents else ""))
+    return work
+
+
+def shards_digest(data, split: str) -> str:
+    """A short hash of the checksums of ``split``'s shards in a prepared folder's manifest:
+    what a checkpoint records, so that a run is never resumed on other tokens."""
+    import hashlib
+
+    shards = data.manifest["splits"][split]["shards"]
+    return hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
 
 
 class TaskWorkload:

@@ -32,10 +32,10 @@ def count_fast_steps(monkeypatch):
         taken[-1] = True
         return step(*args, **kwargs)
 
-    def counting_forward(self, hidden_states, mask=None, cache=None):
+    def counting_forward(self, hidden_states, mask=None, cache=None, reset=None):
         if cache is not None and hidden_states.shape[1] == 1:
             taken.append(False)
-        return forward(self, hidden_states, mask, cache)
+        return forward(self, hidden_states, mask, cache, reset)
 
     monkeypatch.setattr(MinRNNBlock, "step", counting_step)
     monkeypatch.setattr(MinRNNBlock, "forward", counting_forward)

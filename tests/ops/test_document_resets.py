@@ -110,3 +110,30 @@ def test_reset_is_checked_in_one_line():
         MF.run_cell("mingru", pre, reset=torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"reset must be \(batch, time\) = \(2, 5\)"):
         MF.run_cell("mingru", pre, reset=torch.zeros(2, 4, dtype=torch.bool))
+
+
+CONV_BACKENDS = [b for b in CPU_BACKENDS if BACKENDS[b].implements("conv")]
+
+
+@pytest.mark.parametrize("backend", CONV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_conv_of_packed_rows_equals_documents_alone(backend, dtype, K):
+    from minrnn.ops.conv import causal_conv
+    from minrnn.ops.reference import causal_conv_reference
+
+    gen = torch.Generator().manual_seed(K)
+    B, T, C = 3, 29, 6
+    x = torch.randn(B, T, C, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(C, 1, K, generator=gen, dtype=dtype, requires_grad=True)
+    bias = torch.randn(C, generator=gen, dtype=dtype, requires_grad=True)
+    reset = random_resets(B, T, gen, first=True)
+    reset[1, 5:8] = True  # one-token documents back to back
+    y = causal_conv(x, w, bias, reset=reset, backend=backend)
+    want = causal_conv_reference(x, w, bias, reset)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, want, **tol)
+    weights = torch.randn(B, T, C, generator=gen, dtype=dtype)
+    for g, e in zip(torch.autograd.grad((y * weights).sum(), [x, w, bias]),
+                    torch.autograd.grad((want * weights).sum(), [x, w, bias])):
+        torch.testing.assert_close(g, e, **tol)

@@ -9,7 +9,9 @@ attention with RoPE and grouped-query heads, called as the minRNN mixer is.
 
 Positions count real tokens only (a padded row's first token is at position 0, as when read
 alone), continuing from ``past.next_position``; a key is seen by a query when it is a real
-token at a position p with q - window < p <= q. A padding query sees only its own key (its
+token at a position p with q - window < p <= q. Documents packed in a row (``reset``, True at
+each document's first token) are attended as if alone: positions restart at 0 at a start and a
+query sees only keys of its own document (none of the cache's, after a start). A padding query sees only its own key (its
 output is never read by a real position: padding is masked out of every later mixer), so no
 row of the softmax is empty. The window is counted in positions and the cache keeps the last
 ``window`` slots: the two agree when padding comes before a row's tokens (left padding).
@@ -56,11 +58,15 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
     return (x.to(dtype) * cos + rotated * sin).to(x.dtype)
 
 
-def visible_keys(q_pos: Tensor, q_valid: Tensor, k_pos: Tensor, k_valid: Tensor, window: int | None) -> Tensor:
-    """(B, 1, T, S) bool: which keys each query sees. The queries are the last T of the S keys."""
+def visible_keys(q_pos: Tensor, q_valid: Tensor, k_pos: Tensor, k_valid: Tensor, window: int | None,
+                 q_doc: Tensor | None = None, k_doc: Tensor | None = None) -> Tensor:
+    """(B, 1, T, S) bool: which keys each query sees. The queries are the last T of the S keys;
+    q_doc (B, T) and k_doc (B, S), when given, number the documents: a query sees its own only."""
     T, S = q_pos.shape[1], k_pos.shape[1]
     q, k = q_pos[:, :, None], k_pos[:, None, :]
     seen = k_valid[:, None, :] & (k <= q)
+    if q_doc is not None:
+        seen = seen & (q_doc[:, :, None] == k_doc[:, None, :])
     if window is not None:
         seen = seen & (k > q - window)
     own = torch.zeros(T, S, dtype=torch.bool, device=q_pos.device)
@@ -117,8 +123,10 @@ class MinRNNAttention(nn.Module):
         B, T = x.shape[:2]
         return x.view(B, T, heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: Tensor, past: AttentionWindow | None = None,
-                mask: Tensor | None = None) -> tuple[Tensor, AttentionWindow]:
+    def forward(self, x: Tensor, past: AttentionWindow | None = None, mask: Tensor | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, AttentionWindow]:
+        """x (B, T, D), past (the cache's keys) or None, mask (B, T) bool or None, reset (B, T)
+        bool or None (True at a document's first token). Returns (y (B, T, D), this call's keys)."""
         B, T = x.shape[:2]
         if past is not None and past.batch_size != B:
             raise ValueError(f"the cache holds keys for batch {past.batch_size}, but the input has batch {B}; "
@@ -126,22 +134,34 @@ class MinRNNAttention(nn.Module):
         start = past.next_position if past is not None else torch.zeros(B, dtype=torch.long, device=x.device)
         real = mask if mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
         positions = start[:, None] + real.long().cumsum(1) - 1
+        q_doc = k_doc = None
+        if reset is not None:
+            # a document's positions count from its start: subtract the position of the latest
+            # start at or before each token (positions never decrease, so a running max finds it)
+            offset = torch.where(reset, positions, torch.zeros_like(positions)).cummax(1).values
+            positions = positions - offset
+            q_doc = reset.long().cumsum(1)  # the cache's keys are document 0, before any start here
+            k_doc = q_doc if past is None else torch.cat([q_doc.new_zeros(past.positions.shape), q_doc], 1)
         positions = positions.clamp_min(0)  # padding before the first token: any position, it is masked
         q = rope(self._split(self.q_proj(x), self.heads), positions, self.theta)
         k = rope(self._split(self.k_proj(x), self.kv_heads), positions, self.theta)
         v = self._split(self.v_proj(x), self.kv_heads)
-        new = AttentionWindow(k, v, positions, real, start + real.long().sum(1))
+        following = start + real.long().sum(1)
+        if reset is None:
+            new = AttentionWindow(k, v, positions, real, following)
+        else:  # later calls continue the row's last document: the earlier ones' keys are never seen again
+            new = AttentionWindow(k, v, positions, real & (q_doc == q_doc[:, -1:]), following - offset[:, -1])
         if past is None:
             keys, values, k_pos, k_valid = k, v, positions, real
         else:
             keys, values = torch.cat([past.keys.to(k.dtype), k], 2), torch.cat([past.values.to(v.dtype), v], 2)
             k_pos, k_valid = torch.cat([past.positions, positions], 1), torch.cat([past.valid, real], 1)
-        plain = past is None and mask is None
+        plain = past is None and mask is None and reset is None
         if self.reference:
-            visible = visible_keys(positions, real, k_pos, k_valid, self.window)
+            visible = visible_keys(positions, real, k_pos, k_valid, self.window, q_doc, k_doc)
             y = attention_reference(q, keys, values, visible)
         else:
-            visible = None if plain else visible_keys(positions, real, k_pos, k_valid, self.window)
+            visible = None if plain else visible_keys(positions, real, k_pos, k_valid, self.window, q_doc, k_doc)
             y = attention_fast(q, keys, values, visible, self.window)
         y = y.transpose(1, 2).reshape(B, T, self.heads * self.head_dim)
         return self.out_proj(y), new

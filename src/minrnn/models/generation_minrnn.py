@@ -175,9 +175,13 @@ class MinRNNGenerationMixin(GenerationMixin):
             have = cache.batch_size
             if have > 0 and given.shape[0] != have and given.shape[0] % have == 0:
                 cache.batch_repeat_interleave(given.shape[0] // have)
-        return super().prepare_inputs_for_generation(
+        inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs)
+        # generate() derives positions from the attention mask; they mark no document starts
+        # here (padding already makes a row's state what its prompt gives alone)
+        inputs.pop("position_ids", None)
+        return inputs
 
 
 __all__ = ["MinRNNGenerationMixin"]

@@ -20,6 +20,12 @@ at a time with a fixed amount of work per token; all three give the same numbers
 Padding: an attention mask marks real tokens (1) and padding (0). A padded position is the
 identity of the recurrence (a = 1, b = 0, so the state passes through unchanged) and a zero
 input to the conv, so left- or right-padded rows give what their prompts give alone.
+
+Packed documents (transformers' padding-free convention, e.g. ``DataCollatorWithFlattening``):
+a document starts where ``position_ids`` is 0, where ``seq_idx`` changes, or at the offsets of
+``cu_seq_lens_q``. There the recurrence forgets its state (a = 0), the conv sees no input of
+the previous document and an attention block attends within the document only, so each
+document's logits are those it gets alone.
 """
 
 from __future__ import annotations
@@ -65,6 +71,51 @@ def _accept_cache_aliases(fn):
     return fn
 
 
+# what transformers' tools pass to every model and this one has no use for: accepted, ignored
+_IGNORED_KWARGS = frozenset({"cache_position", "return_dict", "output_attentions", "token_type_ids"})
+# the causal LM also hands these to its loss (transformers' ForCausalLMLoss)
+_LOSS_KWARGS = frozenset({"num_items_in_batch", "ignore_index", "shift_labels"})
+# flash attention's view of packed documents beside cu_seq_lens_q: nothing more for this model
+_FLASH_KWARGS = frozenset({"cu_seq_lens_k", "max_length_q", "max_length_k"})
+
+
+def _check_kwargs(kwargs: dict, allowed: frozenset, where: str) -> None:
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def document_starts(position_ids: Tensor | None, seq_idx: Tensor | None, cu_seq_lens: Tensor | None,
+                    batch: int, length: int, device: torch.device) -> Tensor | None:
+    """(B, T) bool, True at each packed document's first token, or None when nothing marks one.
+
+    position_ids (B, T): a document starts where it is 0. seq_idx (B, T): where it differs
+    from the position before. cu_seq_lens (n + 1,): the offsets of n documents in the one row
+    of a batch of 1. Several given: a start marked by any of them.
+    """
+    starts = None
+    for name, ids in (("position_ids", position_ids), ("seq_idx", seq_idx)):
+        if ids is None:
+            continue
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.shape[1] != length or ids.shape[0] not in (1, batch):
+            shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"{name} must be (batch, length) = ({batch}, {length}), got {shape}")
+        ids = ids.to(device).expand(batch, length)
+        if name == "position_ids":
+            marked = ids == 0
+        else:
+            marked = torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], 1)
+        starts = marked if starts is None else starts | marked
+    if cu_seq_lens is not None:
+        if batch != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row, but the input has batch {batch}")
+        offsets = torch.as_tensor(cu_seq_lens, device=device).long().flatten()
+        marked = torch.zeros(1, length, dtype=torch.bool, device=device)
+        marked[0, offsets[offsets < length]] = True
+        starts = marked if starts is None else starts | marked
+    return starts
+
+
 class MinRNNBlock(GradientCheckpointingLayer):
     """[x + Conv(x)] -> x + Mixer(Norm(x)) -> [x + MLP(Norm(x))]; see the module docstring.
 
@@ -89,9 +140,11 @@ class MinRNNBlock(GradientCheckpointingLayer):
             self.mlp_norm = self.mlp = None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None) -> Tensor:
-        """hidden_states (B, T, D), mask (B, T) bool or None; reads and updates ``cache``."""
-        if cache is not None and hidden_states.shape[1] == 1 and steps_enabled():
+    def forward(self, hidden_states: Tensor, mask: Tensor | None = None, cache: MinRNNCache | None = None,
+                reset: Tensor | None = None) -> Tensor:
+        """hidden_states (B, T, D), mask (B, T) bool or None, reset (B, T) bool or None (True at
+        a document's first token); reads and updates ``cache``."""
+        if cache is not None and hidden_states.shape[1] == 1 and reset is None and steps_enabled():
             return self.step(hidden_states, mask, cache)
         h0 = None if cache is None else cache.get_recurrent_state(self.layer_idx)
         if isinstance(h0, Tensor) and h0.shape[0] != hidden_states.shape[0]:
@@ -102,9 +155,9 @@ class MinRNNBlock(GradientCheckpointingLayer):
             past = None
             if cache is not None:
                 past = cache.get_conv_state(self.layer_idx)
-                cache.update_conv_state(x.transpose(1, 2), self.layer_idx)  # keeps the last k - 1 inputs
-            hidden_states = hidden_states + self.dropout(self.conv(x, past))
-        y, h_last = self.mixer(self.rnn_norm(hidden_states), h0, mask)
+                cache.update_conv_state(_after_last_start(x, past, reset).transpose(1, 2), self.layer_idx)
+            hidden_states = hidden_states + self.dropout(self.conv(x, past, reset))
+        y, h_last = self.mixer(self.rnn_norm(hidden_states), h0, mask, reset)
         if cache is not None:
             cache.update_recurrent_state(h_last, self.layer_idx, num_tokens=hidden_states.shape[1])
         hidden_states = hidden_states + self.dropout(y)
@@ -144,6 +197,21 @@ class MinRNNBlock(GradientCheckpointingLayer):
             x = mlp.step(normed, residual=x) if drop is None else x + drop(mlp.step(normed))
         layer.store_step(None if conv is None else window, state)
         return x.unsqueeze(1)
+
+
+def _after_last_start(x: Tensor, past: Tensor | None, reset: Tensor | None) -> Tensor:
+    """What the cache's conv window is cut from (it keeps the last k - 1 inputs): x (B, T, D)
+    itself, or, after a document start, the row's inputs from its last start on, preceded by
+    zeros in place of the ``past`` window (B, D, k - 1), so a later call sees no earlier document."""
+    if reset is None:
+        return x
+    t = torch.arange(x.shape[1], device=x.device)
+    last = torch.where(reset, t, -1).amax(1, keepdim=True)  # (B, 1): -1 where the row has no start
+    kept = x * (t >= last).unsqueeze(-1).to(x.dtype)
+    if past is None or past.shape[-1] == 0:
+        return kept
+    old = past.transpose(1, 2).to(x.dtype) * (last < 0).unsqueeze(-1).to(x.dtype)
+    return torch.cat([old, kept], 1)
 
 
 class MinRNNPreTrainedModel(PreTrainedModel):
@@ -244,6 +312,12 @@ class MinRNNModel(MinRNNPreTrainedModel):
         cache: MinRNNCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        position_ids: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        cu_seq_lens_q: Tensor | None = None,
+        cu_seq_lens_k: Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the blocks over new positions, continuing from ``cache`` when one is given.
@@ -257,10 +331,19 @@ class MinRNNModel(MinRNNPreTrainedModel):
             use_cache: create a cache when none is given and return it (default:
                 ``config.use_cache`` in eval mode, False in training mode).
             output_hidden_states: also return the embeddings and every block's output.
+            position_ids: (B, T) positions of packed documents, 0 at each document's first
+                token (transformers' padding-free convention): the state is reset there.
+            seq_idx: (B, T) the document each token belongs to; a change starts a document.
+            cu_seq_lens_q: (n + 1,) offsets of n documents packed in a batch of one row;
+                ``cu_seq_lens_k``, ``max_length_q`` and ``max_length_k`` (flash attention's) are
+                accepted and add nothing.
         Returns:
             BaseModelOutputWithPast: last_hidden_state (B, T, D) after the final norm, cache,
             hidden_states (embeddings, block 1, ..., block L) when asked.
+
+        An unknown keyword argument is a TypeError.
         """
+        _check_kwargs(kwargs, _IGNORED_KWARGS, "MinRNNModel.forward")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: MinRNN models return no attention weights")
         if (input_ids is None) == (inputs_embeds is None):
@@ -283,12 +366,13 @@ class MinRNNModel(MinRNNPreTrainedModel):
         if use_cache and cache is None:
             cache = MinRNNCache(self.config)
         mask = _positions_mask(attention_mask, B, T)
+        reset = document_starts(position_ids, seq_idx, cu_seq_lens_q, B, T, inputs_embeds.device)
 
         hidden_states = self.dropout(inputs_embeds)
         all_hidden = (hidden_states,) if output_hidden_states else None
         for block in self.layers:
             # no positions: nothing to read, and the cache stays as it is
-            hidden_states = block(hidden_states, mask=mask, cache=cache) if T > 0 else hidden_states
+            hidden_states = block(hidden_states, mask=mask, cache=cache, reset=reset) if T > 0 else hidden_states
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         if cache is not None:
@@ -333,16 +417,24 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, MinRNNGenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        position_ids: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        cu_seq_lens_q: Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, vocab) for every position (or the last ``logits_to_keep``).
 
-        Arguments as ``MinRNNModel.forward``, plus ``labels`` (B, T): the token ids themselves
-        (shifted inside; -100 is ignored) for the next-token cross-entropy ``loss``.
+        Arguments as ``MinRNNModel.forward`` (packed documents included), plus ``labels`` (B, T):
+        the token ids themselves (shifted inside; -100 is ignored) for the next-token
+        cross-entropy ``loss``, and the loss's keywords (``num_items_in_batch``, ...).
         """
+        _check_kwargs(kwargs, _IGNORED_KWARGS | _LOSS_KWARGS | _FLASH_KWARGS, "MinRNNForCausalLM.forward")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         position_ids=position_ids, seq_idx=seq_idx, cu_seq_lens_q=cu_seq_lens_q,
                          output_attentions=kwargs.pop("output_attentions", None))
+        for name in _IGNORED_KWARGS | _FLASH_KWARGS:
+            kwargs.pop(name, None)
         hidden = _keep_positions(out.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden)
         loss = None
@@ -393,6 +485,7 @@ class MinRNNForSequenceClassification(MinRNNPreTrainedModel):
     ) -> SequenceClassifierOutputWithPast:
         """Logits (B, num_labels). ``labels``: (B,) class ids (cross-entropy), (B, num_labels)
         floats (multi-label BCE) or (B,) floats with num_labels = 1 (regression, MSE)."""
+        _check_kwargs(kwargs, _IGNORED_KWARGS | {"num_items_in_batch"}, "MinRNNForSequenceClassification.forward")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          output_attentions=kwargs.pop("output_attentions", None))

@@ -94,13 +94,17 @@ class MinRNNCausalConv(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}"
 
-    def forward(self, x: Tensor, past: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, past: Tensor | None = None, reset: Tensor | None = None) -> Tensor:
         """x (B, T, D) -> y (B, T, D); past (B, D, k - 1): the inputs before x, oldest first
-        (None: zeros). ``minrnn.ops.conv.causal_conv`` (a CPU kernel for float32/float64)."""
+        (None: zeros); reset (B, T) bool, True where a document starts (no position sees
+        inputs before its document's start), or None. ``minrnn.ops.conv.causal_conv`` (a CPU
+        kernel for float32/float64)."""
         if past is None or past.shape[-1] == 0:
-            return causal_conv(x, self.weight, self.bias)
+            return causal_conv(x, self.weight, self.bias, reset=reset)
         full = torch.cat([past.transpose(1, 2).to(x.dtype), x], dim=1)
-        return causal_conv(full, self.weight, self.bias)[:, past.shape[-1]:]
+        if reset is not None:
+            reset = torch.cat([reset.new_zeros(reset.shape[0], past.shape[-1]), reset], dim=1)
+        return causal_conv(full, self.weight, self.bias, reset=reset)[:, past.shape[-1]:]
 
     def new_window(self, x: Tensor) -> Tensor:
         """The window of a sequence's start for x (B, D): zeros (B, D, k - 1)."""
@@ -165,18 +169,22 @@ class MinRNNMixer(nn.Module):
                                       self.spec.decay_slot, self.spec.decay_bias_sign)
         self.out_proj = MinRNNResidualOut(self.rnn_hidden_size, config.hidden_size, bias=config.use_bias)
 
-    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real).
+    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), h0 (B, E) or None (zeros), mask (B, T) bool or None (all real), reset
+        (B, T) bool or None (True: a document starts there, the state before it is forgotten).
 
         Returns (y (B, T, D), h_last (B, E)); h_last is in the state dtype (float32 for half).
         """
         if x.shape[1] == 1:
             # one position: the step's O(1) update, whatever the context length
+            if reset is not None and h0 is not None:
+                h0 = torch.where(reset[:, :1], torch.zeros((), dtype=h0.dtype, device=h0.device), h0)
             y, h_last = projected_cell_step(self.spec, self.in_proj, x, h0, self.options,
                                             None if mask is None else mask[:, 0])
             return self.out_proj(y), h_last
         y, h_last = projected_cell_sequence(self.spec, self.in_proj, x, h0, self.options, self.backend, mask,
-                                            plain=MinRNNGateProj)
+                                            plain=MinRNNGateProj, reset=reset)
         return self.out_proj(y), h_last
 
     def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None,

@@ -16,30 +16,60 @@ applies, else the reference.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
-from .checks import check_conv_args
+from .checks import check_conv_args, check_reset
 from .reference import causal_conv_reference
 from .registry import resolve_backend
 
 __all__ = ["causal_conv", "causal_conv_reference"]
 
 
-def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: str = "auto") -> Tensor:
+def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, reset: Tensor | None = None,
+                backend: str = "auto") -> Tensor:
     """Causal depthwise conv along time: x (B, T, C) -> y (B, T, C); see the module docstring.
 
     Args:
         x: (B, T, C) input, channels-last.
         weight: (C, 1, K) (nn.Conv1d's depthwise weight) or (C, K).
         bias: (C,) or None.
+        reset: (B, T) bool, True where a document starts, or None: a position then sees no
+            input before its document's first token (documents packed in a row are convolved
+            as if alone).
         backend: "auto" or a backend with a conv: "sequential"/"chunked" (nn.Conv1d's kernel)
             or "cpu" (numba; float32/float64 CPU).
     Returns:
         y: (B, T, C) in x's dtype; y[:, t] depends on x[:, t-K+1 .. t] only.
     """
     check_conv_args(x, weight, bias)
+    check_reset(reset, tuple(x.shape[:2]), x.device, "(batch, time)")
     be = resolve_backend(backend, x.device, "conv", (x,))
     if x.numel() == 0:  # an empty batch or sequence: an empty y, still in the inputs' graph
         y = x * weight.reshape(x.shape[-1], -1)[:, -1]
         return y if bias is None else y + bias
-    return be.conv(x, weight, bias)
+    y = be.conv(x, weight, bias)
+    return y if reset is None else _recompute_document_heads(y, x, weight, bias, reset)
+
+
+def _recompute_document_heads(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, reset: Tensor) -> Tensor:
+    """y with the first K - 1 positions of every document recomputed from that document's
+    inputs alone. Only those positions can see across a start, so the work is O(documents K C)
+    beside the conv's O(T K C), whatever backend ran the conv."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    w = weight.reshape(C, K)
+    t = torch.arange(T, device=x.device)
+    last_start = torch.where(reset, t, -1).cummax(1).values  # (B, T): the latest start at or before t
+    since = t - last_start  # steps since it (meaningless where there is none: last_start = -1)
+    rows, cols = torch.nonzero((last_start >= 0) & (since < K - 1), as_tuple=True)
+    if rows.numel() == 0:
+        return y
+    lag = torch.arange(K, device=x.device)  # input x_{t - lag} meets weight[:, K - 1 - lag]
+    src = cols[:, None] - lag  # (N, K)
+    seen = (lag <= since[rows, cols][:, None]) & (src >= 0)
+    inputs = x[rows[:, None], src.clamp_min(0)] * seen.unsqueeze(-1).to(x.dtype)  # (N, K, C)
+    head = (inputs * w.t().flip(0).to(x.dtype)).sum(1)
+    if bias is not None:
+        head = head + bias.to(x.dtype)
+    return y.index_put((rows, cols), head)

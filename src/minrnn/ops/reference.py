@@ -51,9 +51,17 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def causal_conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def causal_conv_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, reset: Tensor | None = None) -> Tensor:
     """The causal depthwise conv, x (B, T, C) -> (B, T, C), weight (C, 1, K) or (C, K): torch's
-    grouped conv1d on the zero-padded, transposed input."""
+    grouped conv1d on the zero-padded, transposed input. reset (B, T) bool, True where a
+    document starts: each document is convolved alone (a loop over rows and documents)."""
     C, K = x.shape[-1], weight.shape[-1]
+    if reset is not None:
+        rows = []
+        for i in range(x.shape[0]):
+            cuts = [0, *(t for t in reset[i].nonzero().flatten().tolist() if t > 0), x.shape[1]]
+            rows.append(torch.cat([causal_conv_reference(x[i:i + 1, s:e], weight, bias)
+                                   for s, e in zip(cuts[:-1], cuts[1:])], 1))
+        return torch.cat(rows, 0)
     xp = F.pad(x.transpose(1, 2), (K - 1, 0))
     return F.conv1d(xp, weight.reshape(C, 1, K), bias, groups=C).transpose(1, 2)

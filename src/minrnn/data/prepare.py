@@ -26,6 +26,7 @@ A lock on ``out`` keeps a second prepare out while one runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 import glob
 import math
@@ -350,8 +351,7 @@ class _Encoder:
     document's boundary token first when there is one; lengths (documents,) int64.
 
     byte and char encode with numpy (the same ids as their tokenizers, tested), the others
-    with the ``tokenizers`` library, one document at a time on one thread (``workers``
-    processes give the parallelism)."""
+    with the ``tokenizers`` library on one thread (``workers`` processes give the parallelism)."""
 
     def __init__(self, spec: tuple):
         self.kind, payload, self.boundary, dtype = spec
@@ -386,14 +386,17 @@ class _Encoder:
             ids = self.ids[where]
             lengths = np.array([len(t) for t in texts], dtype=np.int64)
         else:
+            # the batch call without offsets; on this process's one thread (see _one_thread)
+            encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
             try:
-                encoded = [self.tok.encode(t, add_special_tokens=False).ids for t in texts]
+                with _one_thread():
+                    encoded = [e.ids for e in encode(texts, add_special_tokens=False)]
             except Exception as e:  # tokenizers raises its own type, e.g. for a symbol it has no id for
                 from .tokenizers import VocabularyError
 
                 raise VocabularyError(f"a document cannot be encoded ({_one_line(e)})") from None
             lengths = np.array([len(e) for e in encoded], dtype=np.int64)
-            ids = np.fromiter((i for e in encoded for i in e), dtype=np.int64, count=int(lengths.sum()))
+            ids = np.concatenate([np.array(e, dtype=np.int64) for e in encoded]) if encoded else lengths[:0]
         ids = ids.astype(self.dtype)
         if self.boundary is not None:
             starts = np.cumsum(lengths) - lengths
@@ -432,6 +435,37 @@ def _batches(plan: _Plan) -> Iterator[tuple[str, list[str]]]:
             yield split, pending[split]
 
 
+def _pool(workers: int, spec: tuple):
+    """A process pool whose workers hold an `_Encoder` of ``spec``.
+
+    Forked where the platform can: a spawned worker would import the package, torch included,
+    for seconds, while a forked one starts at once; the workers use nothing of the parent but
+    numpy and the tokenizer they build from ``spec``. tokenizers disables its own threads in a
+    forked child; saying so in the environment (only while forking) keeps it from warning."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with _one_thread():
+        return ctx.Pool(workers, initializer=_worker_init, initargs=(spec,))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """tokenizers' batch calls on the calling thread only, for the duration: ``workers``
+    processes are the parallelism, so that N workers use N cores. tokenizers reads this
+    variable at each call (and a forked child inherits it, which also keeps tokenizers from
+    warning about the fork)."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
 def _encoded(plan: _Plan, spec: tuple, workers: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, int]]:
     """(split, ids, lengths, documents) per batch, in reading order; ``workers`` > 1 encodes in
     that many processes with at most 2 batches each in flight (memory stays bounded)."""
@@ -440,11 +474,7 @@ def _encoded(plan: _Plan, spec: tuple, workers: int) -> Iterator[tuple[str, np.n
         for split, texts in _batches(plan):
             yield (split, *encoder(texts), len(texts))
         return
-    import multiprocessing
-
-    # spawn: the parent may hold threads (tokenizers', tqdm's) that a forked child must not inherit
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(spec,)) as pool:
+    with _pool(workers, spec) as pool:
         inflight: collections.deque = collections.deque()
         for item in _batches(plan):
             inflight.append((pool.apply_async(_worker_encode, (item,)), len(item[1])))

@@ -3,6 +3,7 @@ tokenizer's, deterministic for any --workers, atomic under kill -9, and one-line
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -104,10 +105,11 @@ def test_large_vocabulary_gives_uint32_shards(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(" ".join(_texts(20)).split()))
-    vocab = {f"w{i}": i for i in range(70_000)}  # ids above 65535 for the words of the text
-    vocab.update({w: 65_600 + i for i, w in enumerate(words)})
-    vocab["[UNK]"] = 0
+    words = sorted(set(re.findall(r"\w+|[^\w\s]+", "".join(_texts(20)))))  # what Whitespace() splits off
+    # ids above 65535 for the words of the text, fillers below and above them
+    ids = [*range(1, 65_600), *range(65_600 + len(words), 70_000)]
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in ids}, **{w: 65_600 + i for i, w in enumerate(words)}}
+    assert sorted(vocab.values()) == list(range(70_000))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "tok")
@@ -117,6 +119,7 @@ def test_large_vocabulary_gives_uint32_shards(tmp_path):
     data = _check_round_trip(tmp_path / "out", {"train": texts})
     assert data.manifest["dtype"] == "uint32" and data.vocab_size == 70_001  # + <|endoftext|>
     assert _stream(data, "train").max() > 65_535
+    assert 0 not in _stream(data, "train")  # every word known: no [UNK]
 
 
 def test_jsonl_parquet_glob_and_files_in_the_order_given(tmp_path):

@@ -292,3 +292,13 @@ def test_hf_tokenizer_interface_and_run_folder_round_trip(tmp_path):
     back = load_tokenizer(tmp_path)
     assert isinstance(back, HFTokenizer) and back.kind == "char" and back.vocab_size == tok.vocab_size
     assert HFTokenizer.of(char, boundary=False).vocab_size == char.vocab_size
+
+
+def test_a_folder_prepared_inside_its_source_folder_is_not_read_back(tmp_path):
+    texts = _texts(20)
+    src = _write_files(tmp_path / "src", texts)
+    prepare([str(src)], "byte", src / "prepared", progress=False, log=lambda s: None)
+    # again, made differently: the first folder's shards and tokenizer are no sources
+    prepare([str(src)], "byte", src / "prepared", valid_fraction=0.5, overwrite=True, progress=False,
+            log=lambda s: None)
+    _check_round_trip(src / "prepared", _fraction_split(texts, 0.5))

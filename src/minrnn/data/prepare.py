@@ -302,9 +302,10 @@ def _runs(labels: list, items: list) -> Iterator[tuple[object, list]]:
 
 # --- tokenizers and encoding --------------------------------------------------------------------
 
-def _build_tokenizer(spec: str, plan: _Plan, bpe_vocab_size: int, boundary: bool, progress):
+def _build_tokenizer(spec: str, plan: _Plan, bpe_vocab_size: int, boundary: bool, progress, pretrained=None):
     """The HFTokenizer that will be saved: built from the text (char: the characters of every
-    split; bpe: trained on the train split), or loaded (any AutoTokenizer name or folder)."""
+    split; bpe: trained on the train split), or ``pretrained`` (loaded from an AutoTokenizer
+    name or folder)."""
     from . import tokenizers as T
 
     if spec == "byte":
@@ -330,7 +331,7 @@ def _build_tokenizer(spec: str, plan: _Plan, bpe_vocab_size: int, boundary: bool
 
         base = T.BPETokenizer.train_from_iterator(lines(), bpe_vocab_size)
     else:
-        base = T.HFTokenizer.from_pretrained(spec)
+        base = pretrained or T.HFTokenizer.from_pretrained(spec)
     return T.HFTokenizer.of(base, boundary=boundary)
 
 
@@ -587,7 +588,14 @@ def prepare(sources: list[str], tokenizer: str, out: str | os.PathLike, *, text_
     log = log or (lambda line: print(line, file=sys.stderr))
     out = Path(out).expanduser()
     plan, settings = _plan(sources, tokenizer, text_field, dataset, dataset_splits, streaming, valid_fraction,
-                           split_files, document_per_line, workers, shard_tokens, boundary_token, bpe_vocab_size)
+                           split_files, document_per_line, workers, shard_tokens, boundary_token, bpe_vocab_size,
+                           out)
+    # a tokenizer that cannot be loaded is refused before anything is written
+    pretrained = None
+    if tokenizer not in BUILTIN_TOKENIZERS:
+        from .tokenizers import HFTokenizer
+
+        pretrained = HFTokenizer.from_pretrained(tokenizer)
     existing = _check_out(out, settings, overwrite)
     if existing is not None:
         log(f"{out} already holds this preparation (its manifest); nothing to do (--overwrite prepares it again)")
@@ -615,21 +623,24 @@ def prepare(sources: list[str], tokenizer: str, out: str | os.PathLike, *, text_
         try:
             manifest = _write(plan, settings, tokenizer, partial, workers, shard_tokens, boundary_token,
                               bpe_vocab_size or DEFAULT_BPE_VOCAB,
-                              _Progress(sys.stderr.isatty() if progress is None else progress), command)
+                              _Progress(sys.stderr.isatty() if progress is None else progress), command,
+                              pretrained)
             _commit(partial, out, manifest)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    splits = "; ".join(f"{name} {s['tokens']:,} tokens in {s['documents']:,} documents ({len(s['shards'])} shards)"
+    splits = "; ".join(f"{name} {s['tokens']:,} tokens in {s['documents']:,} documents "
+                       f"({len(s['shards'])} shard{'s' * (len(s['shards']) != 1)})"
                        for name, s in manifest["splits"].items())
     log(f"prepared {out}: {splits}; vocab_size {manifest['vocab_size']}, {manifest['dtype']}")
     return manifest
 
 
 def _plan(sources, tokenizer, text_field, dataset, dataset_splits, streaming, valid_fraction, split_files,
-          document_per_line, workers, shard_tokens, boundary_token, bpe_vocab_size) -> tuple[_Plan, dict]:
+          document_per_line, workers, shard_tokens, boundary_token, bpe_vocab_size, out: Path) -> tuple[_Plan, dict]:
     """The arguments checked (DataError naming the argument) and turned into a plan, and the
-    settings that decide the output (what a rerun compares)."""
+    settings that decide the output (what a rerun compares). Files inside ``out`` (a folder
+    prepared inside its own source folder) are not sources."""
     if not isinstance(tokenizer, str) or not tokenizer:
         raise DataError("--tokenizer is required: char, byte, bpe, or an AutoTokenizer name or folder")
     if workers < 1:
@@ -659,6 +670,12 @@ def _plan(sources, tokenizer, text_field, dataset, dataset_splits, streaming, va
                   for g in resolve_sources([spec], target=target)]
     else:
         groups = resolve_sources(list(sources))
+    inside = out.resolve()
+    for g in groups:
+        g.files = [f for f in g.files if inside not in f.resolve().parents]
+    groups = [g for g in groups if g.files or g.format == "dataset"]
+    if not groups:
+        raise DataError(f"the SOURCEs name no file outside --out {out}")
     if not by_fraction:
         if valid_fraction is not None:
             raise DataError("--valid-fraction is for a source split by fraction, not for named splits")
@@ -678,9 +695,10 @@ def _plan(sources, tokenizer, text_field, dataset, dataset_splits, streaming, va
 
 
 def _write(plan: _Plan, settings: dict, tokenizer_spec: str, partial: Path, workers: int, shard_tokens: int,
-           boundary_token: str, bpe_vocab_size: int, progress: _Progress, command: str | None) -> dict:
+           boundary_token: str, bpe_vocab_size: int, progress: _Progress, command: str | None,
+           pretrained=None) -> dict:
     """Build the tokenizer, write it and every shard into ``partial``; the manifest to write."""
-    tok = _build_tokenizer(tokenizer_spec, plan, bpe_vocab_size, boundary_token == "eos", progress)
+    tok = _build_tokenizer(tokenizer_spec, plan, bpe_vocab_size, boundary_token == "eos", progress, pretrained)
     boundary_id = tok.eos_token_id if boundary_token == "eos" else None
     dtype = token_dtype(tok.vocab_size)
     tok.save(partial / TOKENIZER_DIR)

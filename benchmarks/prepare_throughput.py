@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minrnn.bench.suites import _cpu_name  # the CPU's name as minrnn bench records it
+
 MB = 1_000_000
 
 
@@ -104,16 +106,6 @@ def run_prepare(args: list[str]) -> float:
     return elapsed
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=64, help="corpus size in MB (default 64)")
@@ -166,7 +158,7 @@ def main() -> int:
     write_s = statistics.median(write_speed(work, written) for _ in range(3))
     command = "python benchmarks/prepare_throughput.py " + " ".join(sys.argv[1:])
     result = {
-        "command": command, "date": datetime.date.today().isoformat(), "cpu": cpu_name(), "cores": os.cpu_count(),
+        "command": command, "date": datetime.date.today().isoformat(), "cpu": _cpu_name(), "cores": os.cpu_count(),
         "python": platform.python_version(), "corpus_bytes": nbytes, "documents": ndocs,
         "startup_s": startup, "read_s": read_s, "write_bytes": written, "write_s": write_s,
         "runs": {k: {"seconds": v, "tokens": tokens[k]} for k, v in times.items()},

@@ -25,6 +25,7 @@ from minrnn.ops import BACKENDS
 from minrnn.ops.cells import get_cell
 
 from ..conftest import TOL, assert_close_scaled, make_scan_inputs, run_with_grads
+from .test_document_resets import per_document
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 LENGTHS = [1, 2, 3, 17, 64, 129]
@@ -69,6 +70,29 @@ CELL_SPECS = (
     + [_spec(f"{cell}-saturated-pre-activations", 300, torch.float32, block_t=32, block_c=4, cell=cell,
              normalize=True, scale=50.0) for cell in ("mingru_signed", "minlstm_signed")]
 )
+# document starts (reset): random ones with row 0 starting one at t = 0 (h0 ignored, dh0 = 0),
+# starts on both sides of a tile boundary (block_t = 8: steps 7, 8, 9), a start at every step
+RESET_SPECS = (
+    [_spec(f"{cell}{'' if norm else '-unnormalized'}-resets-{str(dt)[6:]}-T{T}-{'h0' if h else 'noh0'}", T, dt, h,
+           cell=cell, normalize=norm, resets="random")
+     for cell, norm, dt, T, h in (("mingru", False, torch.float64, 17, True),
+                                  ("minlstm", True, torch.float64, 17, False),
+                                  ("minlstm", False, torch.float64, 17, True),
+                                  ("mingru", False, torch.float32, 129, True),
+                                  ("minlstm", True, torch.float32, 129, True),
+                                  ("mingru_signed", False, torch.float64, 17, True))]
+    + [_spec(f"{cell}-resets-tile-boundary", 23, torch.float64, cell=cell, normalize=True, resets="tile-boundary")
+       for cell in ("mingru", "minlstm")]
+    + [_spec(f"{cell}-resets-every-step", 9, torch.float64, cell=cell, normalize=True, resets="every")
+       for cell in ("mingru", "minlstm")]
+    + [_spec(f"{cell}-resets-bfloat16-T129-h0", 129, torch.bfloat16, True, C=5, block_t=16, block_c=4, cell=cell,
+             normalize=True, resets="random") for cell in ("mingru", "minlstm")]
+    + [_spec("minlstm-resets-float16-T65-h0", 65, torch.float16, True, C=5, block_t=16, block_c=4, cell="minlstm",
+             normalize=True, resets="random"),
+       _spec("mingru-resets-default-tiles-T40", 40, torch.float32, block_t=None, block_c=None, cell="mingru",
+             normalize=True, resets="random")]
+)
+CELL_SPECS = CELL_SPECS + RESET_SPECS
 GRADCHECK_SPECS = [_spec("gradcheck-h0", 4, torch.float64, B=1, C=2, block_t=2),
                    _spec("gradcheck-noh0", 4, torch.float64, with_h0=False, B=1, block_t=2)]
 
@@ -81,9 +105,28 @@ def _cell_case(spec, device):
     h0 = torch.randn(B, C, generator=gen, dtype=torch.float64) if spec["with_h0"] else None
     w = torch.randn(B, T, C, generator=gen, dtype=torch.float64)
     cast = lambda x: None if x is None else x.to(device=device, dtype=spec["dtype"])  # noqa: E731
+    reset = _resets(spec.get("resets"), B, T, gen)
     return dict(cell=spec["cell"], normalize=spec["normalize"], inputs=(*map(cast, parts), cast(h0)),
                 weight=cast(w), block_t=spec["block_t"], block_c=spec["block_c"],
-                separate=spec.get("separate", False), gradcheck=False)
+                separate=spec.get("separate", False), gradcheck=False,
+                reset=None if reset is None else reset.to(device))
+
+
+def _resets(kind, B, T, gen):
+    """(B, T) bool document starts of a kind (see RESET_SPECS), or None."""
+    if kind is None:
+        return None
+    if kind == "every":
+        return torch.ones(B, T, dtype=torch.bool)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    if kind == "tile-boundary":
+        reset[0, [7, 8, 9]] = True
+        reset[-1, [8, T - 1]] = True
+    else:
+        reset = torch.rand(B, T, generator=gen) < 0.2
+        reset[0, 0] = True
+        reset[-1, 0] = False
+    return reset
 
 
 def _case(spec, device="cpu"):
@@ -110,8 +153,11 @@ def _reference(case):
         *parts, h0 = [None if x is None else x.cpu().double() for x in case["inputs"]]
         spec = get_cell(case["cell"])
         options = {"normalize": case["normalize"]} if "normalize" in spec.option_names else {}
+        reset = case.get("reset")
 
         def fn(*args):
+            if reset is not None:  # each document alone
+                return per_document(spec, args[:-1], args[-1], spec.options(**options), None, reset.cpu())
             return MF.run_cell(spec, args[:-1], args[-1], mode="sequential", **options)[0]
 
         return run_with_grads(fn, (*parts, h0), case["weight"].cpu().double())
@@ -206,6 +252,7 @@ def test_registered_for_cuda_with_native_half_and_first_in_auto():
     assert be.devices == frozenset({"cuda"}) and be.native_half and be.signed
     assert be.cell is not None and be.cell_names == {"mingru", "minlstm"}  # the fused cells
     assert be.runs_cell(get_cell("minlstm")) and not be.runs_cell(get_cell("mingru"), masked=True)
+    assert be.runs_cell(get_cell("mingru"), resets=True)  # the kernels take document starts
     assert be.auto_rank < min(b.auto_rank for b in BACKENDS.values() if b.auto_rank is not None and b is not be)
 
 
@@ -242,8 +289,9 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel, dtype):
     for has_h0, one in ((True, ()), (False, ("T",))):  # T == 1 is specialised to a constant
         meta = dict(HAS_H0=has_h0, ACC=backend._acc(dtype), BLOCK_T=block_t, BLOCK_C=block_c, **{n: 1 for n in one})
         if kernel.startswith("cell"):  # minLSTM with normalisation: the most registers and loads
-            meta.update(N_PRE=3, CELL_LSTM=True, NORMALIZE=True)
-        sig = {n: ptr if n.endswith("_ptr") else "constexpr" if n in meta else "i32" for n in kern.arg_names}
+            meta.update(N_PRE=3, CELL_LSTM=True, NORMALIZE=True, HAS_RESET=has_h0)
+        sig = {n: "*u8" if n == "reset_ptr" else ptr if n.endswith("_ptr") else "constexpr" if n in meta else "i32"
+               for n in kern.arg_names}
         compiled = triton.compile(ASTSource(kern, sig, meta), target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=num_warps))
         assert compiled.asm["cubin"], "no binary"

@@ -12,7 +12,7 @@ Cases with a "cell" key ("mingru" or "minlstm", with "normalize") run the fused 
 (the signed cells, which have no fused kernel, run minrnn.functional's generic path on
 triton_scan):
     {"cell": ..., "normalize": bool, "inputs": (hidden, gate[s]..., h0 or None), "weight": w,
-     "block_t", "block_c", "separate": bool}
+     "block_t", "block_c", "separate": bool, "reset": (B, T) bool or None}
 
 RESULTS.pt gets, per case, [h, grad a, grad b, grad h0 (when h0 is given)] in float64
 for the loss (h * w).sum() (h.sum() when w is None, whose upstream gradient is an
@@ -40,6 +40,7 @@ def run_cell_case(case):
     grad h0 (when h0 is given)] in float64."""
     *parts, h0 = case["inputs"]
     tiles = dict(block_t=case["block_t"], block_c=case["block_c"])
+    reset = case.get("reset")
     h0 = None if h0 is None else h0.detach().clone().requires_grad_()
     if case.get("separate"):
         leaves = [p.detach().clone().requires_grad_() for p in parts]
@@ -48,28 +49,29 @@ def run_cell_case(case):
         leaf = torch.cat(parts, dim=-1).detach().requires_grad_()
         chunks = leaf.chunk(len(parts), dim=-1)
     if case["cell"] == "mingru":
-        h = triton_mingru(*chunks, h0, **tiles)
+        h = triton_mingru(*chunks, h0, reset=reset, **tiles)
     elif case["cell"] == "minlstm":
-        h = triton_minlstm(*chunks, h0, case["normalize"], **tiles)
+        h = triton_minlstm(*chunks, h0, case["normalize"], reset=reset, **tiles)
     else:
-        h = _generic_cell(case, chunks, h0, tiles)
+        h = _generic_cell(case, chunks, h0, reset, tiles)
     (h * case["weight"]).sum().backward()
     grads = [x.grad for x in leaves] if case.get("separate") else list(leaf.grad.chunk(len(parts), dim=-1))
     return [h.detach().double()] + [g.double() for g in grads] + ([] if h0 is None else [h0.grad.double()])
 
 
-def _generic_cell(case, chunks, h0, tiles):
+def _generic_cell(case, chunks, h0, reset, tiles):
     """A cell no fused kernel knows, as minrnn.functional.run_cell runs it on the triton backend:
-    its gates, then triton_scan (forward, and in reverse for the backward). On CUDA the public
-    call itself; on CPU tensors (which run_cell would send to no GPU backend) the same Function."""
+    its gates (a = 0 at document starts), then triton_scan (forward, and in reverse for the
+    backward). On CUDA the public call itself; on CPU tensors (which run_cell would send to no
+    GPU backend) the same Function."""
     spec = get_cell(case["cell"])
     options = {"normalize": case["normalize"]} if "normalize" in spec.option_names else {}
     if chunks[0].is_cuda:
-        return MF.run_cell(spec, chunks, h0, backend="triton", **options)[0]
+        return MF.run_cell(spec, chunks, h0, reset=reset, backend="triton", **options)[0]
     opts = spec.options(**options)
 
     def gates(*p):
-        return spec.gates(*p, *opts)
+        return MF.apply_boundaries(*spec.gates(*p, *opts), None, reset)
 
     def scan(a, b, start):
         return triton_scan(a, b, start, **tiles)

@@ -84,7 +84,7 @@ register(Backend("cpu", cpu.cpu_scan, devices=frozenset({"cpu"}), auto_rank=50, 
                  dtypes={"norm": frozenset({torch.float32}), "conv": frozenset({torch.float32, torch.float64})},
                  doc="compiled CPU kernels; needs numba (pip install numba)"))
 register(Backend("triton", _triton.triton_scan, devices=frozenset({"cuda"}), native_half=True, auto_rank=10,
-                 available=_triton.available, cell=_triton.triton_cell, cell_names=_triton.FUSED_CELLS,
+                 available=_triton.available, cell=_triton.triton_cell, cell_names=_triton.FUSED_CELLS, cell_resets=True,
                  doc="Triton GPU kernels; needs the triton package and a CUDA GPU"))
 
 __all__ = ["scan", "log_scan", "available_backends", "accumulation_dtype", "resolve_backend", "register", "Backend",

@@ -120,6 +120,18 @@ def scan_bwd(a_ptr, h_ptr, h0_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C, n_tblo
 # the gates (of step t and of step t + 1, whose decay the reverse recurrence needs) instead of
 # keeping them. Gates as in the CPU kernels: from e = exp(-|k|), so that sigmoid(k) and
 # sigmoid(-k) are each accurate when the other is near 1.
+#
+# Document starts (HAS_RESET): reset (B, T) uint8, 1 where a document starts. There a = 0,
+# which the associative scan combines exactly (the products before it vanish); the backward
+# reads a_{t+1} = 0 (G stops there) and h_{t-1} = 0 at a start (a is a constant there, so
+# no gradient reaches the pre-activations through it), and dh0 = 0 when the row starts one.
+
+
+@triton.jit
+def _starts(reset_ptr, pid_b, T, t, rows_in):
+    """Whether a document starts at steps ``t`` (a (BLOCK_T, 1) column) of batch row pid_b;
+    False outside ``rows_in``."""
+    return tl.load(reset_ptr + pid_b * T + t, mask=rows_in, other=0) != 0
 
 
 @triton.jit
@@ -181,9 +193,9 @@ def _decay_and_input(pre_ptr, off, mask, C, CELL_LSTM: tl.constexpr, NORMALIZE: 
 
 
 @triton.jit
-def cell_fwd(pre_ptr, h0_ptr, h_ptr, T, C, n_cblocks, N_PRE: tl.constexpr, CELL_LSTM: tl.constexpr,
-             NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_C: tl.constexpr):
+def cell_fwd(pre_ptr, h0_ptr, reset_ptr, h_ptr, T, C, n_cblocks, N_PRE: tl.constexpr, CELL_LSTM: tl.constexpr,
+             NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr, HAS_RESET: tl.constexpr, ACC: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
     seq_pre = seq * N_PRE
     rows = tl.arange(0, BLOCK_T)
@@ -194,6 +206,8 @@ def cell_fwd(pre_ptr, h0_ptr, h_ptr, T, C, n_cblocks, N_PRE: tl.constexpr, CELL_
         a, b = _decay_and_input(pre_ptr, seq_pre + t * (N_PRE * C) + cols[None, :], mask, C, CELL_LSTM, NORMALIZE, ACC)
         a = tl.where(mask, a, 1.0)  # steps past the end: identities
         b = tl.where(mask, b, 0.0)
+        if HAS_RESET:
+            a = tl.where(_starts(reset_ptr, pid_b, T, t, t < T), 0.0, a)
         a_cum, b_cum = tl.associative_scan((a, b), 0, _combine)
         hs = a_cum * h[None, :] + b_cum
         tl.store(h_ptr + seq + t * C + cols[None, :], hs.to(h_ptr.dtype.element_ty), mask=mask)
@@ -201,9 +215,9 @@ def cell_fwd(pre_ptr, h0_ptr, h_ptr, T, C, n_cblocks, N_PRE: tl.constexpr, CELL_
 
 
 @triton.jit
-def cell_bwd(pre_ptr, h_ptr, h0_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks, n_cblocks, N_PRE: tl.constexpr,
-             CELL_LSTM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr,
-             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def cell_bwd(pre_ptr, h_ptr, h0_ptr, reset_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks, n_cblocks,
+             N_PRE: tl.constexpr, CELL_LSTM: tl.constexpr, NORMALIZE: tl.constexpr, HAS_H0: tl.constexpr,
+             HAS_RESET: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # the reverse recurrence of scan_bwd, G_t = dh_t + a_{t+1} G_{t+1}, then per step
     # dL/d(pre) = G_t * d(a_t h_{t-1} + b_t)/d(pre), with the gates recomputed
     pid_b, cols, cmask, seq = _program_block(T, C, n_cblocks, BLOCK_C)
@@ -224,12 +238,17 @@ def cell_bwd(pre_ptr, h_ptr, h0_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks,
         a_next, _ = _decay_and_input(pre_ptr, seq_pre + t_next * (N_PRE * C) + cols[None, :], has_next, C,
                                      CELL_LSTM, NORMALIZE, ACC)
         a_next = tl.where(has_next, a_next, 1.0)
+        if HAS_RESET:  # a document starting at t + 1: nothing flows back past it
+            a_next = tl.where(_starts(reset_ptr, pid_b, T, t_next, (t[:, None] >= 0) & (t[:, None] < T - 1)),
+                              0.0, a_next)
         a_cum, g_cum = tl.associative_scan((a_next, dh), 0, _combine)
         gs = a_cum * g[None, :] + g_cum
         h_prev = tl.load(h_ptr + seq + tl.maximum(t_c - 1, 0) * C + cols[None, :],
                          mask=inside & (t[:, None] >= 1), other=0.0).to(ACC)
         if HAS_H0:
             h_prev = tl.where(t[:, None] == 0, h0[None, :], h_prev)
+        if HAS_RESET:  # a document starting at t starts from zero
+            h_prev = tl.where(_starts(reset_ptr, pid_b, T, t_c, t[:, None] >= 0), 0.0, h_prev)
         x = tl.load(pre_ptr + poff, mask=inside, other=0.0).to(ACC)
         k = tl.load(pre_ptr + poff + C, mask=inside, other=0.0).to(ACC)
         gx, slope = _g_and_slope(x)
@@ -256,6 +275,8 @@ def cell_bwd(pre_ptr, h_ptr, h0_ptr, dh_ptr, dpre_ptr, dh0_ptr, T, C, n_tblocks,
         g = _last_row(gs, rows, BLOCK_T)
     if HAS_H0:
         a1, _ = _decay_and_input(pre_ptr, seq_pre + cols, cmask, C, CELL_LSTM, NORMALIZE, ACC)
+        if HAS_RESET:
+            a1 = tl.where(tl.load(reset_ptr + pid_b * T) != 0, 0.0, a1)
         tl.store(dh0_ptr + pid_b * C + cols, (a1 * g).to(dh0_ptr.dtype.element_ty), mask=cmask)
 
 

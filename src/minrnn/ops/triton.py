@@ -165,30 +165,34 @@ FUSED_CELLS = frozenset(_CELL_IS_LSTM)
 
 class _TritonCell(torch.autograd.Function):
     """A fused cell over packed pre-activations (B, T, n*C) (``spec`` one of FUSED_CELLS:
-    minGRU's hidden, gate or minLSTM's hidden, forget, input). Two kernels in all, one forward
-    and one backward, each reading the pre-activations and computing the gates itself; saved
-    for backward: the pre-activations, h and h0."""
+    minGRU's hidden, gate or minLSTM's hidden, forget, input), with document starts ``reset``
+    (B, T) bool or None. Two kernels in all, one forward and one backward, each reading the
+    pre-activations and computing the gates itself; saved for backward: the pre-activations,
+    h, h0 and the resets (as uint8)."""
 
     @staticmethod
-    def forward(ctx, pre, h0, spec, normalize, block_t, block_c, num_warps):
+    def forward(ctx, pre, h0, reset, spec, normalize, block_t, block_c, num_warps):
         n = spec.n_pre
         pre = pre.contiguous()
         h0 = None if h0 is None else h0.contiguous()
+        reset = None if reset is None else reset.contiguous().view(torch.uint8)
         B, T, nC = pre.shape
         C = nC // n
         h = pre.new_empty(B, T, C)
         meta = dict(N_PRE=n, CELL_LSTM=_CELL_IS_LSTM[spec.name], NORMALIZE=bool(normalize), HAS_H0=h0 is not None,
-                    ACC=_acc(pre.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+                    HAS_RESET=reset is not None, ACC=_acc(pre.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
         if h.numel():
-            _launch("cell_fwd", pre.device, B, C, block_c, num_warps, pre, pre if h0 is None else h0, h, T, C, **meta)
-        ctx.save_for_backward(pre, h, h0)
+            # without h0 or resets the kernel reads no such pointer: any tensor fills the slot
+            _launch("cell_fwd", pre.device, B, C, block_c, num_warps, pre, pre if h0 is None else h0,
+                    pre if reset is None else reset, h, T, C, **meta)
+        ctx.save_for_backward(pre, h, h0, reset)
         ctx.meta, ctx.num_warps = meta, num_warps
         return h
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh):
-        pre, h, h0 = ctx.saved_tensors
+        pre, h, h0, reset = ctx.saved_tensors
         meta = ctx.meta
         B, T, C = h.shape
         dh = dh.contiguous()
@@ -196,33 +200,45 @@ class _TritonCell(torch.autograd.Function):
         dh0 = None if h0 is None else torch.empty_like(h0)
         if h.numel():
             _launch("cell_bwd", pre.device, B, C, meta["BLOCK_C"], ctx.num_warps,
-                    pre, h, pre if h0 is None else h0, dh, dpre, dpre if dh0 is None else dh0,
+                    pre, h, pre if h0 is None else h0, pre if reset is None else reset, dh, dpre,
+                    dpre if dh0 is None else dh0,
                     T, C, -(-T // meta["BLOCK_T"]), **meta)
         elif dh0 is not None:
             dh0.zero_()
-        return dpre, dh0, None, None, None, None, None
+        return dpre, dh0, None, None, None, None, None, None
 
 
-def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, spec, normalize: bool, block_t, block_c, num_warps):
+def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, reset: Tensor | None, spec, normalize: bool, block_t,
+          block_c, num_warps):
     block_t, block_c, num_warps = _config(parts[0], block_t, block_c, num_warps)
-    return _TritonCell.apply(pack_chunks(parts), h0, spec, normalize, block_t, block_c, num_warps)
+    return _TritonCell.apply(pack_chunks(parts), h0, reset, spec, normalize, block_t, block_c, num_warps)
 
 
-def triton_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None) -> Tensor:
+def triton_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None,
+                reset: Tensor | None = None) -> Tensor:
     """The registered backend's fused cells: ``spec`` one of FUSED_CELLS, ``pre`` its (B, T, C)
-    pre-activations, ``options`` its option values (minLSTM: (normalize,)) -> h (B, T, C)."""
+    pre-activations, ``options`` its option values (minLSTM: (normalize,)), ``reset`` (B, T)
+    bool, True where a document starts (a = 0: the state before it is forgotten), or None
+    -> h (B, T, C). ``mask``: not supported (minrnn.functional sends masked calls through
+    ``triton_scan``)."""
+    if mask is not None:
+        raise ValueError("backend 'triton' fused cells take no mask; minrnn.functional applies it")
     normalize = dict(zip(spec.option_names, options)).get("normalize", False)
-    return _cell(pre, h0, spec, bool(normalize), None, None, None)
+    return _cell(pre, h0, reset, spec, bool(normalize), None, None, None)
 
 
-def triton_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, block_t: int | None = None,
-                  block_c: int | None = None, num_warps: int | None = None) -> Tensor:
-    """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None -> h (B, T, C); see ``triton_scan``
-    for the devices and the tile arguments."""
-    return _cell((hidden, gate), h0, get_cell("mingru"), False, block_t, block_c, num_warps)
+def triton_mingru(hidden: Tensor, gate: Tensor, h0: Tensor | None = None, *, reset: Tensor | None = None,
+                  block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None) -> Tensor:
+    """Fused minGRU: hidden, gate (B, T, C), h0 (B, C) or None, reset (B, T) bool or None (True
+    where a document starts) -> h (B, T, C); see ``triton_scan`` for the devices and the tile
+    arguments."""
+    return _cell((hidden, gate), h0, reset, get_cell("mingru"), False, block_t, block_c, num_warps)
 
 
 def triton_minlstm(hidden: Tensor, forget: Tensor, input: Tensor, h0: Tensor | None = None, normalize: bool = True,
-                   *, block_t: int | None = None, block_c: int | None = None, num_warps: int | None = None) -> Tensor:
-    """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None -> h (B, T, C)."""
-    return _cell((hidden, forget, input), h0, get_cell("minlstm"), bool(normalize), block_t, block_c, num_warps)
+                   *, reset: Tensor | None = None, block_t: int | None = None, block_c: int | None = None,
+                   num_warps: int | None = None) -> Tensor:
+    """Fused minLSTM: hidden, forget, input (B, T, C), h0 (B, C) or None, reset as in
+    ``triton_mingru`` -> h (B, T, C)."""
+    return _cell((hidden, forget, input), h0, reset, get_cell("minlstm"), bool(normalize), block_t, block_c,
+                 num_warps)

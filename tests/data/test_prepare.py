@@ -2,12 +2,14 @@
 tokenizer's, deterministic for any --workers, atomic under kill -9, and one-line errors."""
 
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,9 @@ def _check_round_trip(out: Path, docs: dict[str, list[str]], boundary=True):
 
 
 def _fraction_split(texts, f=0.1):
-    valid = [i for i in range(len(texts)) if int((i + 1) * f) > int(i * f)]
+    """The documents by the documented rule: i validates when floor((i + 1) f) > floor(i f)."""
+    f = Fraction(str(f))
+    valid = [i for i in range(len(texts)) if math.floor((i + 1) * f) > math.floor(i * f)]
     return {"train": [t for i, t in enumerate(texts) if i not in valid], "valid": [texts[i] for i in valid]}
 
 
@@ -73,6 +77,7 @@ def test_folder_round_trip_for_each_builtin_tokenizer(kind, tmp_path):
     manifest = prepare([str(src)], kind, out, shard_tokens=200, progress=False, log=lambda s: None,
                        **({"bpe_vocab_size": 300} if kind == "bpe" else {}))
     assert manifest["tokenizer"]["kind"] == kind and manifest["dtype"] == "uint16"
+    assert _fraction_split(list(range(40)))["valid"] == [9, 19, 29, 39]
     data = _check_round_trip(out, _fraction_split(texts))
     assert len(data.manifest["splits"]["train"]["shards"]) > 2
     # the end-of-text token was added to the tokenizer: the next id after its own

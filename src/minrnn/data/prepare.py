@@ -29,13 +29,13 @@ import collections
 import contextlib
 import datetime
 import glob
-import math
 import os
 import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +270,8 @@ class _Plan:
         index = 0  # documents split by fraction so far
         held: str | None = None  # the first such document, until a second shows it is not the only one
         f = self.fraction
+        # the fraction as the decimal it was written as (0.1 is 1/10), so that the rule is exact
+        num, den = Fraction(repr(f)).limit_denominator(10**9).as_integer_ratio()
         for group in self.groups:
             for texts in _group_batches(group, self.text_field, self.per_line, self.streaming):
                 if group.target is not None:
@@ -280,7 +282,7 @@ class _Plan:
                 if held is not None and texts:
                     yield "train", [held]  # document 0 always trains
                     held = None
-                labels = [math.floor((i + 1) * f) > math.floor(i * f) for i in range(index, index + len(texts))]
+                labels = [(i + 1) * num // den > i * num // den for i in range(index, index + len(texts))]
                 index += len(texts)
                 for valid, run in _runs(labels, texts):
                     yield ("valid" if valid else "train"), run

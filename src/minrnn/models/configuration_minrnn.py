@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 
 from ..ops import BACKENDS, check_backend_takes_cell
 from ..ops.cells import CELLS, CellSpec, get_cell
+from ..ops.expanded import check_expandable
 
 # Keys of earlier versions, each the name one cell family gave a field of today's: key ->
 # (today's field, the option inside cell_options or None, the cells it applied to, its check).
@@ -147,6 +148,17 @@ class MinRNNConfig(PreTrainedConfig):
         cell_options: the cell's options by name (its ``CellSpec.option_names``), e.g. minLSTM's
             {"normalize": False} for f, i instead of f/(f+i), i/(f+i); default None: the cell's
             defaults (minLSTM normalize=True, the paper's equations).
+        state_expansion: n, the key slots per head of the recurrent state (default 1: the paper's
+            minGRU / minLSTM, one number per channel). n > 1 is the expanded cell of HGRN2 (Qin et
+            al. 2024): heads of state_head_dim channels, each with an n x state_head_dim state
+            H_t = diag(a_t) H_{t-1} + k_t v_t^T read by a query, o_t = H_t^T q_t; the cell's
+            decay a (n per head), its input gate the key k, its candidate g(hidden) the value v,
+            and a query projection q added to the input projection. The recurrent width is then
+            rounded to a whole number of heads; the cell must have decays in (0, 1) (not the
+            signed cells) and the scan runs ``minrnn.ops.expanded`` (scan_backend is not used).
+            See the design page.
+        state_head_dim: the value channels per head when state_expansion > 1 (default None:
+            state_expansion, as HGRN2, so the key gates are as wide as the recurrent width).
         Older names, still accepted when a config is built or loaded (config.json) and mapped:
             forget_bias (minLSTM's decay_bias), mingru_forget_bias (minGRU's decay_bias),
             minlstm_normalize (minLSTM's cell_options["normalize"]); the one for the config's
@@ -192,6 +204,9 @@ class MinRNNConfig(PreTrainedConfig):
     expansion_factor: int | float = validated_field(_positive_number("expansion_factor"), default=2.0)
     decay_bias: int | float | None = validated_field(_optional_finite("decay_bias"), default=None)
     cell_options: dict | None = validated_field(_cell_options, default=None)
+    state_expansion: int = validated_field(_positive_int("state_expansion"), default=1)
+    state_head_dim: int | None = validated_field(
+        _optional_positive_int("state_head_dim", "None: state_expansion"), default=None)
     use_conv: bool = True
     conv_kernel: int = validated_field(_conv_kernel, default=4)
     use_mlp: bool = True
@@ -242,8 +257,18 @@ class MinRNNConfig(PreTrainedConfig):
 
     @property
     def rnn_hidden_size(self) -> int:
-        """The recurrent width: round(hidden_size * expansion_factor)."""
-        return int(round(self.hidden_size * self.expansion_factor))
+        """The recurrent width: round(hidden_size * expansion_factor); with state_expansion > 1,
+        rounded to the nearest multiple of the head width (at least one head)."""
+        width = int(round(self.hidden_size * self.expansion_factor))
+        if self.state_expansion == 1:
+            return width
+        d = self.resolved_state_head_dim
+        return max(d, int(round(width / d)) * d)
+
+    @property
+    def resolved_state_head_dim(self) -> int:
+        """state_head_dim, or state_expansion when it is None."""
+        return self.state_expansion if self.state_head_dim is None else self.state_head_dim
 
     @property
     def mlp_hidden_size(self) -> int:
@@ -298,6 +323,11 @@ class MinRNNConfig(PreTrainedConfig):
             if isinstance(default, bool) and not isinstance(value, bool):
                 raise ValueError(f"cell_options: option {key!r} of cell {self.cell!r} must be True or False, "
                                  f"got {value!r}")
+
+    def validate_state_expansion(self):
+        """Part of the strict validation: an expanded state needs a cell of decays in (0, 1)."""
+        if self.state_expansion > 1:
+            check_expandable(self.cell_spec)
 
     def validate_backend(self):
         """Part of the strict validation: the scan backend can run the cell (the log-space scan

@@ -53,6 +53,7 @@ from .generation_minrnn import MinRNNGenerationMixin
 from .loading_minrnn import check_loaded_weights, report_only_if_accepted
 from .modules_minrnn import (
     MinRNNCausalConv,
+    MinRNNExpandedMixer,
     MinRNNGateProj,
     MinRNNMixer,
     MinRNNMLP,
@@ -132,7 +133,7 @@ class MinRNNBlock(GradientCheckpointingLayer):
         self.rnn_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
         # a hybrid's attention blocks: attention in place of the recurrence, all else the same
         self.mixer = (MinRNNAttention(config) if layer_idx in config.attention_layer_indices
-                      else MinRNNMixer(config))
+                      else MinRNNExpandedMixer(config) if config.state_expansion > 1 else MinRNNMixer(config))
         if config.use_mlp:
             self.mlp_norm = MinRNNRMSNorm(D, config.rms_norm_eps)
             self.mlp = MinRNNMLP(config)
@@ -257,9 +258,9 @@ class MinRNNPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
         elif isinstance(module, MinRNNGateProj):
             # one copy of the whole bias: a slice would lose the "already loaded" flag
-            E, slot = module.rnn_hidden_size, module.decay_slot
+            start, stop = module.decay_range()
             bias = torch.zeros_like(module.bias)
-            bias[slot * E:(slot + 1) * E] = module.decay_bias_sign * module.decay_bias
+            bias[start:stop] = module.decay_bias_sign * module.decay_bias
             init.copy_(module.bias, bias)
         elif isinstance(module, MinRNNCausalConv):  # as nn.Conv1d's in the base rule
             init.normal_(module.weight, mean=0.0, std=std)

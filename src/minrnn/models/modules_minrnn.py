@@ -4,6 +4,7 @@
     MinRNNRMSNorm      forward (..., D)            step (B, D)
     MinRNNCausalConv   forward (B, T, D) [+ past]  step (B, D) with its window of past inputs
     MinRNNMixer        forward (B, T, D) [+ h0]    step (B, D) with its state h
+    MinRNNExpandedMixer  the same with a state of n x d per head (state_expansion n > 1)
     MinRNNMLP          forward (..., D)            step (B, D)
     MinRNNGateProj, MinRNNResidualOut: the Linear layers whose init differs (see modeling_minrnn)
 
@@ -29,6 +30,7 @@ from transformers.activations import ACT2FN
 from ..layers import is_plain_linear, projected_cell_sequence, projected_cell_step
 from ..ops import step as S
 from ..ops.conv import causal_conv
+from ..ops.expanded import expanded_gates, expanded_scan, expanded_step
 from ..ops.norm import rms_norm
 
 _ONE_CALL_DTYPES = (torch.float32, torch.float64)
@@ -141,6 +143,26 @@ class MinRNNGateProj(nn.Linear):
         self.rnn_hidden_size = rnn_hidden_size
         self.decay_bias, self.decay_slot, self.decay_bias_sign = decay_bias, decay_slot, decay_bias_sign
 
+    def decay_range(self) -> tuple[int, int]:
+        """(start, stop) of the output features that take the decay bias: slice ``decay_slot``."""
+        E = self.rnn_hidden_size
+        return self.decay_slot * E, (self.decay_slot + 1) * E
+
+
+class MinRNNExpandedProj(MinRNNGateProj):
+    """The expanded mixer's input projection D -> [hidden E | each gate H n | query H n]
+    (E = H d): the candidate per channel, the cell's gates per key slot, the query per slot."""
+
+    def __init__(self, in_features: int, rnn_hidden_size: int, gate_width: int, n_pre: int,
+                 decay_bias: float = 0.0, decay_slot: int = 1, decay_bias_sign: float = 1.0):
+        nn.Linear.__init__(self, in_features, rnn_hidden_size + n_pre * gate_width, bias=True)
+        self.rnn_hidden_size, self.gate_width = rnn_hidden_size, gate_width
+        self.decay_bias, self.decay_slot, self.decay_bias_sign = decay_bias, decay_slot, decay_bias_sign
+
+    def decay_range(self) -> tuple[int, int]:
+        start = self.rnn_hidden_size + (self.decay_slot - 1) * self.gate_width
+        return start, start + self.gate_width
+
 
 class MinRNNResidualOut(nn.Linear):
     """A projection that writes into the residual stream (the mixers' and the MLP's last one):
@@ -197,6 +219,85 @@ class MinRNNMixer(nn.Module):
         return linear_step(self.out_proj, state.to(pre.dtype), MinRNNResidualOut, residual), state
 
 
+class MinRNNExpandedMixer(nn.Module):
+    """In (D -> [hidden | gates | query]) -> the expanded cell -> Out (E -> D): a state of
+    n x d per head (``config.state_expansion`` n, ``config.resolved_state_head_dim`` d, H = E / d
+    heads), ``minrnn.ops.expanded``. The cell's decay and input gate (n per head) are the decay
+    and the key, its candidate g(hidden) (d per head) the value, and the query (n per head) reads
+    the state: o_t = H_t^T q_t, E wide, then Out.
+
+    The state is (B, H, n, d), float32 for half-precision models. A sequence runs
+    ``minrnn.ops.expanded.expanded_scan`` by ``method`` ("states": one scan over the state's
+    entries on ``config.scan_backend``, the faster on the CPU; "chunked": the chunkwise form),
+    one position (decoding) the step; all give the per-step loop's numbers.
+    """
+
+    method = "states"
+
+    def __init__(self, config):
+        super().__init__()
+        self.spec = config.cell_spec
+        self.cell = self.spec.name
+        self.options = config.resolved_cell_options
+        self.option_values = self.spec.options(**self.options)
+        self.backend = config.scan_backend
+        self.rnn_hidden_size = E = config.rnn_hidden_size
+        self.n, self.head_dim = config.state_expansion, config.resolved_state_head_dim
+        self.heads = E // self.head_dim
+        self.gate_width = self.heads * self.n
+        # the cell's gates (all its pre-activations but hidden) and the query, each n per head
+        self.n_gates = self.spec.n_pre - 1
+        self.in_proj = MinRNNExpandedProj(config.hidden_size, E, self.gate_width, self.n_gates + 1,
+                                          config.resolved_decay_bias, self.spec.decay_slot, self.spec.decay_bias_sign)
+        self.out_proj = MinRNNResidualOut(E, config.hidden_size, bias=config.use_bias)
+
+    def state_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """(B, H, n, d): the recurrent state of ``batch`` rows."""
+        return batch, self.heads, self.n, self.head_dim
+
+    def _qkva(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Pre-activations (..., E + (gates + 1) H n) -> q, k, log a (..., H, n) and v (..., H, d),
+        computed in the accumulation dtype (float32 for half)."""
+        dt = torch.float32 if pre.dtype in (torch.float16, torch.bfloat16) else pre.dtype
+        parts = pre.to(dt).split([self.rnn_hidden_size] + [self.gate_width] * (self.n_gates + 1), dim=-1)
+        hidden, gates, query = parts[0], parts[1:-1], parts[-1]
+        log_a, k, v = expanded_gates(self.spec, (hidden, *gates), self.option_values)
+        lead = pre.shape[:-1]
+        return (query.reshape(*lead, self.heads, self.n), k.reshape(*lead, self.heads, self.n),
+                v.reshape(*lead, self.heads, self.head_dim), log_a.reshape(*lead, self.heads, self.n))
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, mask: Tensor | None = None,
+                reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (B, T, D), h0 (B, H, n, d) or None (zeros), mask (B, T) bool or None, reset (B, T)
+        bool or None (True: a document starts there). Returns (y (B, T, D), h_last (B, H, n, d))."""
+        B, T, _ = x.shape
+        if T == 1:  # one position: the step's O(1) update
+            if reset is not None and h0 is not None:
+                h0 = torch.where(reset[:, 0, None, None, None], torch.zeros((), dtype=h0.dtype, device=h0.device), h0)
+            y, h_last = self.step(x[:, 0], h0, None if mask is None else mask[:, 0])
+            return y.unsqueeze(1), h_last
+        q, k, v, log_a = self._qkva(self.in_proj(x))
+        o, h_last = expanded_scan(q, k, v, log_a, h0, mask=mask, reset=reset, method=self.method, backend=self.backend)
+        return self.out_proj(o.reshape(B, T, self.rnn_hidden_size).to(x.dtype)), h_last
+
+    def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One position: x (B, D), h (B, H, n, d) or None (zeros), mask (B,) bool (False keeps h)
+        or None. Returns (y (B, D), plus ``residual`` when given; the new h (B, H, n, d))."""
+        pre = linear_step(self.in_proj, x, MinRNNExpandedProj)
+        q, k, v, log_a = self._qkva(pre)
+        if h is None:
+            h = q.new_zeros(self.state_shape(x.shape[0]))
+        else:
+            h = h.to(torch.promote_types(q.dtype, h.dtype))
+        if mask is not None:
+            m = mask[:, None, None]
+            k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            log_a = torch.where(m, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+        o, h = expanded_step(q, k, v, log_a, h)
+        return linear_step(self.out_proj, o.reshape(x.shape[0], -1).to(x.dtype), MinRNNResidualOut, residual), h
+
+
 class MinRNNMLP(nn.Module):
     """W2 act(W1 x): D -> round(D * mlp_mult) -> D."""
 
@@ -216,4 +317,5 @@ class MinRNNMLP(nn.Module):
         return linear_step(self.down_proj, self.act(linear_step(self.up_proj, x)), MinRNNResidualOut, residual)
 
 
-__all__ = ["linear_step", "MinRNNRMSNorm", "MinRNNCausalConv", "MinRNNGateProj", "MinRNNResidualOut", "MinRNNMixer", "MinRNNMLP"]
+__all__ = ["linear_step", "MinRNNRMSNorm", "MinRNNCausalConv", "MinRNNGateProj", "MinRNNExpandedProj",
+           "MinRNNResidualOut", "MinRNNMixer", "MinRNNExpandedMixer", "MinRNNMLP"]

@@ -1,0 +1,262 @@
+"""The expanded-state recurrence: a minGRU / minLSTM whose state per head is a matrix.
+
+Per head, the state H_t is n x d (n key slots, d value channels) and
+
+    H_t = diag(a_t) H_{t-1} + k_t v_t^T        a_t, k_t in (0, 1)^n, v_t in R^d
+    o_t = H_t^T q_t                             q_t in R^n, o_t in R^d
+
+the recurrence of HGRN2 (Qin et al. 2024, arXiv 2404.07904) and of gated linear attention
+(Yang et al. 2024, arXiv 2312.06635). From a cell of ``minrnn.ops.cells`` (``expanded_gates``):
+the cell's decay is a (one per slot), its input gate the key (minGRU's z, minLSTM's i'), its
+candidate g(hidden) the value; the query is a projection of its own. With n = 1 and q = 1 it is
+the cell's own h_t = a_t h_{t-1} + z_t g(hidden_t).
+
+Layout: q, k and log a are (B, T, H, n), v is (B, T, H, d), the state (B, H, n, d) (the value
+axis contiguous: a step scales the rows and adds an outer product, the read sums over rows).
+Decays are given as log a (<= 0). A padded position (``mask`` False) is the identity
+(a = 1, k = 0); a document start (``reset`` True) forgets the state first (a = 0).
+
+Three implementations of one function:
+
+    expanded_scan_reference   the per-step loop (the definition; the tests' reference)
+    expanded_scan_chunked     chunkwise parallel: within a chunk of C positions the outputs are
+                              masked products with the relative decays exp(sum of log a over
+                              (j, i]), every exponent <= 0; between chunks the state is passed
+                              on, one elementwise update per chunk
+    expanded_scan_states      each of the n d entries of a head's state is a scalar recurrence
+                              h = a h + k v with its slot's a: one scan (``minrnn.ops.scan``, any
+                              backend, the CPU and GPU kernels included) over (B, T, H n d)
+                              channels, then the read o_t = H_t^T q_t; it holds every H_t
+                              (memory O(T H n d) against the chunked form's O(T H n C))
+
+``expanded_scan(..., method=)`` picks one ("states", the default, or "chunked"); the docs'
+design page has their timings.
+
+Half-precision inputs are computed in float32; the outputs come back in the input dtype and the
+final state in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import scan
+from .cells import CellSpec, g, get_cell
+from .checks import accumulation_dtype, check_finite_state, check_float_tensor, check_mask, check_reset
+
+_NAMES = ("q", "k", "v", "log_a")
+
+
+def expanded_gates(cell: str | CellSpec, pre: tuple[Tensor, ...], options: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:
+    """(log a, k, v) of a cell's pre-activations: its decay and input gate from its gates
+    pre-activations, its candidate g(hidden) as the value.
+
+    ``pre`` is the cell's pre-activations in ``pre_names`` order, the first being "hidden"; the
+    others (the gates) may be a different width than hidden's. The gates are read from the cell's
+    ``log_gates`` at g(hidden) = 1 (hidden = 0.5), where log b is log of the input gate: this holds
+    for every cell whose b is its input gate times g(hidden), the built-in ones included.
+    """
+    spec = get_cell(cell)
+    check_expandable(spec)
+    hidden, gates = pre[0], pre[1:]
+    log_a, log_k = spec.log_gates(torch.full_like(gates[0], 0.5), *gates, *options)
+    return log_a, torch.exp(log_k), g(hidden)
+
+
+def check_expandable(spec: CellSpec) -> None:
+    """A cell the expanded state can run: one with a log form (decays in (0, 1)) whose first
+    pre-activation is the candidate "hidden"; else a one-line ValueError."""
+    if spec.log_gates is None or spec.signed:
+        raise ValueError(f"state_expansion > 1 needs a cell with decays in (0, 1) and a log form; "
+                         f"cell {spec.name!r} has signed transitions")
+    if spec.pre_names[0] != "hidden":
+        raise ValueError(f"state_expansion > 1 needs a cell whose first pre-activation is 'hidden' (the value); "
+                         f"cell {spec.name!r} has {spec.pre_names}")
+
+
+def _check(q, k, v, log_a, h0, mask, reset) -> tuple[int, int, int, int, int]:
+    for name, x in zip(_NAMES, (q, k, v, log_a)):
+        check_float_tensor(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (batch, time, heads, {'d' if name == 'v' else 'n'}), "
+                             f"got shape {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; pass one dtype")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    B, T, H, n = q.shape
+    for name, x in (("k", k), ("log_a", log_a)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
+    if v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (batch, time, heads, d) = ({B}, {T}, {H}, d), got {tuple(v.shape)}")
+    d = v.shape[3]
+    if h0 is not None:
+        check_float_tensor("h0", h0)
+        if h0.shape != (B, H, n, d):
+            raise ValueError(f"h0 must be (batch, heads, n, d) = {(B, H, n, d)}, got shape {tuple(h0.shape)}")
+        if h0.device != q.device:
+            raise ValueError(f"h0 is on {h0.device} but q is on {q.device}")
+        check_finite_state(h0)
+    check_mask(mask, (B, T), q.device, "(batch, time)")
+    check_reset(reset, (B, T), q.device, "(batch, time)")
+    return B, T, H, n, d
+
+
+def _boundaries(k: Tensor, log_a: Tensor, mask: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(k, log a) with padding as identity steps (a = 1, k = 0) and document starts as a = 0."""
+    if mask is not None:
+        m = mask[:, :, None, None]
+        k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
+        log_a = torch.where(m, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+    if reset is not None:
+        log_a = torch.where(reset[:, :, None, None], torch.full((), -torch.inf, dtype=log_a.dtype,
+                                                                device=log_a.device), log_a)
+    return k, log_a
+
+
+def _prepare(q, k, v, log_a, h0, mask, reset):
+    B, T, H, n, d = _check(q, k, v, log_a, h0, mask, reset)
+    cdt = accumulation_dtype(q.dtype)
+    if h0 is not None:
+        cdt = torch.promote_types(cdt, h0.dtype)
+    q, k, v, log_a = (x.to(cdt) for x in (q, k, v, log_a))
+    k, log_a = _boundaries(k, log_a, mask, reset)
+    h = torch.zeros(B, H, n, d, dtype=cdt, device=q.device) if h0 is None else h0.to(cdt)
+    return q, k, v, log_a, h, (B, T, H, n, d)
+
+
+def expanded_step(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """One step without checks: q, k, log_a (B, H, n), v (B, H, d), h (B, H, n, d) ->
+    (o (B, H, d), the new h (B, H, n, d)). Padding and resets already applied to k and log a."""
+    h = torch.exp(log_a).unsqueeze(-1) * h + k.unsqueeze(-1) * v.unsqueeze(-2)
+    return (q.unsqueeze(-1) * h).sum(-2), h
+
+
+def expanded_scan_reference(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
+                            mask: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The expanded recurrence as a loop over time (the definition).
+
+    Args:
+        q, k: (B, T, H, n) the query and key; log_a: (B, T, H, n) the log decays (<= 0).
+        v: (B, T, H, d) the value.
+        h0: (B, H, n, d) the start state, zeros when None.
+        mask: (B, T) bool, False at padding (identity steps: a = 1, k = 0), or None.
+        reset: (B, T) bool, True where a document starts (a = 0), or None.
+    Returns:
+        (o, h_last): o (B, T, H, d) in the inputs' dtype, h_last (B, H, n, d) in the
+        accumulation dtype (float32 for half inputs).
+    """
+    in_dtype = q.dtype
+    q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
+    out = []
+    for t in range(T):
+        o, h = expanded_step(q[:, t], k[:, t], v[:, t], log_a[:, t], h)
+        out.append(o)
+    o = torch.stack(out, 1) if out else v.new_zeros(B, 0, H, d) + (q.sum() + k.sum() + log_a.sum()) * 0
+    return o.to(in_dtype), h
+
+
+def _segment_sums(log_a: Tensor) -> Tensor:
+    """(..., C) -> (..., C, C): [i, j] = sum of log_a over (j, i] for j <= i, -inf above the
+    diagonal. Each entry is summed from its own terms (a cumulative sum per column), not taken as
+    a difference of two prefix sums, so no precision is lost where the prefix sums are large."""
+    C = log_a.shape[-1]
+    x = log_a.unsqueeze(-1).expand(*log_a.shape, C)  # [..., m, j] = log_a[m]
+    below = torch.ones(C, C, dtype=torch.bool, device=log_a.device).tril(-1)
+    sums = torch.where(below, x, torch.zeros((), dtype=x.dtype, device=x.device)).cumsum(-2)
+    return torch.where(below | torch.eye(C, dtype=torch.bool, device=log_a.device), sums,
+                       torch.full((), -torch.inf, dtype=x.dtype, device=x.device))
+
+
+def expanded_scan_chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
+                          mask: Tensor | None = None, reset: Tensor | None = None,
+                          chunk_size: int = 16) -> tuple[Tensor, Tensor]:
+    """``expanded_scan_reference``'s numbers, chunkwise parallel (differentiable by autograd).
+
+    Within a chunk of C positions, o_i = sum_{j<=i} (q_i . (k_j * exp(L_ij))) v_j with
+    L_ij = sum of log a over (j, i] (<= 0, so no exponential overflows), plus the state before
+    the chunk read through the decay since the chunk's start. The state after each chunk is the
+    one before, decayed over the chunk, plus the chunk's own sum of decayed k_j v_j^T: a loop of
+    one elementwise update per chunk. Work O(T C n (d + 1)) per head, memory O(T C n).
+
+    Args: as ``expanded_scan_reference``, plus ``chunk_size`` (C, a positive integer).
+    Returns: (o (B, T, H, d), h_last (B, H, n, d)).
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    in_dtype = q.dtype
+    q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
+    if B == 0 or T == 0:
+        return (v * 0 + (q.sum() + k.sum() + log_a.sum()) * 0).to(in_dtype), h
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # identity steps at the end (a = 1, k = 0), their outputs dropped
+        q, k, v, log_a = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, log_a))
+    # (B, H, N, n, C) for the gates, (B, H, N, C, d) for the values
+    qc, kc, lc = (x.view(B, N, C, H, n).permute(0, 3, 1, 4, 2) for x in (q, k, log_a))
+    vc = v.view(B, N, C, H, d).permute(0, 3, 1, 2, 4)
+    L = _segment_sums(lc)  # (B, H, N, n, C, C)
+    decay = torch.exp(L)
+    # a product and a sum over n, not an einsum of three operands (which runs as many small matmuls)
+    scores = (qc.unsqueeze(-1) * decay * kc.unsqueeze(-2)).sum(-3)  # (B, H, N, C, C)
+    o = scores @ vc  # within the chunks
+    # the chunks' own states (from zero) and their total decays
+    into_end = kc * decay[..., -1, :]  # k_j exp(sum of log a over (j, C-1]): (B, H, N, n, C)
+    local = into_end @ vc  # (B, H, N, n, d)
+    since_start = torch.exp(lc.cumsum(-1))  # decay from before the chunk through i: (B, H, N, n, C)
+    total = since_start[..., -1]  # (B, H, N, n)
+    before = []
+    for z in range(N):
+        before.append(h)
+        h = total[:, :, z].unsqueeze(-1) * h + local[:, :, z]
+    states = torch.stack(before, 2)  # (B, H, N, n, d): the state before each chunk
+    o = o + (qc * since_start).transpose(-1, -2) @ states
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, d)[:, :T]
+    return o.to(in_dtype), h
+
+
+def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
+                         mask: Tensor | None = None, reset: Tensor | None = None,
+                         backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """``expanded_scan_reference``'s numbers from one scan over the state's entries.
+
+    Entry (slot i, channel c) of a head's state follows h = a_i h + k_i v_c, a first-order
+    recurrence like the minGRU's: the decays (broadcast over the d channels) and the inputs
+    k v^T go to ``minrnn.ops.scan`` with ``backend`` as (B, T, H n d) channels, and the states
+    it returns are read with the query.
+
+    Args: as ``expanded_scan_reference``, plus ``backend`` (a scan backend, as ``minrnn.scan``).
+    Returns: (o (B, T, H, d), h_last (B, H, n, d)).
+    """
+    in_dtype = q.dtype
+    q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
+    if B == 0 or T == 0:
+        return (v * 0 + (q.sum() + k.sum() + log_a.sum()) * 0).to(in_dtype), h
+    a = torch.exp(log_a).unsqueeze(-1).expand(B, T, H, n, d).reshape(B, T, H * n * d)
+    b = (k.unsqueeze(-1) * v.unsqueeze(-2)).reshape(B, T, H * n * d)
+    states = scan(a, b, h.reshape(B, H * n * d), backend=backend).view(B, T, H, n, d)
+    o = (q.unsqueeze(-1) * states).sum(-2)
+    return o.to(in_dtype), states[:, -1]
+
+
+METHODS = ("states", "chunked")
+
+
+def expanded_scan(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
+                  mask: Tensor | None = None, reset: Tensor | None = None, method: str = "states",
+                  backend: str = "auto", chunk_size: int = 16) -> tuple[Tensor, Tensor]:
+    """The expanded recurrence over a sequence by ``method``: "states" (``expanded_scan_states``
+    with the scan ``backend``) or "chunked" (``expanded_scan_chunked`` with ``chunk_size``).
+    Arguments and returns as ``expanded_scan_reference``."""
+    if method == "states":
+        return expanded_scan_states(q, k, v, log_a, h0, mask=mask, reset=reset, backend=backend)
+    if method == "chunked":
+        return expanded_scan_chunked(q, k, v, log_a, h0, mask=mask, reset=reset, chunk_size=chunk_size)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+__all__ = ["METHODS", "expanded_gates", "check_expandable", "expanded_step", "expanded_scan_reference",
+           "expanded_scan_chunked", "expanded_scan_states", "expanded_scan"]

@@ -90,25 +90,38 @@ def corpus(tmp_path_factory):
     return path, prepare_text(tmp / "prepared", text, CharTokenizer.train(text), shard_tokens=5000)
 
 
-def test_a_prepared_folder_trains_to_the_in_memory_losses(corpus, tmp_path):
-    text, prepared = corpus
-    memory = train(config(text, tmp_path / "memory"))
-    mapped = train(config(prepared, tmp_path / "prepared"))
-    # the same windows of the same ids: every loss and every weight bit-identical
+def test_the_same_tokens_prepared_train_to_the_in_memory_losses(tmp_path):
+    """How WikiText-2 is checked (docs: the data page): a BPE run in memory, then its tokenizer
+    folder given to `minrnn prepare --boundary-token none`, so the shards hold the very ids."""
+    split = split_90_10(shakespeare(20_000))
+    (tmp_path / "text").mkdir()
+    for name, text in split.items():
+        (tmp_path / "text" / f"{name}.txt").write_text(text)
+    memory = train(config(tmp_path / "text", tmp_path / "memory", tokenizer="bpe", bpe_vocab_size=300))
+    r = minrnn("prepare", "--split-files", f"train={tmp_path / 'text' / 'train.txt'}",
+               f"valid={tmp_path / 'text' / 'valid.txt'}", "--tokenizer", tmp_path / "memory",
+               "--boundary-token", "none", "--out", tmp_path / "prepared", "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    mapped = train(config(tmp_path / "prepared", tmp_path / "run"))
     assert isinstance(mapped.workload.tokens["train"], TokenStream)
-    a, b = read_metrics(tmp_path / "memory"), read_metrics(tmp_path / "prepared")
+    assert mapped.workload.vocab_size == memory.workload.vocab_size == 300
+    # the same windows of the same ids: every loss and every weight bit-identical
+    a, b = read_metrics(tmp_path / "memory"), read_metrics(tmp_path / "run")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     assert [r.get("val_loss") for r in a] == [r.get("val_loss") for r in b] and "val_loss" in a[-1]
-    wa, wb = final_weights(tmp_path / "memory"), final_weights(tmp_path / "prepared")
+    wa, wb = final_weights(tmp_path / "memory"), final_weights(tmp_path / "run")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert mapped.workload.vocab_size == memory.workload.vocab_size
 
     # the run carries the folder's tokenizer: eval and generate work from the run alone
-    r = minrnn("eval", "--run", tmp_path / "prepared")
+    r = minrnn("eval", "--run", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-6)
-    r = minrnn("generate", "--run", tmp_path / "prepared", "--prompt", "ROMEO:", "--tokens", 5, "--greedy")
+    r = minrnn("generate", "--run", tmp_path / "run", "--prompt", "ROMEO:", "--tokens", 5, "--greedy")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    # scoring another folder's ids with this run's model is refused
+    r = minrnn("eval", "--run", tmp_path / "run", "--data", write_prepared(
+        tmp_path / "chars", {"train": [[1] * 40], "valid": [[2] * 40]}, CharTokenizer(list("abc"))))
+    assert_one_line_error(r, "tokenizer is not the run's")
 
 
 def test_a_run_resumed_from_an_earlier_checkpoint_ends_as_the_uninterrupted_one(corpus, tmp_path):
@@ -238,13 +251,14 @@ def test_compare_trains_from_a_prepared_folder_with_packed_documents(corpus, tmp
     assert_one_line_error(r, "--tokenizer", "prepared folder")
 
 
-def test_llama_keeps_packed_documents_apart():
-    """What compare --pack-documents relies on for a Transformer: transformers' Llama given
-    position_ids (and no attention mask) attends within each document only."""
+@pytest.mark.parametrize("name, options", [("llama", {"intermediate_size": 32}), ("gpt2", {"n_inner": 32})])
+def test_a_transformer_keeps_packed_documents_apart(name, options):
+    """What compare --pack-documents relies on for a Transformer: transformers' Llama and GPT-2,
+    given position_ids (and no attention mask), attend within each document only."""
     from minrnn.experiments.baselines import build_model
 
     torch.manual_seed(0)
-    model = build_model("llama", 20, None, hidden_size=16, num_hidden_layers=1, intermediate_size=32).eval()
+    model = build_model(name, 20, None, hidden_size=16, num_hidden_layers=1, **options).eval()
     a, b = torch.tensor([[1, 2, 3, 4, 5]]), torch.tensor([[6, 7, 8]])
     packed = model(torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]]))
     torch.testing.assert_close(packed[:, 5:], model(b), rtol=0, atol=1e-5)

@@ -190,20 +190,38 @@ def windows(tokens, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, 
     return w[:, :-1], w[:, 1:]
 
 
+def _pack(stream, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(starts (N,), begins (N, seq_len) bool: True where a document starts in the window) of
+    the packed windows of ``offsets``; see `packed_starts`. One index lookup per row."""
+    last = len(stream) - seq_len - 1
+    starts = offsets.clone()
+    begins = torch.zeros(len(offsets), seq_len, dtype=torch.bool)
+    for i, o in enumerate(offsets.tolist()):
+        # every start a window moved from o can begin at or hold: up to o + seq_len, then seq_len on
+        found = stream.document_starts(o, o + 2 * seq_len)
+        reach = found[found <= min(o + seq_len, last)]
+        s = int(reach[0]) if len(reach) else o  # none within reach: a piece of one long document
+        starts[i] = s
+        begins[i, torch.from_numpy(found[(found > s) & (found < s + seq_len)] - s)] = True
+    return starts, begins
+
+
+def _restart(begins: torch.Tensor) -> torch.Tensor:
+    """position_ids (N, T) int64: each position's distance from the latest True of ``begins``
+    (N, T) at or before it, or from the row's first position."""
+    begins = begins.clone()
+    begins[:, 0] = True
+    index = torch.arange(begins.shape[1]).expand_as(begins)
+    return index - torch.where(begins, index, 0).cummax(dim=1).values
+
+
 def packed_starts(stream, offsets: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Where the packed windows of ``offsets`` (N,) int64 start: each offset moved to the first
     document start of ``stream`` at or after it, looked for up to ``seq_len`` tokens on (and no
     later than the last offset a whole window fits at); an offset with none there lies in a
     document longer than a window, and its window starts at the offset itself (a window-long
     piece of that document). A pure function of the offsets and the document index."""
-    last = len(stream) - seq_len - 1
-    out = offsets.clone()
-    for i, o in enumerate(offsets.tolist()):
-        found = stream.document_starts(o, min(o + seq_len, last) + 1)
-        if len(found):
-            out[i] = int(found[0])
-        # else: no document starts within reach, the window is a piece of one long document
-    return out
+    return _pack(stream, offsets, seq_len)[0]
 
 
 def document_positions(stream, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -211,21 +229,18 @@ def document_positions(stream, starts: torch.Tensor, seq_len: int) -> torch.Tens
     position's distance from the latest document start in its window, or from the window's
     first token (transformers' padding-free convention: 0 where a document, or the window, begins)."""
     begins = torch.zeros(len(starts), seq_len, dtype=torch.bool)
-    begins[:, 0] = True
     for i, s in enumerate(starts.tolist()):
-        inside = torch.from_numpy(stream.document_starts(s + 1, s + seq_len) - s)
-        begins[i, inside] = True
-    index = torch.arange(seq_len).expand(len(starts), seq_len)
-    return index - torch.where(begins, index, 0).cummax(dim=1).values
+        begins[i, torch.from_numpy(stream.document_starts(s + 1, s + seq_len) - s)] = True
+    return _restart(begins)
 
 
 def packed_windows(stream, offsets: torch.Tensor, seq_len: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs, targets and position_ids, each (len(offsets), seq_len) int64, of the windows of
     packed documents at ``offsets`` (see `packed_starts` and `document_positions`)."""
-    starts = packed_starts(stream, offsets, seq_len)
+    starts, begins = _pack(stream, offsets, seq_len)
     x, y = windows(stream, starts, seq_len)
-    return x, y, document_positions(stream, starts, seq_len)
+    return x, y, _restart(begins)
 
 
 def eval_offsets(n_tokens: int, seq_len: int, count: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ the `minrnn prepare` command on it, each as its own process, timed from start to
     bpe (folder)  --tokenizer DIR: the tokenizer the bpe run saved, loaded as any AutoTokenizer folder
 
 each at ``--workers`` 1 and 2 (``--workers-list``), configurations taking turns within each
-repeat; the median over repeats is reported. Beside them, what the machine allows: a plain
+repeat; the median over repeats is reported, of the wall time and of the CPU time (user +
+system, the workers' included: on a machine shared with other jobs the wall time depends on
+them, the CPU time much less). Beside them, what the machine allows: a plain
 read of the corpus files (page cache, as `cat` reads them) and writing as many bytes as the
 byte run writes with fsync (the disk). The startup of the command (a prepare of a one-line
 corpus) is measured too: it is part of every figure. The table goes to stdout, the JSON of
@@ -25,6 +27,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -95,15 +98,18 @@ def write_speed(folder: Path, nbytes: int) -> float:
     return elapsed
 
 
-def run_prepare(args: list[str]) -> float:
-    """Seconds of one `minrnn prepare` process, start to exit."""
+def run_prepare(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one `minrnn prepare` process, start to exit; the CPU time
+    (user + system) includes its worker processes."""
     cmd = [sys.executable, "-m", "minrnn", "prepare", *args, "--progress", "never", "--overwrite"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> int:
@@ -137,18 +143,20 @@ def main() -> int:
     shutil.copytree(work / "make-tokenizer" / "tokenizer", bpe_dir)
 
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     tokens: dict[str, int] = {}
     startup = []
     for r in range(args.repeats):
         startup.append(run_prepare([str(tiny), "--tokenizer", "byte", "--valid-fraction", "0",
-                                    "--out", str(work / "tiny-out")]))
+                                    "--out", str(work / "tiny-out")])[0])
         for name, extra in configs.items():
             for w in args.workers_list:
                 key = f"{name} | {w}"
                 out = work / f"out-{name.split()[0]}{'-folder' if 'folder' in name else ''}-w{w}"
                 print(f"repeat {r + 1}/{args.repeats}: {key}", file=sys.stderr, flush=True)
-                times.setdefault(key, []).append(run_prepare([str(corpus), *extra, "--workers", str(w),
-                                                              "--out", str(out)]))
+                wall, cpu_s = run_prepare([str(corpus), *extra, "--workers", str(w), "--out", str(out)])
+                times.setdefault(key, []).append(wall)
+                cpu.setdefault(key, []).append(cpu_s)
                 manifest = json.loads((out / "manifest.json").read_text())
                 tokens[key] = sum(s["tokens"] for s in manifest["splits"].values())
 
@@ -161,19 +169,20 @@ def main() -> int:
         "command": command, "date": datetime.date.today().isoformat(), "cpu": _cpu_name(), "cores": os.cpu_count(),
         "python": platform.python_version(), "corpus_bytes": nbytes, "documents": ndocs,
         "startup_s": startup, "read_s": read_s, "write_bytes": written, "write_s": write_s,
-        "runs": {k: {"seconds": v, "tokens": tokens[k]} for k, v in times.items()},
+        "runs": {k: {"seconds": v, "cpu_seconds": cpu[k], "tokens": tokens[k]} for k, v in times.items()},
     }
     out = args.out or work / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"corpus: {nbytes / MB:.1f} MB, {ndocs} documents; {result['cpu']}, {result['cores']} cores\n")
-    print("| tokenizer | --workers | seconds (median) | MB/s | tokens/s |")
-    print("|---|---:|---:|---:|---:|")
+    print("| tokenizer | --workers | seconds (median) | MB/s | tokens/s | CPU seconds (median) | MB per CPU second |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for key, v in times.items():
         name, w = key.split(" | ")
-        s = statistics.median(v)
-        print(f"| {name} | {w} | {s:.1f} | {nbytes / MB / s:.1f} | {tokens[key] / s / 1e6:.2f} M |")
+        s, c = statistics.median(v), statistics.median(cpu[key])
+        print(f"| {name} | {w} | {s:.1f} | {nbytes / MB / s:.1f} | {tokens[key] / s / 1e6:.2f} M | {c:.1f} | "
+              f"{nbytes / MB / c:.1f} |")
     print(f"\nstartup of the command (a one-line corpus): {statistics.median(startup):.1f} s, part of every run")
     print(f"reading the corpus files (page cache): {nbytes / MB / read_s:.0f} MB/s; "
           f"writing {written / MB:.0f} MB with fsync (the byte run's output): {written / MB / write_s:.0f} MB/s")

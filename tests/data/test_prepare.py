@@ -1,6 +1,7 @@
 """`minrnn prepare`: every kind of source and tokenizer into token shards whose ids are the saved
 tokenizer's, deterministic for any --workers, atomic under kill -9, and one-line errors."""
 
+import gzip
 import json
 import math
 import os
@@ -127,15 +128,16 @@ def test_large_vocabulary_gives_uint32_shards(tmp_path):
     assert 0 not in _stream(data, "train")  # every word known: no [UNK]
 
 
-def test_jsonl_parquet_glob_and_files_in_the_order_given(tmp_path):
+def test_gzipped_jsonl_parquet_glob_and_files_in_the_order_given(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     texts = _texts(24, seed=3)
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(texts[:8])))
+    rows = "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(texts[:8]))
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(rows.encode()))
     pq.write_table(pa.table({"body": texts[8:16], "n": list(range(8))}), tmp_path / "b.parquet")
     _write_files(tmp_path / "txt", texts[16:])
-    prepare([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet"), str(tmp_path / "txt" / "*.txt")], "byte",
+    prepare([str(tmp_path / "a.jsonl.gz"), str(tmp_path / "b.parquet"), str(tmp_path / "txt" / "*.txt")], "byte",
             tmp_path / "out", text_field="body", valid_fraction=0.25, progress=False, log=lambda s: None)
     data = _check_round_trip(tmp_path / "out", _fraction_split(texts, 0.25))
     assert [s["format"] for s in data.manifest["sources"]] == ["json", "parquet", "text"]

@@ -7,9 +7,10 @@ a BPE vocabulary of 2048 learnt from valid.txt. This script:
 
 1. builds that tokenizer as compare does (minrnn.training.workloads.text_tokenizer) and saves
    it as a tokenizer folder;
-2. runs ``minrnn prepare --split-files valid=valid.txt test=test.txt --tokenizer FOLDER
+2. runs ``minrnn prepare --split-files train=valid.txt valid=test.txt --tokenizer FOLDER
    --boundary-token none`` (each file one document: the shards hold the ids of the in-memory
-   path) and checks that they do;
+   path; a prepared run trains on the folder's train split and evaluates on its valid split)
+   and checks that they do;
 3. runs ``minrnn compare wikitext2 --preset cpu --models mingru --steps N`` twice, in memory and
    with ``--data`` the prepared folder, and compares every training loss (metrics.jsonl), every
    validation loss and the loss over the whole test split.
@@ -58,12 +59,14 @@ def main(argv=None) -> int:
     with work_folder(args.work, "prepared_equivalence-", args.keep) as tmp:
         tokenizer = text_tokenizer(splits, data["tokenizer"], data["bpe_vocab_size"], train_split)
         tokenizer.save(tmp / "tokenizer")
-        prepare = ["minrnn", "prepare", "--split-files", *(f"{s}={f}" for s, f in files.items()), "--tokenizer",
+        # the folder's train and valid splits are what a prepared run trains and evaluates on
+        names = {train_split: "train", eval_split: "valid"}
+        prepare = ["minrnn", "prepare", "--split-files", *(f"{names[s]}={f}" for s, f in files.items()), "--tokenizer",
                    str(tmp / "tokenizer"), "--boundary-token", "none", "--out", str(tmp / "prepared"),
                    "--progress", "never"]
-        subprocess.run([sys.executable, "-m", *prepare[1:]], check=True)
+        subprocess.run([sys.executable, "-m", *prepare], check=True)
         prepared = PreparedData.open(tmp / "prepared")
-        same_ids = {s: bool(np.array_equal(prepared.split(s).read(0, len(prepared.split(s))),
+        same_ids = {s: bool(np.array_equal(prepared.split(names[s]).read(0, len(prepared.split(names[s]))),
                                            np.array(tokenizer.encode(splits[s]))))
                     for s in (train_split, eval_split)}
         print(f"the shards hold the in-memory ids: {same_ids}", flush=True)
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
             out = tmp / name.replace(" ", "-")
             cmd = ["minrnn", "compare", "wikitext2", "--preset", "cpu", "--models", args.model, "--steps",
                    str(args.steps), "--eval-every", str(args.eval_every), "--no-progress", "--out", str(out), *extra]
-            subprocess.run([sys.executable, "-m", *cmd[1:]], check=True, env=env, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", *cmd], check=True, env=env, stdout=subprocess.DEVNULL)
             run = out / "wikitext2-cpu" / "runs" / args.model
             result = json.loads((run / "result.json").read_text())
             metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

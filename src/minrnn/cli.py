@@ -215,7 +215,7 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--data", default=None, metavar="FILE",
                    help="text only: a text file (split 90/10 into train and validation), a folder of "
                         "train/valid files or a named corpus; or, for any text preset, a prepared folder "
-                        "(minrnn prepare: its splits of the preset's names, its tokenizer)")
+                        "(minrnn prepare: its train and valid splits, its tokenizer)")
     p.add_argument("--tokenizer", default=None, choices=["char", "byte", "bpe"],
                    help="text only: the tokenizer (default: the preset's, char)")
     p.add_argument("--pack-documents", action="store_true",

@@ -33,9 +33,8 @@ class CompareConfig:
 
     ``models``/``tasks``: subsets of the preset's (None: all). ``data``/``tokenizer``: the corpus
     of an experiment whose preset names none (``text``); ``data`` may also be a prepared folder
-    (``minrnn prepare``) for any text preset, read memory-mapped with its own tokenizer (the
-    preset's train and eval splits are the folder's splits of those names; ``text``: train and
-    valid). ``pack_documents``: windows of whole documents, the state reset at each (a prepared
+    (``minrnn prepare``) for any text preset: its train split trains and its valid split
+    evaluates, read memory-mapped with its own tokenizer. ``pack_documents``: windows of whole documents, the state reset at each (a prepared
     folder, and models that reset: see baselines.Baseline.packs_documents). ``sweep``: run the preset's sweep (e.g. depths 1, 2, 3).
     ``budget_s``: stop each run after this much training time. ``lr``: the peak learning rate of
     every run (min_lr scaled alike). ``options``: {model: {key: value}} build options on top of

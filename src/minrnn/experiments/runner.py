@@ -54,17 +54,15 @@ def run_dir_of(out: Path, spec: RunSpec) -> Path:
 
 def make_workload(preset: Preset, spec: RunSpec):
     """The workload of a run: the preset's corpus (or ``spec.data``: a corpus, file or folder of
-    text, or a prepared folder, whose splits of the preset's names are read memory-mapped with
-    its own tokenizer) or synthetic task."""
+    text, or a prepared folder, whose train and valid splits are read memory-mapped with its own
+    tokenizer) or synthetic task."""
     data, train = preset.data, preset.train
     if "corpus" in data or preset.user_data:
-        train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "valid")
-        if spec.data:
-            source, name = spec.data, Path(spec.data).name
-            if not is_prepared(spec.data):  # a text file or folder: its train and valid splits
-                train_split, eval_split = "train", "valid"
+        if spec.data:  # its own train and valid splits
+            source, name, train_split, eval_split = spec.data, Path(spec.data).name, "train", "valid"
         else:
             source, name = data["corpus"], data["corpus"]
+            train_split, eval_split = data.get("train_split", "train"), data.get("eval_split", "valid")
         settings = dict(seq_len=train["seq_len"], batch_size=train["batch_size"], grad_accum=train.get("grad_accum", 1),
                         eval_windows=train.get("eval_windows", TrainConfig.eval_windows), seed=spec.seed,
                         train_split=train_split, eval_split=eval_split, name=name)

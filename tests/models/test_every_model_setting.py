@@ -52,6 +52,13 @@ def every_norm_eps(model) -> set:
     return {m.eps for m in norms}
 
 
+def expanded_state_shape(model) -> tuple:
+    """The recurrent state a forward leaves in the cache of the first block."""
+    with torch.no_grad():
+        cache = model(IDS, use_cache=True).cache
+    return tuple(cache.layers[0].recurrent_states[0].shape)
+
+
 def decay_bias_on_its_slot(ref, var):
     """The init formula: sign * decay_bias on the decay slot of every mixer's input bias, 0 elsewhere."""
     spec, E = get_cell(var.config.cell), var.config.rnn_hidden_size
@@ -114,6 +121,10 @@ CASES = {
     "expansion_factor": ({}, dict(expansion_factor=2.0), lambda r, v: layer(v).mixer.in_proj.weight.shape[0] == 2 * 32),
     "decay_bias": ({}, dict(cell="minlstm", decay_bias=1.75), decay_bias_on_its_slot),
     "cell_options": (dict(cell="minlstm"), dict(cell="minlstm", cell_options={"normalize": False}), other_logits),
+    # 24 recurrent channels: 6 heads of an n x d = 4 x 4 state, then 8 heads of 2 x 3
+    "state_expansion": ({}, dict(state_expansion=4), lambda r, v: expanded_state_shape(v) == (2, 6, 4, 4)),
+    "state_head_dim": (dict(state_expansion=2), dict(state_expansion=2, state_head_dim=3),
+                       lambda r, v: expanded_state_shape(v) == (2, 8, 2, 3)),
     "use_conv": ({}, dict(use_conv=False), lambda r, v: layer(v).conv is None and layer(r).conv is not None),
     "conv_kernel": ({}, dict(conv_kernel=5), lambda r, v: layer(v).conv.weight.shape[-1] == 5),
     "use_mlp": ({}, dict(use_mlp=False), lambda r, v: layer(v).mlp is None and layer(r).mlp is not None),

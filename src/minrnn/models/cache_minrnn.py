@@ -3,7 +3,8 @@
 Per block it holds what the next token needs and nothing that grows with the context:
 
     recurrent state   (B, E)        the minRNN's h after the last token seen
-                                    (float32 for half-precision models, as the cells return it)
+                                    (float32 for half-precision models, as the cells return it);
+                      (B, H, n, d)  with state_expansion n > 1: each head's n x d state
     conv state        (B, D, k - 1) the conv's last k - 1 inputs (zeros before the first token);
                                     absent without a conv, empty for k = 1
 and, in the attention blocks of a hybrid model (``config.attention_layer_indices``), in place
@@ -95,7 +96,8 @@ class MinRNNCacheLayer(LinearAttentionCacheLayerMixin):
 
     def update_recurrent_state(self, recurrent_states: Tensor, state_idx: int = 0, num_tokens: int = 0,
                                **kwargs) -> Tensor:
-        """Store the state (B, E) after this call; ``num_tokens`` is how many positions it consumed."""
+        """Store the state ((B, E), or (B, H, n, d) expanded) after this call; ``num_tokens`` is how
+        many positions it consumed."""
         if not self.is_recurrent_states_initialized[state_idx]:
             self.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
         # clone: the last step of a (B, T, E) scan output is a view that would keep all of it alive
@@ -231,7 +233,7 @@ class MinRNNCache(Cache):
     """The recurrent cache of a MinRNN model: one `MinRNNCacheLayer` per block.
 
     Its size is fixed by the config and the batch (B * (E + D * (k - 1)) numbers per minRNN
-    block; B * (2 G hd + 2) * W more per attention block with a window W), whatever the number
+    block, B * (E n + D * (k - 1)) with state_expansion n and d = n; B * (2 G hd + 2) * W more per attention block with a window W), whatever the number
     of tokens seen; only an attention block without a window grows with the context. ``get_seq_length()`` counts the positions consumed
     (padding included, as an attention mask counts them).
 

@@ -161,7 +161,12 @@ def run_cell(cell: str | CellSpec, pre: tuple[Tensor, ...], h0: Tensor | None = 
             def gates(*p):
                 return apply_boundaries(*spec.gates(*p, *opts), mask, reset)
 
-            h = _RecomputeGates.apply(gates, be.fn, h0, *pre)
+            if torch.compiler.is_compiling():
+                # dynamo cannot trace the autograd.grad call in _RecomputeGates' backward; the
+                # compiler traces the gates and the scan as they are (it fuses the gates itself)
+                h = be.fn(*gates(*pre), h0)
+            else:
+                h = _RecomputeGates.apply(gates, be.fn, h0, *pre)
     return h.to(in_dtype), h[:, -1]
 
 

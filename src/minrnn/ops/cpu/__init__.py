@@ -9,6 +9,7 @@ block's causal depthwise conv and RMSNorm.
     launch.py     work split, threads, array views, the first-compile notice
     buffers.py    the output cache the kernels allocate from
     functions.py  the autograd Functions and the public ops
+    library.py    the kernels as torch.library custom ops, which torch.compile traces
 
 numba is optional: without it ``available()`` is False and the backend is not offered.
 """
@@ -38,6 +39,7 @@ if HAVE_NUMBA:
     torch.set_num_threads(_torch_threads)
     del _torch_threads
 
+    from . import library  # noqa: F401  (registers the minrnn::cpu_* custom ops)
     from ._math import RAW_BELOW, exp32, exp64  # noqa: F401
     from .buffers import OUTPUT_CACHE, OutputCache, empty_output_cache, output_cache_limit  # noqa: F401
     from .conv import cpu_causal_conv  # noqa: F401

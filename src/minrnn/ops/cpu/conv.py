@@ -60,16 +60,38 @@ def time_span(B: int, T: int) -> int:
     return T if B >= want else max(1, -(-T // -(-want // B)))
 
 
+def conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward kernel: (y (B, T, C), x made contiguous, the transposed weight (K, C))."""
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    x = x.detach().contiguous()
+    wt = weight.detach().reshape(C, K).t().contiguous()
+    b = x.new_zeros(C) if bias is None else bias.detach().contiguous()
+    y = new_output((B, T, C), x.dtype)
+    launch(conv_fwd, x.numel(), x.numpy(), wt.numpy(), b.numpy(), y.numpy(), B, T, C, K, time_span(B, T))
+    return y, x, wt
+
+
+def conv_backward(x: Tensor, wt: Tensor, dy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernel: (dL/dx (B, T, C), dL/dwt (K, C), dL/dbias (C,)) for contiguous x and
+    the transposed weight wt (K, C)."""
+    B, T, C = x.shape
+    K = wt.shape[0]
+    dy = dy.contiguous()
+    span = time_span(B, T)
+    jobs = B * -(-T // span)
+    dx = new_output((B, T, C), x.dtype)
+    dwt_part = x.new_zeros(jobs, K, C)
+    db_part = x.new_zeros(jobs, C)
+    launch(conv_bwd, x.numel(), x.numpy(), wt.numpy(), dy.numpy(), dx.numpy(), dwt_part.numpy(), db_part.numpy(),
+           B, T, C, K, span)
+    return dx, dwt_part.sum(0), db_part.sum(0)
+
+
 class _CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        B, T, C = x.shape
-        K = weight.shape[-1]
-        x = x.contiguous()
-        wt = weight.detach().reshape(C, K).t().contiguous()
-        b = x.new_zeros(C) if bias is None else bias.detach().contiguous()
-        y = new_output((B, T, C), x.dtype)
-        launch(conv_fwd, x.numel(), x.detach().numpy(), wt.numpy(), b.numpy(), y.numpy(), B, T, C, K, time_span(B, T))
+        y, x, wt = conv_forward(x, weight, bias)
         ctx.save_for_backward(x, wt)
         ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
         return y
@@ -78,23 +100,16 @@ class _CausalConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, wt = ctx.saved_tensors
-        B, T, C = x.shape
-        K = wt.shape[0]
-        dy = dy.contiguous()
-        span = time_span(B, T)
-        jobs = B * -(-T // span)
-        dx = new_output((B, T, C), x.dtype)
-        dwt_part = x.new_zeros(jobs, K, C)
-        db_part = x.new_zeros(jobs, C)
-        launch(conv_bwd, x.numel(), x.numpy(), wt.numpy(), dy.numpy(), dx.numpy(), dwt_part.numpy(), db_part.numpy(),
-               B, T, C, K, span)
-        dweight = dwt_part.sum(0).t().reshape(ctx.weight_shape)
-        return dx, dweight, (db_part.sum(0) if ctx.has_bias else None)
+        dx, dwt, db = conv_backward(x, wt, dy)
+        return dx, dwt.t().reshape(ctx.weight_shape), (db if ctx.has_bias else None)
 
 
 def cpu_causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Causal depthwise conv, channels-last: x (B, T, C), weight (C, 1, K) or (C, K), bias (C,)
     or None -> y (B, T, C), y_t = bias + sum_j weight[:, j] x_{t-K+1+j} (zeros before t = 0).
 
-    float32/float64 CPU tensors. Saved for backward: x and the transposed weight."""
+    float32/float64 CPU tensors. Saved for backward: x and the transposed weight. Under
+    torch.compile it is the custom op ``minrnn::cpu_causal_conv`` (``library.py``)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.minrnn.cpu_causal_conv(x, weight, bias)
     return _CausalConv.apply(x, weight, bias)

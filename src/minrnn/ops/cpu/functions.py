@@ -92,14 +92,29 @@ def _bias_array(bias: Tensor | None, size: int, dtype: torch.dtype):
     return np.zeros(size, dtype=_NP_DTYPES[dtype]) if bias is None else bias.detach().contiguous().numpy()
 
 
+def _scan_forward(a: Tensor, b: Tensor, start: Tensor) -> Tensor:
+    """The scan's forward kernel: a, b (B, T, C), start (B, C) contiguous -> h (B, T, C)."""
+    h = new_output(tuple(a.shape), a.dtype)
+    launch(kernels.scan_fwd, a.numel(), *flat_view(a), *flat_view(b), start.numpy(),
+           h.view(-1).numpy(), contiguous_strides(*a.shape), *_dims(*a.shape))
+    return h
+
+
+def _scan_backward(a: Tensor, h: Tensor, start: Tensor, dh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The scan's backward kernel: (dL/da, dL/db (B, T, C), dL/dh0 (B, C))."""
+    da, db = new_output(tuple(h.shape), h.dtype), new_output(tuple(h.shape), h.dtype)
+    dh0 = torch.empty_like(start)
+    launch(kernels.scan_bwd, a.numel(), *flat_view(a), *flat_view(h), start.numpy(), *flat_view(dh),
+           da.view(-1).numpy(), db.view(-1).numpy(), contiguous_strides(*a.shape), dh0.numpy(), *_dims(*a.shape))
+    return da, db, dh0
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0):
         _check_dtype(a.dtype)
         start = _start(h0, a)
-        h = new_output(tuple(a.shape), a.dtype)
-        launch(kernels.scan_fwd, a.numel(), *flat_view(a), *flat_view(b), start.numpy(),
-               h.view(-1).numpy(), contiguous_strides(*a.shape), *_dims(*a.shape))
+        h = _scan_forward(a, b, start)
         ctx.save_for_backward(a, h, start)
         ctx.has_h0 = h0 is not None
         return h
@@ -108,10 +123,7 @@ class _Scan(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh):
         a, h, start = ctx.saved_tensors
-        da, db = new_output(tuple(h.shape), h.dtype), new_output(tuple(h.shape), h.dtype)
-        dh0 = torch.empty_like(start)
-        launch(kernels.scan_bwd, a.numel(), *flat_view(a), *flat_view(h), start.numpy(), *flat_view(dh),
-               da.view(-1).numpy(), db.view(-1).numpy(), contiguous_strides(*a.shape), dh0.numpy(), *_dims(*a.shape))
+        da, db, dh0 = _scan_backward(a, h, start, dh)
         return da, db, (dh0 if ctx.has_h0 else None)
 
 
@@ -125,8 +137,11 @@ def cpu_scan(a: Tensor, b: Tensor, h0: Tensor | None = None) -> Tensor:
         h: (B, T, C), contiguous.
 
     Saved for backward: a, h and the start state (not b). Inputs are assumed validated
-    (``minrnn.scan`` does it).
+    (``minrnn.scan`` does it). Under torch.compile it is the custom op ``minrnn::cpu_scan``
+    (``library.py``).
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.minrnn.cpu_scan(a, b, h0)
     return _Scan.apply(a, b, h0)
 
 
@@ -214,6 +229,9 @@ def cpu_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, m
     """
     if mask is not None:
         raise ValueError("backend 'cpu' fused cells take no mask; minrnn.functional applies it")
+    if torch.compiler.is_compiling():
+        # pack_chunks reads storage offsets, which a traced tensor does not have: the compiler's cat
+        return torch.ops.minrnn.cpu_cell(torch.cat(tuple(pre), -1), h0, spec.name, list(options), reset)
     return _Cell.apply(pack_chunks(tuple(pre)), h0, spec, tuple(options), reset)
 
 
@@ -279,8 +297,12 @@ def cpu_projected_cell(spec, x: Tensor, weight: Tensor, bias: Tensor | None, h0:
     pre-activations' buffer (holding the kept exps). Why one Function: nn.Linear writes its bias into the whole
     output and sums dL/dbias in another pass over dL/dpre; here the cell's kernels add the
     bias as they read the pre-activations and sum its gradient as they write theirs, which
-    saves those passes over B*T*n*C values.
+    saves those passes over B*T*n*C values. Under torch.compile it is the custom op
+    ``minrnn::cpu_projected_cell`` (``library.py``), which keeps the pre-activations intact
+    instead (a functional op may not write over its own saved output).
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.minrnn.cpu_projected_cell(x, weight, bias, h0, spec.name, list(options), reset)[0]
     return _ProjectedCell.apply(x, weight, bias, h0, spec, tuple(options), reset)
 
 

@@ -81,6 +81,19 @@ def _forward(x2: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return y, r
 
 
+def norm_backward(x2: Tensor, w: Tensor, r: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """The parallel backward kernel on rows x2 (N, D), r (N,) and dL/dy (any shape of N*D):
+    (dL/dx (N, D), dL/dw (D,))."""
+    N, D = x2.shape
+    dy2 = dy.reshape(N, D).contiguous()
+    span = rows_per_job(N)
+    dx = new_output((N, D), x2.dtype)
+    dw_part = torch.zeros(-(-N // span), D, dtype=torch.float64)
+    launch(rms_norm_bwd, x2.numel(), x2.numpy(), w.numpy(), r.numpy(), dy2.numpy(), dx.numpy(), dw_part.numpy(),
+           N, D, span)
+    return dx, dw_part.sum(0).to(x2.dtype)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -94,15 +107,8 @@ class _RMSNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x2, w, r = ctx.saved_tensors
-        N, D = x2.shape
-        dy2 = dy.reshape(N, D).contiguous()
-        span = rows_per_job(N)
-        dx = new_output((N, D), x2.dtype)
-        dw_part = torch.zeros(-(-N // span), D, dtype=torch.float64)
-        launch(rms_norm_bwd, x2.numel(), x2.numpy(), w.numpy(), r.numpy(), dy2.numpy(), dx.numpy(), dw_part.numpy(),
-               N, D, span)
-        dw = dw_part.sum(0).to(x2.dtype) if ctx.needs_input_grad[1] else None
-        return dx.view(ctx.shape), dw, None
+        dx, dw = norm_backward(x2, w, r, dy)
+        return dx.view(ctx.shape), (dw if ctx.needs_input_grad[1] else None), None
 
 
 def _rms_norm_no_grad(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -121,7 +127,10 @@ def cpu_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm over the last axis: x (..., D), weight (D,), both float32 CPU tensors ->
     y (..., D) = weight * x / sqrt(mean(x^2) + eps). Differentiable in x and weight.
 
-    Saved for backward: x (made contiguous), the weight and one float per row."""
+    Saved for backward: x (made contiguous), the weight and one float per row. Under
+    torch.compile it is the custom op ``minrnn::cpu_rms_norm`` (``library.py``)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.minrnn.cpu_rms_norm(x, weight, eps)[0]
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNorm.apply(x, weight, eps)
     return _rms_norm_no_grad(x, weight, eps)

@@ -1,6 +1,7 @@
 """One decoding step's elementwise parts, each as a plain torch reference and as a fused
 kernel (numba, ``ops/cpu/step.py``) used where it applies: float32/float64 CPU tensors with
-no gradient to record. Anything else (a GPU, half precision, autograd) runs the reference.
+no gradient to record, outside torch.compile. Anything else (a GPU, half precision, autograd,
+a traced graph) runs the reference.
 
     conv_norm_step(x, mask, window, weight, bias, norm_weight, eps)
         -> (x + conv, RMSNorm(x + conv), new window)
@@ -37,7 +38,8 @@ else:  # pragma: no cover - exercised only where numba is absent
 def fused_applies(*tensors: Tensor | None) -> bool:
     """Whether the fused kernels can take these tensors: numba present, all on the CPU in one
     float32/float64 dtype, and no gradient to record."""
-    if _kernels is None:
+    if _kernels is None or torch.compiler.is_compiling():
+        # under torch.compile the references are traced: the compiler fuses them itself
         return False
     first = tensors[0]
     grad = torch.is_grad_enabled()

@@ -8,6 +8,7 @@ Shakespeare sample, so the tests need no corpus and no network.
 
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -239,14 +240,15 @@ def test_compare_refuses_to_pack_for_a_model_that_cannot_reset(corpus, tmp_path,
 
 
 def test_compare_trains_from_a_prepared_folder_with_packed_documents(corpus, tmp_path):
+    from minrnn.experiments.compare import CompareConfig, plan_runs, train_run
+
     _, prepared = corpus
-    r = minrnn("compare", "text", "--data", prepared, "--models", "llama", "--pack-documents",
-               "--steps", 2, "--eval-every", 2, "--in-process", "--no-progress", "--out", tmp_path)
-    assert r.returncode == 0, r.stderr
-    results = json.loads((tmp_path / "text-cpu" / "results.json").read_text())
-    assert [x["model"] for x in results] == ["llama"]
-    assert all("prepared" in x["data"] and "documents packed" in x["data"] for x in results)
-    assert all(x["spec"]["pack_documents"] is True for x in results)
+    (spec,) = plan_runs(CompareConfig("text", data=str(prepared), models=["llama"], steps=2, eval_every=2,
+                                      pack_documents=True))
+    assert spec.to_json()["pack_documents"] is True
+    result = train_run(spec, tmp_path / "run", log=lambda s: None, progress=False)
+    assert "prepared" in result["data"] and "documents packed" in result["data"]
+    assert [h["step"] for h in result["history"]] == [2] and math.isfinite(result["final_split"]["loss"])
     r = minrnn("compare", "text", "--data", prepared, "--tokenizer", "byte", "--out", tmp_path / "b")
     assert_one_line_error(r, "--tokenizer", "prepared folder")
 

@@ -276,6 +276,32 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     return lambda args: _run_reporting_user_errors(run, args)
 
 
+@subcommand("export", "write a trained run as ONNX graphs (the prefill and the one-token step, the state in "
+            "and out) for onnxruntime")
+def export(p: argparse.ArgumentParser) -> Runner:
+    p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run folder (out_dir of minrnn train)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the graph format (default onnx)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="folder that receives prefill.onnx, step.onnx and the run's tokenizer.json")
+    p.add_argument("--prompt-length", type=_positive_int, default=16,
+                   help="tokens the prefill graph reads (default 16; other lengths go through the step graph)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="rows of both graphs (default 1)")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+
+    def run(args: argparse.Namespace) -> int:
+        from .export import export_onnx
+        from .training.loop import load_run
+
+        _, tokenizer, model, _ = load_run(args.run, args.checkpoint, "cpu")
+        paths = export_onnx(model, args.out, batch=args.batch, prompt_length=args.prompt_length)
+        # in the tokenizers library's format, whatever the run saved: readable without minrnn or torch
+        tokenizer.to_hf().save(str(args.out / "tokenizer.json"))
+        for name, file in paths.items():
+            print(f"written: {file} ({name})")
+        return 0
+
+    return lambda args: _run_reporting_user_errors(run, args)
+
 def torch_tensor(ids):
     import torch
 

@@ -9,11 +9,18 @@ tokenizer (``tokenizer.json``, ``tokenizer_config.json``), all checksummed in it
     model = AutoModelForCausalLM.from_pretrained("runs/x/checkpoints/step_00001000")
     pipe = pipeline("text-generation", model="runs/x/checkpoints/step_00001000")
 
-The import is what makes transformers know the model type. ``remote_code=True`` offers the
-other route, ``trust_remote_code=True`` without the import: ``config.json``'s ``auto_map``
-names ``minrnn_auto.py`` in the folder, one import line that loads the installed minrnn
-package's classes. It is off by default: with it, ``AutoTokenizer.from_pretrained`` without
-the import asks on the terminal whether to run the folder's code.
+The import is what makes transformers know the model type. A process that never imports
+minrnn (lm-evaluation-harness's ``hf`` model, a ``pipeline`` script) takes the other route,
+``trust_remote_code=True``: ``config.json``'s ``auto_map`` names ``minrnn_auto.py`` in the
+folder, one import line that loads the installed minrnn package's classes:
+
+    model = AutoModelForCausalLM.from_pretrained("runs/x/best", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained("runs/x/best")
+
+Every checkpoint the Trainer writes carries both (``remote_code=True``, the default).
+``AutoTokenizer`` reads ``config.json`` before the tokenizer's files, so without
+``trust_remote_code`` it asks on a terminal whether to run the folder's code; either answer
+(or ``trust_remote_code=False``) loads the tokenizer, which needs no code.
 
 `link_checkpoints` keeps ``<run>/latest`` and ``<run>/best`` pointing at those checkpoint
 folders (symbolic links), the paths to give ``from_pretrained``; `add_pretrained_files`
@@ -66,11 +73,11 @@ from minrnn.models import MinRNNConfig, MinRNNForCausalLM, MinRNNModel  # noqa: 
 _BOOKKEEPING = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "_name_or_path"}
 
 
-def pretrained_files(model, tokenizer, remote_code: bool = False) -> dict[str, bytes]:
+def pretrained_files(model, tokenizer, remote_code: bool = True) -> dict[str, bytes]:
     """{file name: content} that make a checkpoint of ``model`` (a MinRNNForCausalLM)
     trained with ``tokenizer`` a folder transformers loads: ``config.json`` (every setting
     written out, so later changes of a default do not change the model) and the tokenizer's
-    files; with ``remote_code`` also the ``auto_map`` entry and ``minrnn_auto.py``.
+    files; with ``remote_code`` (the default) also the ``auto_map`` entry and ``minrnn_auto.py``.
 
     Pass it as ``save_checkpoint(..., extra_files=...)``; it does not change during a run,
     so it can be computed once."""

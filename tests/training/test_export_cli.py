@@ -36,3 +36,11 @@ def test_cli_export_of_a_trained_run(trained_run, tmp_path):
 def test_cli_export_of_a_folder_that_is_no_run(tmp_path):
     r = minrnn("export", "--run", tmp_path, "--out", tmp_path / "onnx")
     assert_one_line_error(r, "config.toml")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_generate_with_low_precision_weights(trained_run, dtype):
+    run_dir, _ = trained_run
+    r = minrnn("generate", "--run", run_dir, "--prompt", "KING", "--tokens", 20, "--greedy", "--dtype", dtype)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("KING") and len(r.stdout.rstrip("\n")) > len("KING")

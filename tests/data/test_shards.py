@@ -177,3 +177,32 @@ def test_stream_pickles_without_its_maps(tmp_path):
     copy = pickle.loads(pickle.dumps(train))
     assert isinstance(copy, TokenStream) and not copy._maps
     np.testing.assert_array_equal(copy.read(0, len(copy)), streams["train"])
+
+
+def _mapped_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                inside = fields[-1] == str(path)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_reads_leave_no_shard_pages_in_the_resident_set(tmp_path):
+    """A read copies its tokens out and drops the shard's pages from the process (they stay in the
+    page cache): a run's resident memory does not grow with the windows it reads."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, size=4096) for _ in range(256)]  # 1M tokens, one 2 MiB shard
+    path, streams = _prepare(tmp_path, {"train": docs}, shard_tokens=1 << 22)
+    stream = PreparedData.open(path).split("train")
+    offsets = rng.integers(0, len(stream) - 512, size=64)
+    rows = stream.gather(offsets, 512)
+    np.testing.assert_array_equal(rows, streams["train"][offsets[:, None] + np.arange(512)])
+    np.testing.assert_array_equal(stream.read(1000, 300_000), streams["train"][1000:300_000])
+    shard = (path / stream.entry["shards"][0]["file"]).resolve()
+    assert _mapped_kib(shard) == 0

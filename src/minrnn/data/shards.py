@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import re
 from pathlib import Path
@@ -315,6 +316,7 @@ class TokenStream:
         self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
         self.documents = int(sum(s["documents"] for s in self._shards))
         self._maps: dict[int, np.ndarray] = {}
+        self._mmaps: dict[int, mmap.mmap] = {}
         self._docs: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -322,14 +324,29 @@ class TokenStream:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"], state["_docs"] = {}, {}  # memory maps are reopened where they are used
+        state["_maps"], state["_mmaps"], state["_docs"] = {}, {}, {}  # memory maps are reopened where used
         return state
 
     def _map(self, i: int) -> np.ndarray:
         m = self._maps.get(i)
         if m is None:
-            m = self._maps[i] = np.memmap(self.root / self._shards[i]["file"], dtype=self.dtype, mode="r")
+            with open(self.root / self._shards[i]["file"], "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:  # mmap refuses an empty file
+                    m = self._maps[i] = np.empty(0, dtype=self.dtype)
+                    return m
+                self._mmaps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            m = self._maps[i] = np.frombuffer(self._mmaps[i], dtype=self.dtype)
         return m
+
+    def _release(self, i: int) -> None:
+        """Drop shard ``i``'s pages from this process's resident set (they stay in the page cache).
+
+        A read faults in the whole page-cache block around it (hundreds of KiB), and mapped pages
+        count in the resident set until unmapped: without this, a run's RSS would grow with every
+        window it reads, up to the size of the shards."""
+        mm = self._mmaps.get(i)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
 
     def _doc_index(self, i: int) -> np.ndarray:
         d = self._docs.get(i)
@@ -352,6 +369,7 @@ class TokenStream:
             lo = pos - int(self.starts[i])
             hi = min(stop, int(self.starts[i + 1])) - int(self.starts[i])
             out[pos - start:pos - start + hi - lo] = self._map(i)[lo:hi]
+            self._release(i)
             pos += hi - lo
             i += 1
         return out
@@ -379,6 +397,7 @@ class TokenStream:
             rows = np.flatnonzero(inside & (shard == i))
             local = offsets[rows] - self.starts[i]
             out[rows] = self._map(int(i))[local[:, None] + cols]
+            self._release(int(i))
         for r in np.flatnonzero(~inside):
             out[r] = self.read(offsets[r], offsets[r] + length)
         return out

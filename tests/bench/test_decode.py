@@ -61,7 +61,10 @@ def test_a_tiny_run_writes_rows_json_and_table(tmp_path):
     assert keys == {("minGRU", "generate"), ("minGRU", "step"), ("minGRU", "general"), ("minLSTM", "generate"),
                     ("minLSTM", "step"), ("minLSTM", "general"), ("minGRU-hybrid", "generate"),
                     ("minGRU-hybrid", "step"), ("Llama", "generate"), ("Llama", "step"), ("LSTM", "step"),
-                    ("minGRU", "matmul")}
+                    ("minGRU", "matmul"), ("minGRU-bf16", "generate"), ("minGRU-bf16", "step"),
+                    ("minGRU-int8", "generate"), ("minGRU-int8", "step")}
+    # the low-precision copies are described as the float32 minGRU they were made from
+    assert result["models"]["minGRU-int8"] == {**result["models"]["minGRU"], "weights": "int8"}
     for r in result["rows"]:
         assert r["batch"] == 2 and r["context"] == 5
         assert r["tokens_per_s"] == pytest.approx(2 / (r["ms_per_token"] / 1e3))

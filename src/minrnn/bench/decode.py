@@ -11,6 +11,9 @@
              (blocks 2, 5, ...): RoPE, ``decode_heads`` heads, a sliding window of
              ``HYBRID_WINDOW`` tokens, whose cache keeps only the window's keys and values
     LSTM     nn.LSTM (2 layers) between a tied embedding and head, its width chosen likewise
+    minGRU-bf16, minGRU-int8  the minGRU model with its weights in bfloat16 / int8
+             (``minrnn.quantize.for_decoding``, as ``minrnn generate --dtype``), its state float32;
+             in float32 runs on the CPU only
 
 Every model is built by ``minrnn.experiments.baselines.build_model``, the factories and the
 parameter matching of `minrnn compare`.
@@ -44,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ..experiments.baselines import build_model, parameter_count
+from ..quantize import for_decoding
 from .measure import median, synchronize
 from .runner import progress
 from .settings import Settings
@@ -51,6 +55,8 @@ from .settings import Settings
 LSTM_LAYERS = 2
 HYBRID_WINDOW = 128
 GENERAL_PATH_MODELS = ("minGRU", "minLSTM")
+#: the weights' dtypes of the minGRU model's low-precision copies (CPU, float32 runs)
+LOW_PRECISION = ("bf16", "int8")
 
 
 def build_models(s: Settings) -> dict[str, nn.Module]:
@@ -72,6 +78,14 @@ def build_models(s: Settings) -> dict[str, nn.Module]:
     models = {"minGRU": gru.model, "minLSTM": lstm_cell.model, "minGRU-hybrid": hybrid.model, "Llama": llama.model,
               "LSTM": lstm}
     return {k: m.to(device=s.device, dtype=s.dtype).eval() for k, m in models.items()}
+
+
+def low_precision_models(s: Settings, models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The minGRU model's copies with weights in each of ``LOW_PRECISION`` (``minrnn generate
+    --dtype``), in float32 runs on the CPU; none otherwise."""
+    if torch.device(s.device).type != "cpu" or s.dtype != torch.float32:
+        return {}
+    return {f"minGRU-{dtype}": for_decoding(models["minGRU"], dtype) for dtype in LOW_PRECISION}
 
 
 def _describe(name: str, model: nn.Module) -> dict:
@@ -198,6 +212,8 @@ def run(settings: Settings) -> dict:
         raise ValueError(f"decode contexts must be >= 2 tokens (a prompt to prefill and one to read), "
                          f"got {sorted(s.decode_contexts)}")
     models = build_models(s)
+    low = low_precision_models(s, models)
+    models.update(low)
     window, repeats = s.decode_window, max(1, s.budget.repeats)
     gen = torch.Generator().manual_seed(s.seed)
     rows = []
@@ -243,5 +259,9 @@ def run(settings: Settings) -> dict:
     finally:
         if enabled:
             gc.enable()
-    return {"models": {k: _describe(k, m) for k, m in models.items()}, "batches": list(s.decode_batches),
+    described = {k: _describe(k if k not in low else "minGRU", m if k not in low else models["minGRU"])
+                 for k, m in models.items()}  # an int8 copy's weights are packed buffers, not parameters
+    for k in low:
+        described[k]["weights"] = k.split("-")[1]
+    return {"models": described, "batches": list(s.decode_batches),
             "window": window, "repeats": repeats, "rows": rows}

@@ -160,13 +160,23 @@ def generate(p: argparse.ArgumentParser) -> Runner:
     return lambda args: _run_reporting_user_errors(run, args)
 
 
-@subcommand("eval", "loss, perplexity and bits per character/byte of a trained run on a data split")
+@subcommand("eval", "loss, perplexity and bits per character/byte of a trained run on a data split: evenly spaced "
+                    "windows, the whole split in sliding windows (--context, --stride), or one stateful pass")
 def evaluate(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run folder (out_dir of minrnn train)")
     p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: valid")
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
     p.add_argument("--data", default=None, help="score this data instead of the run's (same forms as train's --data)")
     p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--context", type=_positive_int, default=None, metavar="N",
+                   help="score every token of the split, each with up to N tokens before it (default with --stride: "
+                        "the run's seq_len); with --stateful, the chunk the split is read in")
+    p.add_argument("--stride", type=_positive_int, default=None, metavar="S",
+                   help="sliding windows advance S tokens (at most --context; default --context: disjoint windows)")
+    p.add_argument("--stateful", action="store_true",
+                   help="minGRU/minLSTM runs: one pass over the whole split, the state carried from chunk to chunk")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="sliding windows scored at once (default: the run's batch_size)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -174,37 +184,71 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
 
         from .data.shards import is_prepared
         from .data.text import DataError, check_long_enough, load_splits
+        from .training.config import ConfigError
         from .training.loop import evaluate as evaluate_split
         from .training.loop import load_run, prepared_split
 
+        whole = args.context is not None or args.stride is not None or args.stateful
+        if args.stateful and args.stride is not None:
+            raise ConfigError("--stride does not apply to --stateful (every token is scored once, with all before it)")
         config, tokenizer, model, path = load_run(args.run, args.checkpoint, args.device)
-        if is_prepared(args.data or config.data):  # token shards: loss and perplexity over their windows
-            stream = prepared_split(args.data or config.data, args.split, tokenizer)
-            check_long_enough(stream, config.seq_len, args.split)
-            loss = evaluate_split(model, stream, config, args.device)
-            print(json.dumps({"checkpoint": str(path), "split": args.split, "loss": loss,
-                              "perplexity": math.exp(loss)}))
-            return 0
-        splits = load_splits(args.data or config.data, config.data_dir or None)
-        if args.split not in splits:
-            raise DataError(f"data {args.data or config.data} has no {args.split} split; it has {', '.join(splits)}")
-        text = splits[args.split]
-        try:
-            tokens = torch_tensor(tokenizer.encode(text))
-        except ValueError as e:
-            raise DataError(f"the {args.split} split: {e}") from None
-        check_long_enough(tokens, config.seq_len, args.split)
-        loss = evaluate_split(model, tokens, config, args.device)
-        # bits per character/byte: nats per token times tokens per unit, over the whole split
-        n_units = len(text) if tokenizer.unit == "char" else len(text.encode("utf-8"))
-        unit = "character" if tokenizer.unit == "char" else "byte"
-        bits = loss / math.log(2) * tokens.numel() / n_units
-        result = {"checkpoint": str(path), "split": args.split, "loss": loss, "perplexity": math.exp(loss),
-                  f"bits_per_{unit}": bits}
+        context = args.context or config.seq_len
+        stride = args.stride or context
+        if not args.stateful and stride > context:
+            raise ConfigError(f"--stride ({stride}) must not exceed --context ({context}): tokens would go unscored")
+        text = None
+        if is_prepared(args.data or config.data):  # token shards
+            tokens = prepared_split(args.data or config.data, args.split, tokenizer)
+        else:
+            splits = load_splits(args.data or config.data, config.data_dir or None)
+            if args.split not in splits:
+                raise DataError(f"data {args.data or config.data} has no {args.split} split; it has "
+                                f"{', '.join(splits)}")
+            text = splits[args.split]
+            try:
+                tokens = torch_tensor(tokenizer.encode(text))
+            except ValueError as e:
+                raise DataError(f"the {args.split} split: {e}") from None
+        result = {"checkpoint": str(path), "split": args.split}
+        if whole:
+            result.update(_whole_split(model, tokens, config, args, context, stride))
+        else:
+            check_long_enough(tokens, config.seq_len, args.split)
+            result["loss"] = evaluate_split(model, tokens, config, args.device)
+        result["perplexity"] = math.exp(result["loss"])
+        if text is not None:  # bits per character/byte: nats per token times tokens per unit, over the whole split
+            n_units = len(text) if tokenizer.unit == "char" else len(text.encode("utf-8"))
+            unit = "character" if tokenizer.unit == "char" else "byte"
+            result[f"bits_per_{unit}"] = result["loss"] / math.log(2) * len(tokens) / n_units
         print(json.dumps(result))
         return 0
 
     return lambda args: _run_reporting_user_errors(run, args)
+
+
+def _whole_split(model, tokens, config, args, context: int, stride: int) -> dict:
+    """`minrnn eval --context/--stride/--stateful`: loss over every token of the split, tokens/s."""
+    import torch
+
+    from .data.text import DataError
+    from .training.config import ConfigError
+    from .training.evaluation import sliding_window_loss, stateful_loss, stateful_refusal
+    from .training.loop import lm_logits
+    from .training.optim import autocast_context
+
+    device = torch.device(args.device)
+    if len(tokens) < 2:
+        raise DataError(f"the {args.split} split has {len(tokens)} token(s); scoring needs at least 2")
+    autocast = lambda: autocast_context(config, device)  # noqa: E731
+    if args.stateful:
+        reason = stateful_refusal(model)
+        if reason:
+            raise ConfigError(reason)
+        out = stateful_loss(model, tokens, context, device, config.pack_documents, autocast)
+        return {**out, "stateful": True, "chunk": context}
+    out = sliding_window_loss(lambda x, **extras: lm_logits(model, x, **extras), tokens, context, stride, device,
+                              args.batch_size or config.batch_size, config.pack_documents, autocast)
+    return {**out, "context": context, "stride": stride}
 
 
 @subcommand("compare", "train every model of an experiment's preset with the same engine (resumable), "

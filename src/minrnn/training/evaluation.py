@@ -1,0 +1,142 @@
+"""Perplexity over a whole split: sliding windows (any model) and one stateful pass (minRNN).
+
+`sliding_window_loss` is the recipe of transformers' perplexity guide: windows of ``context``
+tokens advance by ``stride``; the first window scores every target, each later one only the
+targets no earlier window scored, so every token of the split is scored once, with up to
+``context`` tokens before it. ``stride == context`` gives disjoint windows, each fully scored:
+the windows `TextWorkload.evaluate` scores when they lie ``context`` apart.
+
+`stateful_loss` runs a MinRNNForCausalLM once over the split in chunks of ``chunk`` tokens,
+handing each chunk the cache (recurrent state and conv window) the previous one left: the
+same log-probabilities as one forward over the whole split, in memory that does not grow
+with the split (one chunk's activations and logits, and a cache of fixed size).
+
+Both return {"loss": mean nats per scored token, "tokens": tokens scored, "seconds",
+"tokens_per_second"}; ``tokens`` is a 1-D int64 tensor or a prepared split's TokenStream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data.text import document_positions, token_source, windows
+
+__all__ = ["sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
+
+
+def window_offsets(n_tokens: int, context: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets (W,) int64, first scored position in each window (W,) int64) of the sliding
+    windows over a split of ``n_tokens`` tokens: window w reads tokens ``[o, o + L)`` and
+    predicts ``[o + 1, o + L + 1)`` with L = min(context, n_tokens - 1). Windows start every
+    ``stride`` tokens; the last starts where the split's last target is its last target."""
+    if context < 1 or stride < 1:
+        raise ValueError(f"context and stride must be positive, got context={context}, stride={stride}")
+    if stride > context:
+        raise ValueError(f"stride ({stride}) must not exceed context ({context}): tokens between windows "
+                         "would go unscored")
+    predictions = n_tokens - 1
+    if predictions < 1:
+        raise ValueError(f"the split has {n_tokens} token(s); scoring needs at least 2")
+    length = min(context, predictions)
+    last = predictions - length
+    offsets = list(range(0, last, stride)) + [last]
+    # each window scores the targets after the previous window's last one
+    ends = [o + length for o in offsets]
+    first = [0] + [prev_end - o for prev_end, o in zip(ends[:-1], offsets[1:])]
+    return torch.tensor(offsets, dtype=torch.long), torch.tensor(first, dtype=torch.long)
+
+
+Logits = Callable[..., torch.Tensor]
+
+
+@torch.no_grad()
+def sliding_window_loss(logits_of: Logits, tokens, context: int, stride: int, device, batch_size: int = 8,
+                        pack_documents: bool = False, autocast=None) -> dict:
+    """Mean next-token loss over every target of ``tokens`` with the sliding-window recipe.
+
+    ``logits_of(x, **extras)``: x (B, L) int64 -> logits (B, L, V); ``extras`` holds the
+    windows' position_ids (B, L) when ``pack_documents`` (documents restart at 0, as training
+    saw them). ``autocast``: a context-manager factory (bfloat16 runs). Loss summed in float64."""
+    start = time.perf_counter()
+    source = token_source(tokens)
+    offsets, first = window_offsets(len(source), context, stride)
+    length = min(context, len(source) - 1)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for i in range(0, len(offsets), batch_size):
+        o, f = offsets[i:i + batch_size], first[i:i + batch_size]
+        x, y = windows(tokens, o, length)
+        extras = {"position_ids": document_positions(source, o, length).to(device)} if pack_documents else {}
+        with autocast() if autocast else contextlib.nullcontext():
+            logits = logits_of(x.to(device), **extras)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="none")
+        scored = (torch.arange(length)[None, :] >= f[:, None]).flatten().to(device)
+        total += nll[scored].double().sum()
+        count += int(scored.sum())
+    return _result(total.item(), count, start)
+
+
+def stateful_refusal(model) -> str | None:
+    """Why ``model`` cannot be evaluated statefully (one line), or None when it can: only a
+    MinRNNForCausalLM of recurrent blocks carries a fixed-size state from chunk to chunk."""
+    from ..models import MinRNNForCausalLM
+
+    if not isinstance(model, MinRNNForCausalLM):
+        return (f"--stateful needs a minGRU/minLSTM model; {type(model).__name__} carries no recurrent state "
+                "(use --context and --stride)")
+    config = model.config
+    if config.attention_layers or config.attention_every:
+        return ("--stateful needs a model of recurrent blocks only; this one has attention layers, whose cache "
+                "grows with the split (use --context and --stride)")
+    return None
+
+
+@torch.no_grad()
+def stateful_loss(model, tokens, chunk: int, device, pack_documents: bool = False, autocast=None) -> dict:
+    """Mean next-token loss of ``model`` (a MinRNNForCausalLM of recurrent blocks) over every
+    target of ``tokens``, read in one pass in chunks of ``chunk`` tokens with the cache carried.
+
+    With ``pack_documents`` the state is reset where a document starts (position_ids 0 there
+    and only there), as in training. ValueError (one line) for a model that cannot carry its state."""
+    reason = stateful_refusal(model)
+    if reason:
+        raise ValueError(reason)
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    start = time.perf_counter()
+    source = token_source(tokens)
+    predictions = len(source) - 1
+    if predictions < 1:
+        raise ValueError(f"the split has {len(source)} token(s); scoring needs at least 2")
+    cache = None
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for s in range(0, predictions, chunk):
+        n = min(chunk, predictions - s)
+        x, y = windows(tokens, torch.tensor([s]), n)
+        extras = {"position_ids": _carried_positions(source, s, n).to(device)} if pack_documents else {}
+        with autocast() if autocast else contextlib.nullcontext():
+            out = model(input_ids=x.to(device), cache=cache, use_cache=True, **extras)
+        cache = out.cache
+        total += F.cross_entropy(out.logits.float()[0], y.to(device)[0], reduction="sum").double()
+    return _result(total.item(), predictions, start)
+
+
+def _carried_positions(stream, start: int, length: int) -> torch.Tensor:
+    """position_ids (1, length) int64 of a chunk at ``start``: 0 exactly where a document starts
+    (the state resets there), a positive distance elsewhere, so a chunk that begins inside a
+    document continues its state instead of restarting it."""
+    begins = torch.zeros(length, dtype=torch.bool)
+    begins[torch.from_numpy(stream.document_starts(start, start + length) - start)] = True
+    index = torch.arange(length)
+    return (index - torch.where(begins, index, -1).cummax(0).values)[None]
+
+
+def _result(total: float, count: int, start: float) -> dict:
+    seconds = time.perf_counter() - start
+    return {"loss": total / count, "tokens": count, "seconds": seconds,
+            "tokens_per_second": count / seconds if seconds > 0 else float("inf")}

@@ -9,7 +9,8 @@ trained on one fixed random batch of the preset's shape: forward, cross-entropy,
 clipping and AdamW, as the engine does (AdamW's fused kernel, the engine's default; ``--optimizer
 plain``: its per-tensor loop, the engine's ``fused_optimizer = false``; ``both``: each model
 twice, a row per optimiser, from the same
-weights; ``--norm torch``: the minRNN models' RMSNorms through the torch reference instead of
+weights; ``--compile both``: a row for each model through ``torch.compile`` too, compiled during the
+untimed steps; ``--norm torch``: the minRNN models' RMSNorms through the torch reference instead of
 their CPU kernels, ``both``: a row for each; ``--variant mingru.width=120``: also the model built
 with that option on top of the preset's, as ``minrnn compare --set`` builds it). The models take turns within each repeat (so a
 slower minute of the machine hits all of them) and the median over repeats of each model's
@@ -160,6 +161,11 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="also time MODEL built with this option on top of the preset's (compare's --set, e.g. "
                         "mingru.width=120), as a row of its own; repeatable")
+    p.add_argument("--compile", choices=["eager", "compiled", "both"], default="eager",
+                   help="run each model as it is, through torch.compile (default mode, inductor; compiled "
+                        "during the untimed steps), or a row for each")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend for the compiled rows (default inductor)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/lm_training_step.json")
     args = p.parse_args(argv)
@@ -199,13 +205,23 @@ def main(argv=None) -> int:
                 # every variant from the same weights
                 models[name] = copy.deepcopy(built[n]) if norm == "auto" else _with_norm_backend(built[n], norm)
                 fused_of[name] = fused
+    if args.compile != "eager":
+        for name in list(models):
+            models[name + " (torch.compile)"] = copy.deepcopy(models[name])  # the same weights
+            fused_of[name + " (torch.compile)"] = fused_of[name]
+            if args.compile == "compiled":
+                del models[name], fused_of[name]
     names = list(models)
     B, T = train["batch_size"], train["seq_len"]
     ids = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    steps = {n: _trainer_step(m.train(), ids, vocab, train.get("grad_clip", 0.0), fused_of[n])
+    steps = {n: _trainer_step(torch.compile(m.train(), backend=args.compile_backend) if n.endswith("(torch.compile)") else m.train(), ids, vocab,
+                              train.get("grad_clip", 0.0), fused_of[n])
              for n, m in models.items()}
     replays = {}
     for n, m in models.items():
+        if n.endswith("(torch.compile)"):  # the GEMMs are the eager row's; hooks would recompile the graph
+            replays[n] = None
+            continue
         calls = _linear_calls(m, steps[n])
         replays[n] = _gemm_replay(calls) if calls and not any(isinstance(x, nn.RNNBase) for x in m.modules()) else None
     for n in names:
@@ -240,7 +256,8 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "batch": B, "seq_len": T, "experiment": args.experiment,
             "preset": args.preset, "variants": args.variant, "repeats": args.repeats, "steps": args.steps,
-            "optimizer": args.optimizer, "norm": args.norm}
+            "optimizer": args.optimizer, "norm": args.norm, "compile": args.compile,
+            "compile_backend": args.compile_backend}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=1))

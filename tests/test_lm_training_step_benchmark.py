@@ -100,3 +100,18 @@ def test_a_bad_variant_is_a_usage_error(bad, tmp_path):
         _load().main(["--models", "mingru", "--variant", bad, "--repeats", "1", "--steps", "1",
                       "--out", str(tmp_path / "x.json")])
     assert e.value.code == 2
+
+
+@NEEDS_SHAKESPEARE
+def test_compile_both_adds_a_compiled_row_per_model(tmp_path):
+    bench = _load()
+    out = tmp_path / "step.json"
+    # aot_eager: the compiled path (dynamo, AOTAutograd) without inductor's code generation, for speed
+    assert bench.main(["--models", "lstm", "--repeats", "1", "--steps", "1", "--threads", "1", "--compile", "both",
+                       "--compile-backend", "aot_eager", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    rows = {r["model"]: r for r in res["rows"]}
+    assert set(rows) == {"lstm", "lstm (torch.compile)"}
+    assert rows["lstm"]["params"] == rows["lstm (torch.compile)"]["params"]
+    assert rows["lstm (torch.compile)"]["gemm_ms"] is None and rows["lstm (torch.compile)"]["step_ms"] > 0
+    assert res["meta"]["compile"] == "both" and res["meta"]["compile_backend"] == "aot_eager"

@@ -177,6 +177,11 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
                    help="minGRU/minLSTM runs: one pass over the whole split, the state carried from chunk to chunk")
     p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="sliding windows scored at once (default: the run's batch_size)")
+    p.add_argument("--positions", type=_positive_int, default=None, metavar="L",
+                   help="the mean loss by position (buckets 0, 1, 2-3, 4-7, ...) over windows of L tokens, e.g. "
+                        "16 times the run's seq_len: how the loss goes beyond the training context")
+    p.add_argument("--windows", type=_positive_int, default=None, metavar="W",
+                   help="--positions: windows spread evenly over the split (default: the run's eval_windows)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -189,6 +194,9 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         from .training.loop import load_run, prepared_split
 
         whole = args.context is not None or args.stride is not None or args.stateful
+        if args.positions is not None and (args.stateful or args.stride is not None or args.context is not None):
+            raise ConfigError("--positions reads whole windows from their start; it takes no --context, --stride "
+                              "or --stateful")
         if args.stateful and args.stride is not None:
             raise ConfigError("--stride does not apply to --stateful (every token is scored once, with all before it)")
         config, tokenizer, model, path = load_run(args.run, args.checkpoint, args.device)
@@ -210,7 +218,9 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
             except ValueError as e:
                 raise DataError(f"the {args.split} split: {e}") from None
         result = {"checkpoint": str(path), "split": args.split}
-        if whole:
+        if args.positions is not None:
+            result.update(_by_position(model, tokens, config, args))
+        elif whole:
             result.update(_whole_split(model, tokens, config, args, context, stride))
         else:
             check_long_enough(tokens, config.seq_len, args.split)
@@ -224,6 +234,24 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         return 0
 
     return lambda args: _run_reporting_user_errors(run, args)
+
+
+def _by_position(model, tokens, config, args) -> dict:
+    """`minrnn eval --positions L`: the mean loss by position bucket over windows of L tokens."""
+    import torch
+
+    from .data.text import DataError
+    from .training.evaluation import position_losses
+    from .training.loop import lm_logits
+    from .training.optim import autocast_context
+
+    device = torch.device(args.device)
+    try:
+        return position_losses(lambda x, **extras: lm_logits(model, x, **extras), tokens, args.positions,
+                               args.windows or config.eval_windows, device, args.batch_size or config.batch_size,
+                               config.pack_documents, lambda: autocast_context(config, device))
+    except ValueError as e:
+        raise DataError(f"--positions {args.positions} on the {args.split} split: {e}") from None
 
 
 def _whole_split(model, tokens, config, args, context: int, stride: int) -> dict:

@@ -13,6 +13,8 @@ pytest.importorskip("transformers")
 
 from minrnn.training import TrainConfig  # noqa: E402
 from minrnn.training.evaluation import (  # noqa: E402
+    position_buckets,
+    position_losses,
     sliding_window_loss,
     stateful_loss,
     stateful_refusal,
@@ -151,6 +153,24 @@ def test_stateful_is_refused_for_models_without_a_fixed_state():
         stateful_loss(llama, torch.arange(10) % VOCAB, 4, "cpu")
 
 
+def test_position_losses_are_the_mean_loss_at_each_position_of_the_windows():
+    from minrnn.data.text import eval_offsets
+
+    model = tiny_lm(seed=10)
+    tokens = random_ids(1, 300, seed=11)[0]
+    got = position_losses(lambda x: lm_logits(model, x), tokens, 40, 5, "cpu", batch_size=2)
+    rows = torch.stack([full_nll(model, tokens[o:o + 41]) for o in eval_offsets(300, 40, 5).tolist()])
+    assert got["windows"] == 5 and got["tokens"] == 200
+    assert [(b["from"], b["to"]) for b in got["buckets"]] == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32),
+                                                                (32, 40)]
+    for b in got["buckets"]:
+        assert b["loss"] == pytest.approx(rows[:, b["from"]:b["to"]].mean().item(), rel=1e-6)
+    assert got["loss"] == pytest.approx(rows.mean().item(), rel=1e-6)
+    assert position_buckets(1) == [(0, 1)] and position_buckets(4) == [(0, 1), (1, 2), (2, 4)]
+    with pytest.raises(ValueError, match="a window of 300 needs 301"):
+        position_losses(lambda x: lm_logits(model, x), tokens, 300, 5, "cpu")
+
+
 def test_bad_windows_are_one_line_errors():
     with pytest.raises(ValueError, match=r"stride \(9\) must not exceed context \(8\)"):
         window_offsets(100, 8, 9)
@@ -174,3 +194,7 @@ def test_eval_command_reports_whole_split_and_stateful_figures(trained_run):
         assert out["bits_per_character"] > 0 and abs(out["loss"] - base["loss"]) < 0.5
     r = minrnn("eval", "--run", run, "--stateful", "--stride", 8)
     assert_one_line_error(r, "--stride does not apply to --stateful")
+    by_position = json.loads(minrnn("eval", "--run", run, "--positions", 1024, "--windows", 4).stdout)
+    assert by_position["windows"] == 4 and by_position["buckets"][-1] == {**by_position["buckets"][-1], "to": 1024}
+    assert_one_line_error(minrnn("eval", "--run", run, "--positions", 64, "--stateful"), "--positions", "--stateful")
+    assert_one_line_error(minrnn("eval", "--run", run, "--positions", 10 ** 7), "a window of 10000000 needs")

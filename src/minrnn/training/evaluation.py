@@ -13,6 +13,10 @@ with the split (one chunk's activations and logits, and a cache of fixed size).
 
 Both return {"loss": mean nats per scored token, "tokens": tokens scored, "seconds",
 "tokens_per_second"}; ``tokens`` is a 1-D int64 tensor or a prepared split's TokenStream.
+
+`position_losses` reads windows far longer than training's and reports the mean loss at each
+position bucket (0, 1, 2-3, 4-7, ...): whether a model's predictions keep improving with more
+context, or degrade past the length it was trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from ..data.text import document_positions, token_source, windows
 
-__all__ = ["sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
+__all__ = ["position_buckets", "position_losses", "sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
 
 
 def window_offsets(n_tokens: int, context: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +83,47 @@ def sliding_window_loss(logits_of: Logits, tokens, context: int, stride: int, de
         total += nll[scored].double().sum()
         count += int(scored.sum())
     return _result(total.item(), count, start)
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """[(first, last + 1)] of positions 0 .. length - 1 in buckets doubling in width:
+    [0, 1), [1, 2), [2, 4), [4, 8), ..., the last cut at ``length``."""
+    if length < 1:
+        raise ValueError(f"length must be positive, got {length}")
+    edges = [0] + [2 ** k for k in range(length.bit_length()) if 2 ** k < length] + [length]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@torch.no_grad()
+def position_losses(logits_of: Logits, tokens, length: int, count: int, device, batch_size: int = 8,
+                    pack_documents: bool = False, autocast=None) -> dict:
+    """Mean next-token loss at each position of ``count`` windows of ``length`` tokens spread
+    evenly over ``tokens`` (each window read from its start: position p predicts with p + 1
+    tokens of context), grouped by `position_buckets`.
+
+    Returns {"windows": windows read, "length", "buckets": [{"from", "to", "loss"}], "loss"
+    (over every position), "seconds", "tokens_per_second"}. ValueError (one line) when the split
+    is shorter than one window."""
+    from ..data.text import eval_offsets
+
+    start = time.perf_counter()
+    source = token_source(tokens)
+    if len(source) < length + 1:
+        raise ValueError(f"the split has {len(source)} tokens; a window of {length} needs {length + 1}")
+    offsets = eval_offsets(len(source), length, count)
+    per_position = torch.zeros(length, dtype=torch.float64, device=device)
+    for i in range(0, len(offsets), batch_size):
+        o = offsets[i:i + batch_size]
+        x, y = windows(tokens, o, length)
+        extras = {"position_ids": document_positions(source, o, length).to(device)} if pack_documents else {}
+        with autocast() if autocast else contextlib.nullcontext():
+            logits = logits_of(x.to(device), **extras)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")  # (B, length)
+        per_position += nll.double().sum(0)
+    per_position /= len(offsets)
+    buckets = [{"from": a, "to": b, "loss": per_position[a:b].mean().item()} for a, b in position_buckets(length)]
+    out = _result(per_position.sum().item() * len(offsets), length * len(offsets), start)
+    return {**out, "windows": len(offsets), "length": length, "buckets": buckets}
 
 
 def stateful_refusal(model) -> str | None:

@@ -182,6 +182,8 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
                         "16 times the run's seq_len: how the loss goes beyond the training context")
     p.add_argument("--windows", type=_positive_int, default=None, metavar="W",
                    help="--positions: windows spread evenly over the split (default: the run's eval_windows)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                   help="--positions: draw the loss by position into this PNG file")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -194,6 +196,8 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         from .training.loop import load_run, prepared_split
 
         whole = args.context is not None or args.stride is not None or args.stateful
+        if args.plot is not None and args.positions is None:
+            raise ConfigError("--plot draws the loss by position: give --positions L")
         if args.positions is not None and (args.stateful or args.stride is not None or args.context is not None):
             raise ConfigError("--positions reads whole windows from their start; it takes no --context, --stride "
                               "or --stateful")
@@ -241,17 +245,20 @@ def _by_position(model, tokens, config, args) -> dict:
     import torch
 
     from .data.text import DataError
-    from .training.evaluation import position_losses
+    from .training.evaluation import plot_positions, position_losses
     from .training.loop import lm_logits
     from .training.optim import autocast_context
 
     device = torch.device(args.device)
     try:
-        return position_losses(lambda x, **extras: lm_logits(model, x, **extras), tokens, args.positions,
-                               args.windows or config.eval_windows, device, args.batch_size or config.batch_size,
-                               config.pack_documents, lambda: autocast_context(config, device))
+        result = position_losses(lambda x, **extras: lm_logits(model, x, **extras), tokens, args.positions,
+                                 args.windows or config.eval_windows, device, args.batch_size or config.batch_size,
+                                 config.pack_documents, lambda: autocast_context(config, device))
     except ValueError as e:
         raise DataError(f"--positions {args.positions} on the {args.split} split: {e}") from None
+    if args.plot:
+        plot_positions({str(args.run): result}, args.plot, config.seq_len)
+    return result
 
 
 def _whole_split(model, tokens, config, args, context: int, stride: int) -> dict:

@@ -194,7 +194,10 @@ def test_eval_command_reports_whole_split_and_stateful_figures(trained_run):
         assert out["bits_per_character"] > 0 and abs(out["loss"] - base["loss"]) < 0.5
     r = minrnn("eval", "--run", run, "--stateful", "--stride", 8)
     assert_one_line_error(r, "--stride does not apply to --stateful")
-    by_position = json.loads(minrnn("eval", "--run", run, "--positions", 1024, "--windows", 4).stdout)
+    plot = run.parent / "positions.png"
+    by_position = json.loads(minrnn("eval", "--run", run, "--positions", 1024, "--windows", 4, "--plot", plot).stdout)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(minrnn("eval", "--run", run, "--plot", plot), "--plot", "--positions")
     assert by_position["windows"] == 4 and by_position["buckets"][-1] == {**by_position["buckets"][-1], "to": 1024}
     assert_one_line_error(minrnn("eval", "--run", run, "--positions", 64, "--stateful"), "--positions", "--stateful")
     assert_one_line_error(minrnn("eval", "--run", run, "--positions", 10 ** 7), "a window of 10000000 needs")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..data.text import document_positions, token_source, windows
 
-__all__ = ["position_buckets", "position_losses", "sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
+__all__ = ["plot_positions", "position_buckets", "position_losses", "sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
 
 
 def window_offsets(n_tokens: int, context: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,6 +124,40 @@ def position_losses(logits_of: Logits, tokens, length: int, count: int, device, 
     buckets = [{"from": a, "to": b, "loss": per_position[a:b].mean().item()} for a, b in position_buckets(length)]
     out = _result(per_position.sum().item() * len(offsets), length * len(offsets), start)
     return {**out, "windows": len(offsets), "length": length, "buckets": buckets}
+
+
+def plot_positions(results: dict[str, dict], out, train_length: int | None = None):
+    """Draw the loss of each bucket against its last position (log scale) for each of
+    ``results`` ({label: a `position_losses` result}) into the PNG ``out``; a dashed line at
+    ``train_length``. Returns ``out``. ImportError (one line) without matplotlib."""
+    import os
+    from pathlib import Path
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install 'minrnn[train]'") from None
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, result in results.items():
+        ax.plot([b["to"] for b in result["buckets"]], [b["loss"] for b in result["buckets"]], "o-", label=label)
+    if train_length:
+        ax.axvline(train_length, ls="--", color="gray", label=f"training length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position (bucket's last + 1)")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name("." + out.name + ".tmp.png")  # a reader never sees a half-written plot
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
 
 
 def stateful_refusal(model) -> str | None:

@@ -86,7 +86,8 @@ def test_scan_and_decode_rows(quick_run):
         assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / scan["copy"]["gbps"])
         assert r["max_abs_err"] < 1e-5 and r["grad_rel_err"] < 1e-5
     decode = _load(out, "decode")["result"]
-    models = ("minGRU", "minLSTM", "minGRU-hybrid", "Llama", "LSTM")
+    # minGRU-bf16 / -int8: the minGRU model with low-precision weights for decoding
+    models = ("minGRU", "minLSTM", "minGRU-hybrid", "Llama", "LSTM", "minGRU-bf16", "minGRU-int8")
     expected = {(m, mode, b, c) for m in models for mode in ("generate", "step") for b in (1, 3) for c in (8, 16)
                 if (m, mode) != ("LSTM", "generate")}
     expected |= {("minGRU", "matmul", b, c) for b in (1, 3) for c in (8, 16)}

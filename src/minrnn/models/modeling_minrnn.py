@@ -316,9 +316,6 @@ class MinRNNModel(MinRNNPreTrainedModel):
         position_ids: Tensor | None = None,
         seq_idx: Tensor | None = None,
         cu_seq_lens_q: Tensor | None = None,
-        cu_seq_lens_k: Tensor | None = None,
-        max_length_q: int | None = None,
-        max_length_k: int | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Run the blocks over new positions, continuing from ``cache`` when one is given.
@@ -344,7 +341,7 @@ class MinRNNModel(MinRNNPreTrainedModel):
 
         An unknown keyword argument is a TypeError.
         """
-        _check_kwargs(kwargs, _IGNORED_KWARGS, "MinRNNModel.forward")
+        _check_kwargs(kwargs, _IGNORED_KWARGS | _FLASH_KWARGS, "MinRNNModel.forward")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions is not supported: MinRNN models return no attention weights")
         if (input_ids is None) == (inputs_embeds is None):

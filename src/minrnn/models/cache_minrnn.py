@@ -256,6 +256,47 @@ class MinRNNCache(Cache):
 
     RECENT_TOKENS = 8
 
+    def to_tensors(self) -> dict[str, Tensor]:
+        """The state of every recurrent block as plain tensors, batch first:
+        ``{"layers.{i}.state": (B, E) or (B, H, n, d), "layers.{i}.conv": (B, D, k - 1)}`` (a block
+        not run yet, or without a conv, has no entry). What carries a model's state from one
+        training window to the next (detach them) and into a checkpoint; `from_tensors` reads
+        it back. ValueError for a cache with attention blocks (their keys are not a fixed state)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, MinRNNAttentionCacheLayer):
+                raise ValueError(f"layer {i} is an attention block: its keys and values are not a fixed-size state "
+                                 "to carry (to_tensors needs a model of recurrent blocks only)")
+            if layer.has_previous_state[0]:
+                out[f"layers.{i}.state"] = layer.recurrent_states[0]
+                if layer.is_conv_states_initialized[0]:
+                    out[f"layers.{i}.conv"] = layer.conv_states[0]
+        return out
+
+    @classmethod
+    def from_tensors(cls, config, tensors: dict[str, Tensor]) -> MinRNNCache:
+        """A cache for ``config`` holding the states of ``tensors`` (as `to_tensors` writes them):
+        the next forward continues from them. Positions seen start at 0 again."""
+        cache = cls(config)
+        known = {f"layers.{i}.{kind}" for i in range(len(cache.layers)) for kind in ("state", "conv")}
+        unknown = sorted(set(tensors) - known)
+        if unknown:
+            raise ValueError(f"from_tensors: unknown entries {unknown[:3]} for a model of {len(cache.layers)} "
+                             "layers (expected layers.{i}.state and layers.{i}.conv)")
+        for i, layer in enumerate(cache.layers):
+            state, conv = tensors.get(f"layers.{i}.state"), tensors.get(f"layers.{i}.conv")
+            if state is None:
+                continue
+            if isinstance(layer, MinRNNAttentionCacheLayer):
+                raise ValueError(f"from_tensors: layer {i} is an attention block; it holds no carried state")
+            if conv is not None:
+                layer.lazy_initialization(conv_states=conv)
+                layer.conv_states[0] = conv
+            layer.lazy_initialization(recurrent_states=state)
+            layer.recurrent_states[0] = state
+            layer.has_previous_state[0] = True
+        return cache
+
     def note_tokens(self, input_ids: Tensor | None, length: int) -> None:
         """Record the ids of ``length`` positions just read (None: they came as embeddings)."""
         if length == 0:

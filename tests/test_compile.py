@@ -143,3 +143,73 @@ def test_trainer_with_torch_compile_trains(tmp_path):
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_masked_document_heads_equal_the_reference(K, monkeypatch):
+    """The conv's reset path as torch.compile traces it (every position recomputed with masks,
+    no data-dependent shapes), run eagerly: equal to documents convolved alone, gradients too."""
+    from minrnn.ops.conv import causal_conv
+    from minrnn.ops.reference import causal_conv_reference
+
+    gen = torch.Generator().manual_seed(K)
+    x = torch.randn(3, 11, 5, generator=gen, requires_grad=True)
+    w = torch.randn(5, 1, K, generator=gen, requires_grad=True)
+    bias = torch.randn(5, generator=gen, requires_grad=True)
+    reset = torch.rand(3, 11, generator=gen) < 0.3
+    reset[0, 0] = reset[1, 4:7] = True  # a start at 0; one-token documents back to back
+    reset[2] = False  # a row with no start: nothing recomputed
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    y = causal_conv(x, w, bias, reset=reset, backend="sequential")
+    monkeypatch.undo()
+    want = causal_conv_reference(x, w, bias, reset)
+    torch.testing.assert_close(y, want, atol=ATOL, rtol=RTOL)
+    weights = torch.randn(y.shape, generator=gen)
+    _assert_same(torch.autograd.grad((y * weights).sum(), [x, w, bias]),
+                 torch.autograd.grad((want * weights).sum(), [x, w, bias]))
+
+
+def _packed_resets(B, T, seed):
+    reset = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) < 0.25
+    reset[:, 0] = True
+    return reset
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if BACKENDS[b].implements("conv")])
+def test_conv_with_document_resets_compiles_fullgraph(backend):
+    from minrnn.ops.conv import causal_conv
+
+    class Conv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(6, 1, 4))
+            self.bias = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x, reset):
+            return causal_conv(x, self.weight, self.bias, reset=reset, backend=backend)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 6, requires_grad=True)
+    _compare(Conv(), lambda m, x, reset: ((y := m(x, reset)).sin().sum(), (y,)), (x, _packed_resets(2, 13, 0)),
+             fullgraph=True)
+
+
+def test_layer_with_document_resets_compiles_fullgraph():
+    torch.manual_seed(0)
+    layer = minrnn.MinGRU(6, 8)
+    x = torch.randn(2, 9, 6, requires_grad=True)
+    reset = _packed_resets(2, 9, 1)
+    _compare(layer, lambda m, x, h0: _layer_call(lambda x, h0: m(x, h0, reset=reset), x, h0), (x, None),
+             fullgraph=True)
+
+
+def test_lm_on_packed_documents_compiles_fullgraph():
+    """position_ids that restart at 0 mark the documents: the conv and the cells reset there."""
+    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0, 1, 2]])
+
+    def call(model, ids):
+        out = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False)
+        return out.loss, (out.logits,)
+
+    _compare(_lm(num_hidden_layers=2), call, (ids,), fullgraph=True)

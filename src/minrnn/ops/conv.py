@@ -54,15 +54,20 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, reset:
 
 def _recompute_document_heads(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, reset: Tensor) -> Tensor:
     """y with the first K - 1 positions of every document recomputed from that document's
-    inputs alone. Only those positions can see across a start, so the work is O(documents K C)
-    beside the conv's O(T K C), whatever backend ran the conv."""
+    inputs alone. Only those positions can see across a start, so eagerly the work is
+    O(documents K C) beside the conv's O(T K C), whatever backend ran the conv; under
+    torch.compile, where the gather of those positions (a data-dependent count) would break the
+    graph, every position is recomputed with masks (``_document_heads_masked``)."""
     B, T, C = x.shape
     K = weight.shape[-1]
     w = weight.reshape(C, K)
     t = torch.arange(T, device=x.device)
     last_start = torch.where(reset, t, -1).cummax(1).values  # (B, T): the latest start at or before t
     since = t - last_start  # steps since it (meaningless where there is none: last_start = -1)
-    rows, cols = torch.nonzero((last_start >= 0) & (since < K - 1), as_tuple=True)
+    in_head = (last_start >= 0) & (since < K - 1)
+    if torch.compiler.is_compiling():
+        return _document_heads_masked(y, x, w, bias, since, in_head)
+    rows, cols = torch.nonzero(in_head, as_tuple=True)
     if rows.numel() == 0:
         return y
     lag = torch.arange(K, device=x.device)  # input x_{t - lag} meets weight[:, K - 1 - lag]
@@ -73,3 +78,17 @@ def _recompute_document_heads(y: Tensor, x: Tensor, weight: Tensor, bias: Tensor
     if bias is not None:
         head = head + bias.to(x.dtype)
     return y.index_put((rows, cols), head)
+
+
+def _document_heads_masked(y: Tensor, x: Tensor, w: Tensor, bias: Tensor | None, since: Tensor,
+                           in_head: Tensor) -> Tensor:
+    """``_recompute_document_heads`` with static shapes only (what torch.compile traces whole):
+    the conv recomputed at every position (B, T, C) from the inputs of its own document (lags
+    up to ``since``, (B, T) int64), taken where ``in_head`` ((B, T) bool) and y elsewhere."""
+    K = w.shape[-1]
+    w = w.to(x.dtype)
+    head = torch.zeros_like(x) if bias is None else bias.to(x.dtype).expand_as(x)
+    for lag in range(K):  # x_{t - lag}, zero before the row's start, meets weight[:, K - 1 - lag]
+        shifted = torch.nn.functional.pad(x, (0, 0, lag, 0))[:, :x.shape[1]]
+        head = head + torch.where((lag <= since).unsqueeze(-1), shifted, 0) * w[:, K - 1 - lag]
+    return torch.where(in_head.unsqueeze(-1), head, y)

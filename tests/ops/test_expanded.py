@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minrnn.functional import run_cell
+from minrnn.ops import cpu
 from minrnn.ops.cells import get_cell
 from minrnn.ops.expanded import (
     expanded_gates,
@@ -13,6 +14,8 @@ from minrnn.ops.expanded import (
     expanded_scan_chunked,
     expanded_scan_reference,
     expanded_scan_states,
+    expanded_step,
+    expanded_step_fused,
 )
 
 FAST = {
@@ -141,6 +144,47 @@ def test_one_slot_read_with_q_one_is_the_cell(cell, n_gates):
     h_cell, last = run_cell(cell, pre, backend="sequential")
     torch.testing.assert_close(o.view(2, 9, 6), h_cell)
     torch.testing.assert_close(h.view(2, 6), last)
+
+
+def torch_step(spec, pre, h, options, mask, H, n):
+    """The mixer's torch step from its projection [hidden | gates | query]: the fused step's reference."""
+    B, E = pre.shape[0], pre.shape[1] - spec.n_pre * H * n
+    parts = pre.split([E] + [H * n] * spec.n_pre, dim=-1)
+    log_a, k, v = expanded_gates(spec, parts[:-1], options)
+    q, k, log_a, v = parts[-1].view(B, H, n), k.view(B, H, n), log_a.view(B, H, n), v.view(B, H, E // H)
+    if mask is not None:
+        k, log_a = k * mask[:, None, None], log_a * mask[:, None, None]
+    return expanded_step(q, k, v, log_a, torch.zeros(B, H, n, E // H, dtype=pre.dtype) if h is None else h)
+
+
+@pytest.mark.skipif(not cpu.HAVE_NUMBA, reason="the fused step is a numba kernel")
+@pytest.mark.parametrize("cell,options", [("mingru", ()), ("minlstm", (True,)), ("minlstm", (False,))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("state", ["zeros", "given", "masked"])
+def test_fused_step_equals_the_torch_step(cell, options, dtype, state):
+    """Gates, update and read in one kernel: the torch step's output and state, padded rows kept."""
+    spec, B, H, n, d = get_cell(cell), 3, 5, 4, 3
+    gen = torch.Generator().manual_seed(5)
+    pre = (4 * torch.randn(B, H * d + spec.n_pre * H * n, generator=gen, dtype=torch.float64)).to(dtype)
+    pre[0, :4] = torch.tensor([-90.0, 90.0, 0.0, -0.0])  # saturated and zero pre-activations
+    h = None if state == "zeros" else torch.randn(B, H, n, d, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.tensor([True, False, True]) if state == "masked" else None
+    with torch.no_grad():
+        o, h_new = expanded_step_fused(spec, pre, h, options, mask, H, n)
+        o_ref, h_ref = torch_step(spec, pre, h, options, mask, H, n)
+    assert o.dtype == dtype and h_new.shape == (B, H, n, d)
+    torch.testing.assert_close(o, o_ref.reshape(B, H * d), **TOL[dtype])
+    torch.testing.assert_close(h_new, h_ref, **TOL[dtype])
+    if mask is not None:
+        assert torch.equal(h_new[1], h[1])
+
+
+def test_fused_step_leaves_autograd_half_precision_and_other_cells_to_torch():
+    spec, pre = get_cell("mingru"), torch.randn(2, 6 + 2 * 8)
+    assert expanded_step_fused(spec, pre.requires_grad_(), None, (), None, 2, 4) is None
+    assert expanded_step_fused(spec, pre.detach().bfloat16(), None, (), None, 2, 4) is None
+    with torch.no_grad():
+        assert expanded_step_fused(get_cell("mingru_signed"), pre, None, (), None, 2, 4) is None
 
 
 def test_empty_sequence_returns_h0():

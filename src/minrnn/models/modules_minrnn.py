@@ -30,7 +30,7 @@ from transformers.activations import ACT2FN
 from ..layers import is_plain_linear, projected_cell_sequence, projected_cell_step
 from ..ops import step as S
 from ..ops.conv import causal_conv
-from ..ops.expanded import expanded_gates, expanded_scan, expanded_step
+from ..ops.expanded import expanded_gates, expanded_scan, expanded_step, expanded_step_fused
 from ..ops.norm import rms_norm
 
 _ONE_CALL_DTYPES = (torch.float32, torch.float64)
@@ -285,6 +285,9 @@ class MinRNNExpandedMixer(nn.Module):
         """One position: x (B, D), h (B, H, n, d) or None (zeros), mask (B,) bool (False keeps h)
         or None. Returns (y (B, D), plus ``residual`` when given; the new h (B, H, n, d))."""
         pre = linear_step(self.in_proj, x, MinRNNExpandedProj)
+        fused = expanded_step_fused(self.spec, pre, h, self.option_values, mask, self.heads, self.n)
+        if fused is not None:  # one compiled kernel where it applies (CPU, no autograd)
+            return linear_step(self.out_proj, fused[0], MinRNNResidualOut, residual), fused[1]
         q, k, v, log_a = self._qkva(pre)
         if h is None:
             h = q.new_zeros(self.state_shape(x.shape[0]))

@@ -41,9 +41,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import scan
+from . import cpu, scan
 from .cells import CellSpec, g, get_cell
 from .checks import accumulation_dtype, check_finite_state, check_float_tensor, check_mask, check_reset
+from .step import fused_applies
+
+if cpu.HAVE_NUMBA:
+    from .cpu.expanded import EXPANDED_STEP_CELLS as _STEP_CELLS
+    from .cpu.expanded import expanded_step as _step_kernel
+else:  # pragma: no cover - exercised only where numba is absent
+    _STEP_CELLS = {}
 
 _NAMES = ("q", "k", "v", "log_a")
 
@@ -132,6 +139,37 @@ def expanded_step(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h: Tensor) -> 
     (o (B, H, d), the new h (B, H, n, d)). Padding and resets already applied to k and log a."""
     h = torch.exp(log_a).unsqueeze(-1) * h + k.unsqueeze(-1) * v.unsqueeze(-2)
     return (q.unsqueeze(-1) * h).sum(-2), h
+
+
+def expanded_step_fused(spec: CellSpec, pre: Tensor, h: Tensor | None, options: tuple, mask: Tensor | None,
+                        heads: int, n: int) -> tuple[Tensor, Tensor] | None:
+    """One decoding step from the expanded mixer's input projection, in one compiled kernel
+    (``minrnn.ops.cpu.expanded``): ``expanded_gates`` then ``expanded_step``'s numbers.
+
+    Args:
+        spec: the cell (mingru or minlstm have a kernel); options: its option values.
+        pre: (B, E + (gates + 1) H n), [hidden (E = H d) | each gate (H n) | query (H n)].
+        h: (B, H, n, d) the state, or None (zeros).
+        mask: (B,) bool, False on a padded row (its state is kept), or None.
+        heads, n: H and the key slots per head.
+    Returns:
+        (o (B, E), the new h (B, H, n, d)) in pre's dtype, or None where the kernel does not
+        apply (another cell, numba absent, a GPU, half precision, autograd or torch.compile):
+        the caller then runs the torch step.
+    """
+    cell_args = _STEP_CELLS.get(spec.name)
+    if cell_args is None or not fused_applies(pre, h) or not pre.is_contiguous():
+        return None
+    B = pre.shape[0]
+    E = pre.shape[1] - spec.n_pre * heads * n  # the gates and the query are H n wide each
+    d = E // heads
+    o = torch.empty(B, E, dtype=pre.dtype)
+    h_out = torch.empty(B, heads, n, d, dtype=pre.dtype)
+    hv = h_out.numpy() if h is None else h.detach().contiguous().numpy()
+    mv = o.numpy().reshape(-1) if mask is None else mask.to(pre.dtype).numpy()
+    _step_kernel(pre.detach().numpy(), hv, h is not None, mv, mask is not None, o.numpy(), h_out.numpy(),
+                 B, heads, n, d, *cell_args, *options)
+    return o, h_out
 
 
 def expanded_scan_reference(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
@@ -258,5 +296,6 @@ def expanded_scan(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | N
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-__all__ = ["METHODS", "expanded_gates", "check_expandable", "expanded_step", "expanded_scan_reference",
+__all__ = ["METHODS", "expanded_gates", "check_expandable", "expanded_step", "expanded_step_fused",
+           "expanded_scan_reference",
            "expanded_scan_chunked", "expanded_scan_states", "expanded_scan"]

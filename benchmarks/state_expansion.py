@@ -9,15 +9,22 @@ from the cache), and the recurrent state per sequence (bytes, all layers: what t
 whatever the context's length). Medians over ``--rounds`` rounds, each round running every
 variant once, so that a machine's load drifts over all of them alike.
 
+``--decode-only`` times decoding alone, for each n > 1 twice: with the expanded step's compiled
+kernel (what runs on the CPU without autograd) and with its torch operations (what runs where the
+kernel does not apply: a GPU, half precision, autograd).
+
     python benchmarks/state_expansion.py --n 4 8 16 --rounds 5 --threads 1 --out runs/state_expansion.json
+    python benchmarks/state_expansion.py --n 4 8 16 --decode-only --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -65,6 +72,35 @@ def decode_tokens_per_s(model, tokens: int) -> tuple[float, int]:
     return tokens / elapsed, state
 
 
+def torch_step():
+    """A context in which the expanded mixer's step runs its torch operations, not the kernel."""
+    from minrnn.models import modules_minrnn
+
+    return mock.patch.object(modules_minrnn, "expanded_step_fused", lambda *args: None)
+
+
+def decode_only(args) -> list[dict]:
+    """Decoding tokens/s at n = 1 and each n (kernel, torch step), interleaved over the rounds."""
+    variants = [(1, "-")] + [(n, step) for n in args.n for step in ("kernel", "torch")]
+    models = {n: build(n, "states") for n in [1, *args.n]}
+    tps, state = {v: [] for v in variants}, {}
+    for _ in range(args.rounds):
+        for v in variants:
+            with torch_step() if v[1] == "torch" else contextlib.nullcontext():
+                t, state[v[0]] = decode_tokens_per_s(models[v[0]], args.tokens)
+            tps[v].append(t)
+    base = statistics.median(tps[(1, "-")])
+    print("| n | step | params | decode tokens/s | x n=1 | state bytes / sequence |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for v in variants:
+        dec = statistics.median(tps[v])
+        rows.append(dict(n=v[0], step=v[1], params=models[v[0]].baseline.params, decode_tokens_per_s=dec,
+                         state_bytes=state[v[0]]))
+        print(f"| {v[0]} | {v[1]} | {rows[-1]['params']:,} | {dec:.0f} | {dec / base:.2f} | {state[v[0]]:,} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[4, 8, 16], help="state_expansion values besides 1")
@@ -72,10 +108,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per round (after 2 warm-up)")
     parser.add_argument("--tokens", type=int, default=200, help="decoded tokens per round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--decode-only", action="store_true",
+                        help="time decoding alone, with the expanded step's kernel and with its torch operations")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.decode_only:
+        rows = decode_only(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(args=vars(args), rows=rows), f, indent=1)
+        return
     variants = [(1, "-")] + [(n, m) for n in args.n for m in ("states", "chunked")]
     models, opts = {}, {}
     for v in variants:

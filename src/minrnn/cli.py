@@ -163,9 +163,13 @@ def generate(p: argparse.ArgumentParser) -> Runner:
 @subcommand("eval", "loss, perplexity and bits per character/byte of a trained run on a data split: evenly spaced "
                     "windows, the whole split in sliding windows (--context, --stride), or one stateful pass")
 def evaluate(p: argparse.ArgumentParser) -> Runner:
-    p.add_argument("--run", required=True, type=Path, metavar="DIR", help="the run folder (out_dir of minrnn train)")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: valid")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--run", required=True, type=Path, metavar="DIR",
+                   help="the run folder: out_dir of minrnn train, or a run of minrnn compare --keep-weights "
+                        "(OUT/EXPERIMENT-PRESET/runs/MODEL)")
+    p.add_argument("--split", default=None, choices=["train", "valid", "test"],
+                   help="default: valid (a compare run: the split its preset evaluates on)")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest",
+                   help="minrnn train runs (a compare run keeps only its final weights)")
     p.add_argument("--data", default=None, help="score this data instead of the run's (same forms as train's --data)")
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--context", type=_positive_int, default=None, metavar="N",
@@ -189,11 +193,14 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         import json
         import math
 
+        import torch
+
         from .data.shards import is_prepared
         from .data.text import DataError, check_long_enough, load_splits
         from .training.config import ConfigError
-        from .training.loop import evaluate as evaluate_split
-        from .training.loop import load_run, prepared_split
+        from .training.evaluation import spread_windows_loss
+        from .training.loop import prepared_split
+        from .training.optim import autocast_context
 
         whole = args.context is not None or args.stride is not None or args.stateful
         if args.plot is not None and args.positions is None:
@@ -203,7 +210,7 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
                               "or --stateful")
         if args.stateful and args.stride is not None:
             raise ConfigError("--stride does not apply to --stateful (every token is scored once, with all before it)")
-        config, tokenizer, model, path = load_run(args.run, args.checkpoint, args.device)
+        config, tokenizer, model, path, logits_of, args.split = _load_for_eval(args)
         context = args.context or config.seq_len
         stride = args.stride or context
         if not args.stateful and stride > context:
@@ -212,7 +219,7 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
         if is_prepared(args.data or config.data):  # token shards
             tokens = prepared_split(args.data or config.data, args.split, tokenizer)
         else:
-            splits = load_splits(args.data or config.data, config.data_dir or None)
+            splits = load_splits(args.data or config.data, config.data_dir or None, splits=(args.split,))
             if args.split not in splits:
                 raise DataError(f"data {args.data or config.data} has no {args.split} split; it has "
                                 f"{', '.join(splits)}")
@@ -223,12 +230,15 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
                 raise DataError(f"the {args.split} split: {e}") from None
         result = {"checkpoint": str(path), "split": args.split}
         if args.positions is not None:
-            result.update(_by_position(model, tokens, config, args))
+            result.update(_by_position(model, logits_of, tokens, config, args))
         elif whole:
-            result.update(_whole_split(model, tokens, config, args, context, stride))
+            result.update(_whole_split(model, logits_of, tokens, config, args, context, stride))
         else:
             check_long_enough(tokens, config.seq_len, args.split)
-            result["loss"] = evaluate_split(model, tokens, config, args.device)
+            device = torch.device(args.device)
+            result["loss"] = spread_windows_loss(lambda x, **extras: logits_of(model, x, **extras), tokens,
+                                                 config.seq_len, config.eval_windows, device, config.batch_size,
+                                                 config.pack_documents, lambda: autocast_context(config, device))
         result["perplexity"] = math.exp(result["loss"])
         if text is not None:  # bits per character/byte: nats per token times tokens per unit, over the whole split
             n_units = len(text) if tokenizer.unit == "char" else len(text.encode("utf-8"))
@@ -240,18 +250,32 @@ def evaluate(p: argparse.ArgumentParser) -> Runner:
     return lambda args: _run_reporting_user_errors(run, args)
 
 
-def _by_position(model, tokens, config, args) -> dict:
+def _load_for_eval(args):
+    """(config, tokenizer, model in eval mode, weights path, logits_of(model, x, **extras), split)
+    of ``args.run``: a minrnn train run folder, or a compare run (spec.json, weights.pt)."""
+    from .experiments.loading import compare_logits, is_compare_run, load_compare_run
+    from .training.config import ConfigError
+    from .training.loop import lm_logits, load_run
+
+    if not is_compare_run(args.run):
+        return (*load_run(args.run, args.checkpoint, args.device), lm_logits, args.split or "valid")
+    if args.checkpoint != "latest":
+        raise ConfigError("--checkpoint: a compare run keeps only its final weights (weights.pt)")
+    run = load_compare_run(args.run, args.device)
+    return run.config, run.tokenizer, run.model, run.weights, compare_logits, args.split or run.eval_split
+
+
+def _by_position(model, logits_of, tokens, config, args) -> dict:
     """`minrnn eval --positions L`: the mean loss by position bucket over windows of L tokens."""
     import torch
 
     from .data.text import DataError
     from .training.evaluation import plot_positions, position_losses
-    from .training.loop import lm_logits
     from .training.optim import autocast_context
 
     device = torch.device(args.device)
     try:
-        result = position_losses(lambda x, **extras: lm_logits(model, x, **extras), tokens, args.positions,
+        result = position_losses(lambda x, **extras: logits_of(model, x, **extras), tokens, args.positions,
                                  args.windows or config.eval_windows, device, args.batch_size or config.batch_size,
                                  config.pack_documents, lambda: autocast_context(config, device))
     except ValueError as e:
@@ -261,14 +285,13 @@ def _by_position(model, tokens, config, args) -> dict:
     return result
 
 
-def _whole_split(model, tokens, config, args, context: int, stride: int) -> dict:
+def _whole_split(model, logits_of, tokens, config, args, context: int, stride: int) -> dict:
     """`minrnn eval --context/--stride/--stateful`: loss over every token of the split, tokens/s."""
     import torch
 
     from .data.text import DataError
     from .training.config import ConfigError
     from .training.evaluation import sliding_window_loss, stateful_loss, stateful_refusal
-    from .training.loop import lm_logits
     from .training.optim import autocast_context
 
     device = torch.device(args.device)
@@ -281,7 +304,7 @@ def _whole_split(model, tokens, config, args, context: int, stride: int) -> dict
             raise ConfigError(reason)
         out = stateful_loss(model, tokens, context, device, config.pack_documents, autocast)
         return {**out, "stateful": True, "chunk": context}
-    out = sliding_window_loss(lambda x, **extras: lm_logits(model, x, **extras), tokens, context, stride, device,
+    out = sliding_window_loss(lambda x, **extras: logits_of(model, x, **extras), tokens, context, stride, device,
                               args.batch_size or config.batch_size, config.pack_documents, autocast)
     return {**out, "context": context, "stride": stride}
 
@@ -305,6 +328,10 @@ def compare(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--pack-documents", action="store_true",
                    help="with a prepared folder: windows start at documents and each model resets at every "
                         "document start (models that cannot, lstm, gru and mamba, are refused)")
+    p.add_argument("--stateful", action="store_true",
+                   help="text experiments: each batch row reads a contiguous stream and the model's state is carried "
+                        "from step to step (models of a fixed-size state only: minRNNs without attention, lstm, gru)")
+    p.add_argument("--compile", action="store_true", help="run each model under torch.compile")
     p.add_argument("--models", default=None, metavar="A,B,...",
                    help="comma-separated subset of the preset's models (default: all of them)")
     p.add_argument("--tasks", default=None, metavar="A,B,...", help="chomsky only: a subset of the tasks")
@@ -351,7 +378,8 @@ def compare(p: argparse.ArgumentParser) -> Runner:
             device=str(args.device), dtype=args.dtype, data_dir=args.data_dir, sweep=not args.no_sweep,
             budget_s=args.budget_s, lr=args.lr, options=parse_options(args.options), optim=parse_optim(args.optim),
             out=str(args.out), isolate=not args.in_process, threads=args.threads, progress=not args.no_progress,
-            keep_weights=args.keep_weights, pack_documents=args.pack_documents)
+            keep_weights=args.keep_weights, pack_documents=args.pack_documents, stateful=args.stateful,
+            compile=args.compile)
         md = run_compare(config)
         print(md.read_text())
         print(f"written: {md} and the plots beside it")

@@ -32,8 +32,17 @@ def test_every_experiment_has_its_presets():
     for experiment in ("chomsky", "shakespeare_char"):
         assert set(presets[experiment]) == {"paper", "cpu"}
     assert set(presets["selective_copying"]) == {"paper", "cpu", "cpu_conv", "cpu_decay_init"}  # the last two: ablations
-    assert set(presets["wikitext2"]) == {"full", "cpu", "cpu_tuned"}  # the paper has no WikiText experiment
+    assert set(presets["wikitext2"]) == {"full", "cpu", "cpu_tuned", "context256"}  # the paper has no WikiText experiment
     assert set(presets["text"]) == {"cpu"}  # a user's corpus: --data gives it
+
+
+def test_wikitext2_context256_is_the_cpu_preset_at_twice_the_context():
+    """The same data, budget and tokens per step as cpu, windows of 256, Llama's RoPE range to 4096."""
+    cpu, long = load_preset("wikitext2", "cpu"), load_preset("wikitext2", "context256")
+    assert long.data == cpu.data and long.target_params == cpu.target_params
+    assert long.train["seq_len"] == 256 and long.train["steps"] == cpu.train["steps"]
+    assert long.train["seq_len"] * long.train["batch_size"] == cpu.train["seq_len"] * cpu.train["batch_size"]
+    assert long.common["max_length"] > 4096 and "gpt2" not in long.available_models
 
 
 @pytest.mark.parametrize("experiment,name", ALL)

@@ -153,6 +153,43 @@ def test_stateful_is_refused_for_models_without_a_fixed_state():
         stateful_loss(llama, torch.arange(10) % VOCAB, 4, "cpu")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stateful_pass_carries_the_state_protocol_of_torch_rnns(cell):
+    """The compare harness's nn.LSTM / nn.GRU (state in and out as a dict): read in chunks, the
+    same loss as one forward over the split; restarting every chunk instead gives another."""
+    from minrnn.experiments.modules import TorchRNNLM
+
+    torch.manual_seed(0)
+    model = TorchRNNLM(cell, VOCAB, 16, num_layers=2).double().eval()
+    tokens = random_ids(1, 90, seed=4)[0]
+    got = stateful_loss(model, tokens, 16, "cpu")
+    with torch.no_grad():
+        want = F.cross_entropy(model(tokens[None, :-1])[0], tokens[1:]).item()
+    assert got["tokens"] == 89 and got["loss"] == pytest.approx(want, rel=1e-5)
+    restarted = sliding_window_loss(model, tokens, 16, 16, "cpu")
+    assert abs(restarted["loss"] - want) > 1e-3
+    with pytest.raises(ValueError, match="TorchRNNLM cannot reset its state at a document start"):
+        stateful_loss(model, tokens, 16, "cpu", pack_documents=True)
+
+
+def test_stateful_pass_through_the_harness_wrapper_of_a_minrnn_model():
+    """LogitsOnly (how compare builds minGRU/minLSTM) carries the cache as a state dict: the same
+    loss as one forward; wrapping a hybrid or Llama is refused, naming the wrapped model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minrnn.experiments.modules import LogitsOnly
+
+    inner = tiny_lm(seed=5, dtype=torch.float64)
+    tokens = random_ids(1, 70, seed=6)[0]
+    got = stateful_loss(LogitsOnly(inner), tokens, 16, "cpu")
+    assert got["loss"] == pytest.approx(full_nll(inner, tokens).mean().item(), rel=1e-5)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert "LlamaForCausalLM carries no recurrent state" in stateful_refusal(LogitsOnly(llama))
+    hybrid = LogitsOnly(tiny_lm(attention_layers=[1], attention_head_dim=8))
+    assert "attention layers" in stateful_refusal(hybrid)
+
+
 def test_position_losses_are_the_mean_loss_at_each_position_of_the_windows():
     from minrnn.data.text import eval_offsets
 

@@ -1,4 +1,4 @@
-"""Perplexity over a whole split: sliding windows (any model) and one stateful pass (minRNN).
+"""Perplexity over a whole split: sliding windows (any model) and one stateful pass (recurrent models).
 
 `sliding_window_loss` is the recipe of transformers' perplexity guide: windows of ``context``
 tokens advance by ``stride``; the first window scores every target, each later one only the
@@ -6,10 +6,12 @@ targets no earlier window scored, so every token of the split is scored once, wi
 ``context`` tokens before it. ``stride == context`` gives disjoint windows, each fully scored:
 the windows `TextWorkload.evaluate` scores when they lie ``context`` apart.
 
-`stateful_loss` runs a MinRNNForCausalLM once over the split in chunks of ``chunk`` tokens,
-handing each chunk the cache (recurrent state and conv window) the previous one left: the
-same log-probabilities as one forward over the whole split, in memory that does not grow
-with the split (one chunk's activations and logits, and a cache of fixed size).
+`stateful_loss` runs a recurrent model once over the split in chunks of ``chunk`` tokens,
+handing each chunk the state the previous one left (a MinRNNForCausalLM's cache: recurrent
+state and conv window; or the state dict of a model with the state protocol, the compare
+harness's nn.LSTM/GRU and minGRU/minLSTM): the same log-probabilities as one forward over the
+whole split, in memory that does not grow with the split (one chunk's activations and
+logits, and a state of fixed size).
 
 Both return {"loss": mean nats per scored token, "tokens": tokens scored, "seconds",
 "tokens_per_second"}; ``tokens`` is a 1-D int64 tensor or a prepared split's TokenStream.
@@ -22,6 +24,7 @@ context, or degrade past the length it was trained on.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable
 
@@ -30,7 +33,8 @@ import torch.nn.functional as F
 
 from ..data.text import document_positions, token_source, windows
 
-__all__ = ["plot_positions", "position_buckets", "position_losses", "sliding_window_loss", "stateful_loss", "stateful_refusal", "window_offsets"]
+__all__ = ["plot_positions", "position_buckets", "position_losses", "sliding_window_loss", "spread_windows_loss",
+           "stateful_loss", "stateful_refusal", "window_offsets"]
 
 
 def window_offsets(n_tokens: int, context: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +87,19 @@ def sliding_window_loss(logits_of: Logits, tokens, context: int, stride: int, de
         total += nll[scored].double().sum()
         count += int(scored.sum())
     return _result(total.item(), count, start)
+
+
+@torch.no_grad()
+def spread_windows_loss(logits_of: Logits, tokens, seq_len: int, count: int, device, batch_size: int = 8,
+                        pack_documents: bool = False, autocast=None) -> float:
+    """The figure training logs as val_loss, for any ``logits_of`` (as `sliding_window_loss`'s):
+    the mean next-token loss over ``count`` windows of ``seq_len`` tokens spread evenly over
+    ``tokens``, the evaluation windows of `TextWorkload`."""
+    from .workloads import TextWorkload
+
+    work = TextWorkload({"train": tokens, "valid": tokens}, 0, seq_len, batch_size, eval_windows=count,
+                        pack_documents=pack_documents)
+    return work.evaluate(logits_of, device, autocast)["loss"]
 
 
 def position_buckets(length: int) -> list[tuple[int, int]]:
@@ -161,14 +178,21 @@ def plot_positions(results: dict[str, dict], out, train_length: int | None = Non
 
 
 def stateful_refusal(model) -> str | None:
-    """Why ``model`` cannot be evaluated statefully (one line), or None when it can: only a
-    MinRNNForCausalLM of recurrent blocks carries a fixed-size state from chunk to chunk."""
+    """Why ``model`` cannot be evaluated statefully (one line), or None when it can: a
+    MinRNNForCausalLM of recurrent blocks, or a model of the state protocol (``carries_state``
+    true: ``model(input_ids, state=S, return_state=True) -> (logits, new S)``, the compare
+    harness's nn.LSTM/GRU and minGRU/minLSTM); only these carry a fixed-size state."""
     from ..models import MinRNNForCausalLM
 
-    if not isinstance(model, MinRNNForCausalLM):
-        return (f"--stateful needs a minGRU/minLSTM model; {type(model).__name__} carries no recurrent state "
-                "(use --context and --stride)")
-    config = model.config
+    inner = model
+    if not isinstance(model, MinRNNForCausalLM) and hasattr(model, "carries_state"):
+        if model.carries_state:
+            return None
+        inner = getattr(model, "model", model)  # a wrapper that refuses: name the model it wraps
+    if not isinstance(inner, MinRNNForCausalLM):
+        return (f"--stateful needs a recurrent model (minGRU, minLSTM, nn.LSTM/GRU); {type(inner).__name__} carries "
+                "no recurrent state (use --context and --stride)")
+    config = inner.config
     if config.attention_layers or config.attention_every:
         return ("--stateful needs a model of recurrent blocks only; this one has attention layers, whose cache "
                 "grows with the split (use --context and --stride)")
@@ -177,31 +201,43 @@ def stateful_refusal(model) -> str | None:
 
 @torch.no_grad()
 def stateful_loss(model, tokens, chunk: int, device, pack_documents: bool = False, autocast=None) -> dict:
-    """Mean next-token loss of ``model`` (a MinRNNForCausalLM of recurrent blocks) over every
-    target of ``tokens``, read in one pass in chunks of ``chunk`` tokens with the cache carried.
+    """Mean next-token loss of ``model`` over every target of ``tokens``, read in one pass in
+    chunks of ``chunk`` tokens with the state carried: a MinRNNForCausalLM of recurrent blocks
+    (its cache), or a model of the state protocol (see `stateful_refusal`; the state a dict of
+    batch-first tensors).
 
     With ``pack_documents`` the state is reset where a document starts (position_ids 0 there
-    and only there), as in training. ValueError (one line) for a model that cannot carry its state."""
+    and only there), as in training; a protocol model must then take ``position_ids``.
+    ValueError (one line) for a model that cannot carry its state."""
+    from ..models import MinRNNForCausalLM
+
     reason = stateful_refusal(model)
     if reason:
         raise ValueError(reason)
     if chunk < 1:
         raise ValueError(f"chunk must be positive, got {chunk}")
+    cached = isinstance(model, MinRNNForCausalLM)
+    if pack_documents and not cached and "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"{type(model).__name__} cannot reset its state at a document start (no position_ids); "
+                         "packed documents need a minGRU/minLSTM model")
     start = time.perf_counter()
     source = token_source(tokens)
     predictions = len(source) - 1
     if predictions < 1:
         raise ValueError(f"the split has {len(source)} token(s); scoring needs at least 2")
-    cache = None
+    state = None
     total = torch.zeros((), dtype=torch.float64, device=device)
     for s in range(0, predictions, chunk):
         n = min(chunk, predictions - s)
         x, y = windows(tokens, torch.tensor([s]), n)
         extras = {"position_ids": _carried_positions(source, s, n).to(device)} if pack_documents else {}
         with autocast() if autocast else contextlib.nullcontext():
-            out = model(input_ids=x.to(device), cache=cache, use_cache=True, **extras)
-        cache = out.cache
-        total += F.cross_entropy(out.logits.float()[0], y.to(device)[0], reduction="sum").double()
+            if cached:
+                out = model(input_ids=x.to(device), cache=state, use_cache=True, **extras)
+                logits, state = out.logits, out.cache
+            else:
+                logits, state = model(x.to(device), state=state, return_state=True, **extras)
+        total += F.cross_entropy(logits.float()[0], y.to(device)[0], reduction="sum").double()
     return _result(total.item(), predictions, start)
 
 

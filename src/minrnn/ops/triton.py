@@ -104,39 +104,86 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-class _TritonScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, h0, block_t, block_c, num_warps):
-        a, b = a.contiguous(), b.contiguous()
-        h0 = None if h0 is None else h0.contiguous()
-        B, T, C = a.shape
-        h = torch.empty_like(a)
-        if h.numel():
-            # without h0 the kernel reads no h0 pointer: any tensor fills the slot
-            _launch("scan_fwd", a.device, B, C, block_c, num_warps,
-                    a, b, a if h0 is None else h0, h, T, C,
-                    HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
-        ctx.save_for_backward(a, h, h0)
-        ctx.config = (block_t, block_c, num_warps)
-        return h
+# --- the kernels as torch.library custom ops ------------------------------------------------
+#
+# Each kernel is one op with a fake implementation (its outputs' shapes and dtypes) and a
+# registered backward (itself an op), so torch.compile traces a model on this backend whole,
+# each kernel one node of the graph, without looking into Triton. The tile arguments are
+# optional ints: None picks them inside the op from the shape and the device, so tracing
+# never queries the GPU.
+#
+#     minrnn::triton_scan(a, b, h0?, block_t?, block_c?, num_warps?) -> h
+#     minrnn::triton_scan_backward(a, h, h0?, dh, ...) -> (da, db, dh0)
+#     minrnn::triton_cell(pre, h0?, reset?, cell, normalize, block_t?, block_c?, num_warps?) -> h
+#     minrnn::triton_cell_backward(pre, h, h0?, reset?, dh, cell, ...) -> (dpre, dh0)
+#
+# Without h0 the backward's dh0 is zeros of (B, C) that the autograd formula drops (an op
+# returns tensors, never None).
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
-        a, h, h0 = ctx.saved_tensors
-        block_t, block_c, num_warps = ctx.config
-        B, T, C = a.shape
-        dh = dh.contiguous()  # e.g. the expanded ones of h.sum()
-        da, db = torch.empty_like(a), torch.empty_like(a)
-        dh0 = None if h0 is None else torch.empty_like(h0)
-        if a.numel():
-            _launch("scan_bwd", a.device, B, C, block_c, num_warps,
-                    a, h, a if h0 is None else h0, dh, da, db, da if dh0 is None else dh0,
-                    T, C, -(-T // block_t),
-                    HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
-        elif dh0 is not None:
-            dh0.zero_()
-        return da, db, dh0, None, None, None
+
+def _dh0_slot(h0: Tensor | None, like: Tensor) -> Tensor:
+    """The (B, C) dh0 output of a backward op for a (B, T, C) ``like``."""
+    shape = (like.shape[0], like.shape[2])
+    return like.new_zeros(shape) if h0 is None else like.new_empty(shape)
+
+
+@torch.library.custom_op("minrnn::triton_scan", mutates_args=())
+def scan_op(a: Tensor, b: Tensor, h0: Tensor | None, block_t: int | None, block_c: int | None,
+            num_warps: int | None) -> Tensor:
+    a, b = a.contiguous(), b.contiguous()
+    h0 = None if h0 is None else h0.contiguous()
+    block_t, block_c, num_warps = _config(a, block_t, block_c, num_warps)
+    B, T, C = a.shape
+    h = torch.empty_like(a)
+    if h.numel():
+        # without h0 the kernel reads no h0 pointer: any tensor fills the slot
+        _launch("scan_fwd", a.device, B, C, block_c, num_warps,
+                a, b, a if h0 is None else h0, h, T, C,
+                HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+    return h
+
+
+@scan_op.register_fake
+def _(a, b, h0, block_t, block_c, num_warps):
+    return a.new_empty(a.shape)
+
+
+@torch.library.custom_op("minrnn::triton_scan_backward", mutates_args=())
+def scan_backward_op(a: Tensor, h: Tensor, h0: Tensor | None, dh: Tensor, block_t: int | None,
+                     block_c: int | None, num_warps: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    block_t, block_c, num_warps = _config(a, block_t, block_c, num_warps)
+    B, T, C = a.shape
+    a, h, dh = a.contiguous(), h.contiguous(), dh.contiguous()  # dh: e.g. the expanded ones of h.sum()
+    h0 = None if h0 is None else h0.contiguous()
+    da, db, dh0 = torch.empty_like(a), torch.empty_like(a), _dh0_slot(h0, a)
+    if a.numel():
+        _launch("scan_bwd", a.device, B, C, block_c, num_warps,
+                a, h, a if h0 is None else h0, dh, da, db, dh0,
+                T, C, -(-T // block_t),
+                HAS_H0=h0 is not None, ACC=_acc(a.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
+    else:
+        dh0.zero_()
+    return da, db, dh0
+
+
+@scan_backward_op.register_fake
+def _(a, h, h0, dh, block_t, block_c, num_warps):
+    return a.new_empty(a.shape), a.new_empty(a.shape), a.new_empty(a.shape[0], a.shape[2])
+
+
+def _scan_setup(ctx, inputs, output):
+    a, _, h0, *config = inputs
+    ctx.config, ctx.has_h0 = config, h0 is not None
+    ctx.save_for_backward(a, output, h0)
+
+
+def _scan_grad(ctx, dh):
+    a, h, h0 = ctx.saved_tensors
+    da, db, dh0 = scan_backward_op(a, h, h0, dh, *ctx.config)
+    return da, db, (dh0 if ctx.has_h0 else None), None, None, None
+
+
+scan_op.register_autograd(_scan_grad, setup_context=_scan_setup)
 
 
 def triton_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, block_t: int | None = None,
@@ -154,8 +201,7 @@ def triton_scan(a: Tensor, b: Tensor, h0: Tensor | None = None, *, block_t: int 
 
     Inputs are assumed validated (``minrnn.scan`` does it).
     """
-    block_t, block_c, num_warps = _config(a, block_t, block_c, num_warps)
-    return _TritonScan.apply(a, b, h0, block_t, block_c, num_warps)
+    return scan_op(a, b, h0, block_t, block_c, num_warps)
 
 
 #: The cells the kernels compute, and the CELL_LSTM flag that selects each one's gates.
@@ -163,55 +209,94 @@ _CELL_IS_LSTM = {"mingru": False, "minlstm": True}
 FUSED_CELLS = frozenset(_CELL_IS_LSTM)
 
 
-class _TritonCell(torch.autograd.Function):
-    """A fused cell over packed pre-activations (B, T, n*C) (``spec`` one of FUSED_CELLS:
+@torch.library.custom_op("minrnn::triton_cell", mutates_args=())
+def cell_op(pre: Tensor, h0: Tensor | None, reset: Tensor | None, cell: str, normalize: bool,
+            block_t: int | None, block_c: int | None, num_warps: int | None) -> Tensor:
+    """A fused cell over packed pre-activations (B, T, n*C) (``cell`` one of FUSED_CELLS:
     minGRU's hidden, gate or minLSTM's hidden, forget, input), with document starts ``reset``
-    (B, T) bool or None. Two kernels in all, one forward and one backward, each reading the
-    pre-activations and computing the gates itself; saved for backward: the pre-activations,
-    h, h0 and the resets (as uint8)."""
+    (B, T) bool or None -> h (B, T, C). One kernel, reading the pre-activations and computing
+    the gates itself; the backward is one kernel too, from the pre-activations, h, h0 and the
+    resets."""
+    pre = pre.contiguous()
+    h0 = None if h0 is None else h0.contiguous()
+    B, T, nC = pre.shape
+    h = pre.new_empty(B, T, nC // get_cell(cell).n_pre)
+    if h.numel():
+        _launch_cell("cell_fwd", pre, h0, reset, cell, normalize, (block_t, block_c, num_warps),
+                     pre if h0 is None else h0, h)
+    return h
 
-    @staticmethod
-    def forward(ctx, pre, h0, reset, spec, normalize, block_t, block_c, num_warps):
-        n = spec.n_pre
-        pre = pre.contiguous()
-        h0 = None if h0 is None else h0.contiguous()
-        reset = None if reset is None else reset.contiguous().view(torch.uint8)
-        B, T, nC = pre.shape
-        C = nC // n
-        h = pre.new_empty(B, T, C)
-        meta = dict(N_PRE=n, CELL_LSTM=_CELL_IS_LSTM[spec.name], NORMALIZE=bool(normalize), HAS_H0=h0 is not None,
-                    HAS_RESET=reset is not None, ACC=_acc(pre.dtype), BLOCK_T=block_t, BLOCK_C=block_c)
-        if h.numel():
-            # without h0 or resets the kernel reads no such pointer: any tensor fills the slot
-            _launch("cell_fwd", pre.device, B, C, block_c, num_warps, pre, pre if h0 is None else h0,
-                    pre if reset is None else reset, h, T, C, **meta)
-        ctx.save_for_backward(pre, h, h0, reset)
-        ctx.meta, ctx.num_warps = meta, num_warps
-        return h
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dh):
-        pre, h, h0, reset = ctx.saved_tensors
-        meta = ctx.meta
-        B, T, C = h.shape
-        dh = dh.contiguous()
-        dpre = torch.empty_like(pre)
-        dh0 = None if h0 is None else torch.empty_like(h0)
-        if h.numel():
-            _launch("cell_bwd", pre.device, B, C, meta["BLOCK_C"], ctx.num_warps,
-                    pre, h, pre if h0 is None else h0, pre if reset is None else reset, dh, dpre,
-                    dpre if dh0 is None else dh0,
-                    T, C, -(-T // meta["BLOCK_T"]), **meta)
-        elif dh0 is not None:
-            dh0.zero_()
-        return dpre, dh0, None, None, None, None, None, None
+@cell_op.register_fake
+def _(pre, h0, reset, cell, normalize, block_t, block_c, num_warps):
+    B, T, nC = pre.shape
+    return pre.new_empty(B, T, nC // get_cell(cell).n_pre)
+
+
+@torch.library.custom_op("minrnn::triton_cell_backward", mutates_args=())
+def cell_backward_op(pre: Tensor, h: Tensor, h0: Tensor | None, reset: Tensor | None, dh: Tensor, cell: str,
+                     normalize: bool, block_t: int | None, block_c: int | None,
+                     num_warps: int | None) -> tuple[Tensor, Tensor]:
+    """(dL/dpre (B, T, n*C), dL/dh0 (B, C); zeros without h0)."""
+    pre, h, dh = pre.contiguous(), h.contiguous(), dh.contiguous()
+    dpre, dh0 = torch.empty_like(pre), _dh0_slot(h0, h)
+    if h.numel():
+        # h0, dh0 and the resets' pointers: any tensor fills the slot of one the kernel will not read
+        _launch_cell("cell_bwd", pre, h0, reset, cell, normalize, (block_t, block_c, num_warps),
+                     h, pre if h0 is None else h0.contiguous(), dh, dpre, dh0, backward=True)
+    else:
+        dh0.zero_()
+    return dpre, dh0
+
+
+@cell_backward_op.register_fake
+def _(pre, h, h0, reset, dh, cell, normalize, block_t, block_c, num_warps):
+    return pre.new_empty(pre.shape), h.new_empty(h.shape[0], h.shape[2])
+
+
+def _launch_cell(kernel: str, pre: Tensor, h0: Tensor | None, reset: Tensor | None, cell: str, normalize: bool,
+                 tiles: tuple, *pointers: Tensor, backward: bool = False) -> None:
+    """Launches cell_fwd (pointers: h0 slot, h) or cell_bwd (pointers: h, h0 slot, dh, dpre,
+    dh0) on contiguous (B, T, n*C) pre-activations; the resets go in as uint8."""
+    spec = get_cell(cell)
+    B, T, nC = pre.shape
+    C = nC // spec.n_pre
+    block_t, block_c, num_warps = _config(pre, *tiles)
+    meta = dict(N_PRE=spec.n_pre, CELL_LSTM=_CELL_IS_LSTM[cell], NORMALIZE=bool(normalize),
+                HAS_H0=h0 is not None, HAS_RESET=reset is not None, ACC=_acc(pre.dtype), BLOCK_T=block_t,
+                BLOCK_C=block_c)
+    reset = pre if reset is None else reset.contiguous().view(torch.uint8)
+    if backward:
+        h, h0_slot, *rest = pointers
+        _launch(kernel, pre.device, B, C, block_c, num_warps, pre, h, h0_slot, reset, *rest,
+                T, C, -(-T // block_t), **meta)
+    else:
+        h0_slot, h = pointers
+        _launch(kernel, pre.device, B, C, block_c, num_warps, pre, h0_slot, reset, h, T, C, **meta)
+
+
+def _cell_setup(ctx, inputs, output):
+    pre, h0, reset, *options = inputs
+    ctx.options, ctx.has_h0 = options, h0 is not None
+    ctx.save_for_backward(pre, output, h0, reset)
+
+
+def _cell_grad(ctx, dh):
+    pre, h, h0, reset = ctx.saved_tensors
+    dpre, dh0 = cell_backward_op(pre, h, h0, reset, dh, *ctx.options)
+    return dpre, (dh0 if ctx.has_h0 else None), None, None, None, None, None, None
+
+
+cell_op.register_autograd(_cell_grad, setup_context=_cell_setup)
 
 
 def _cell(parts: tuple[Tensor, ...], h0: Tensor | None, reset: Tensor | None, spec, normalize: bool, block_t,
           block_c, num_warps):
-    block_t, block_c, num_warps = _config(parts[0], block_t, block_c, num_warps)
-    return _TritonCell.apply(pack_chunks(parts), h0, reset, spec, normalize, block_t, block_c, num_warps)
+    return cell_op(pack_chunks(parts), h0, reset, spec.name, bool(normalize), block_t, block_c, num_warps)
+
+
+#: every op registered here, for the tests (``torch.library.opcheck``) and the docs
+OPS = (scan_op, scan_backward_op, cell_op, cell_backward_op)
 
 
 def triton_cell(spec, pre: tuple[Tensor, ...], h0: Tensor | None, options: tuple, mask=None,

@@ -76,6 +76,15 @@ def test_fast_forms_equal_the_loop(method, dtype, T, bounds):
         torch.testing.assert_close(g, g0, **TOL[dtype], msg=f"gradient of {name}")
 
 
+@pytest.mark.skipif(not cpu.HAVE_NUMBA, reason="the states method's CPU kernel is numba's")
+def test_states_on_the_cpu_backend_run_one_kernel_and_others_the_scan():
+    """"states" above runs the compiled kernel ("auto" on the CPU), "states-sequential" the scan."""
+    tensors, h0 = inputs(T=5)
+    assert type(expanded_scan_states(*tensors, h0)[0].grad_fn).__name__ == "_StatesKernelBackward"
+    o, _ = expanded_scan_states(*tensors, h0, backend="sequential")
+    assert "StatesKernel" not in type(o.grad_fn).__name__
+
+
 @pytest.mark.parametrize("method", ["chunked4", "states"])
 def test_bfloat16_inputs_keep_a_float32_state(method):
     tensors, h0 = inputs(T=11, dtype=torch.bfloat16)

@@ -27,7 +27,9 @@ Three implementations of one function:
                               h = a h + k v with its slot's a: one scan (``minrnn.ops.scan``, any
                               backend, the CPU and GPU kernels included) over (B, T, H n d)
                               channels, then the read o_t = H_t^T q_t; it holds every H_t
-                              (memory O(T H n d) against the chunked form's O(T H n C))
+                              (memory O(T H n d) against the chunked form's O(T H n C)). On
+                              the "cpu" backend (float32/float64) the scan and the read are one
+                              compiled walk over time each way (``minrnn.ops.cpu.expanded``)
 
 ``expanded_scan(..., method=)`` picks one ("states", the default, or "chunked"); the docs'
 design page has their timings.
@@ -41,13 +43,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu, scan
+from . import cpu, resolve_backend, scan
 from .cells import CellSpec, g, get_cell
 from .checks import accumulation_dtype, check_finite_state, check_float_tensor, check_mask, check_reset
 from .step import fused_applies
 
 if cpu.HAVE_NUMBA:
     from .cpu.expanded import EXPANDED_STEP_CELLS as _STEP_CELLS
+    from .cpu.expanded import expanded_backward as _backward_kernel
+    from .cpu.expanded import expanded_forward as _forward_kernel
     from .cpu.expanded import expanded_step as _step_kernel
 else:  # pragma: no cover - exercised only where numba is absent
     _STEP_CELLS = {}
@@ -256,6 +260,43 @@ def expanded_scan_chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Te
     return o.to(in_dtype), h
 
 
+class _StatesKernel(torch.autograd.Function):
+    """The scan over the state's entries and the read, in one compiled walk over time per (batch
+    row, head) each way (``minrnn.ops.cpu.expanded``): q, k, a (B, T, H, n), v (B, T, H, d), h0
+    (B, H, n, d), one float32/float64 dtype on the CPU -> (o (B, T, H, d), h_last (B, H, n, d))."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, a, h0):
+        B, T, H, n = q.shape
+        d = v.shape[3]
+        q, k, v, a, h0 = (x.detach().contiguous() for x in (q, k, v, a, h0))
+        o = torch.empty(B, T, H, d, dtype=q.dtype)
+        states = torch.empty(B, T, H, n, d, dtype=q.dtype)
+        _forward_kernel(*(x.numpy() for x in (q, k, v, a, h0, o, states)), B, T, H, n, d)
+        ctx.save_for_backward(q, k, v, a, h0, states)
+        return o, states[:, -1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dh):
+        q, k, v, a, h0, states = ctx.saved_tensors
+        B, T, H, n = q.shape
+        d = v.shape[3]
+        do = torch.zeros_like(states[..., 0, :]) if do is None else do.contiguous()
+        dh = torch.zeros_like(h0) if dh is None else dh.clone(memory_format=torch.contiguous_format)
+        dq, dk, da = (torch.empty_like(q) for _ in range(3))
+        dv = torch.empty_like(v)
+        _backward_kernel(*(x.numpy() for x in (q, k, v, a, h0, states, do, dh, dq, dk, dv, da)), B, T, H, n, d)
+        return dq, dk, dv, da, dh
+
+
+def _states_kernel_applies(x: Tensor, backend: str) -> bool:
+    """Whether ``_StatesKernel`` runs the "states" method: numba present, the scan backend
+    "cpu" (by name or as "auto" on the CPU), float32/float64, outside torch.compile."""
+    return (cpu.HAVE_NUMBA and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling() and resolve_backend(backend, x.device).name == "cpu")
+
+
 def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
                          mask: Tensor | None = None, reset: Tensor | None = None,
                          backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -264,7 +305,9 @@ def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Ten
     Entry (slot i, channel c) of a head's state follows h = a_i h + k_i v_c, a first-order
     recurrence like the minGRU's: the decays (broadcast over the d channels) and the inputs
     k v^T go to ``minrnn.ops.scan`` with ``backend`` as (B, T, H n d) channels, and the states
-    it returns are read with the query.
+    it returns are read with the query. Where the backend is "cpu" ("auto" on the CPU with
+    numba) and the dtype float32/float64, the scan and the read run as one compiled kernel each
+    way (``_StatesKernel``), without forming the (B, T, H n d) decays and inputs.
 
     Args: as ``expanded_scan_reference``, plus ``backend`` (a scan backend, as ``minrnn.scan``).
     Returns: (o (B, T, H, d), h_last (B, H, n, d)).
@@ -273,6 +316,9 @@ def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Ten
     q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
     if B == 0 or T == 0:
         return (v * 0 + (q.sum() + k.sum() + log_a.sum()) * 0).to(in_dtype), h
+    if _states_kernel_applies(q, backend):
+        o, h_last = _StatesKernel.apply(q, k, v, torch.exp(log_a), h)
+        return o.to(in_dtype), h_last
     a = torch.exp(log_a).unsqueeze(-1).expand(B, T, H, n, d).reshape(B, T, H * n * d)
     b = (k.unsqueeze(-1) * v.unsqueeze(-2)).reshape(B, T, H * n * d)
     states = scan(a, b, h.reshape(B, H * n * d), backend=backend).view(B, T, H, n, d)

@@ -69,3 +69,28 @@ def test_compare_runs_that_cannot_be_rebuilt_are_one_line_errors(compare_runs, t
     assert_one_line_error(minrnn("eval", "--run", run), "weights.pt not found", "--keep-weights")
     (run / "result.json").unlink()
     assert_one_line_error(minrnn("eval", "--run", run), "has not finished training")
+
+
+def test_beyond_context_benchmark_reads_windowed_and_stateful_figures(compare_runs, tmp_path, capsys):
+    """benchmarks/beyond_context.py: the windowed loss at the windows' length is the mean over every
+    position, a shorter context the mean over the first positions; stateful for the recurrent
+    models only; a rerun reads its kept figures; one plot of every run."""
+    from ..scripts import load_script
+
+    bench = load_script("benchmarks", "beyond_context")
+    out, plot = tmp_path / "out", tmp_path / "positions.png"
+    args = [str(compare_runs / m) for m in MODELS[:2]] + [f"Llama x=1={compare_runs / 'llama'}"]
+    assert bench.main(args + ["--length", "64", "--contexts", "16,64", "--out", str(out), "--plot", str(plot)]) == 0
+    figures = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert set(figures) == {"mingru", "lstm", "Llama_x=1"} and plot.read_bytes()[:4] == b"\x89PNG"
+    for label, r in figures.items():
+        assert r["windowed"]["64"] == pytest.approx(r["positions"]["loss"], rel=1e-9)
+        first16 = [b for b in r["positions"]["buckets"] if b["to"] <= 16]
+        assert r["windowed"]["16"] == pytest.approx(sum(b["loss"] * (b["to"] - b["from"]) for b in first16) / 16)
+        assert ("stateful" in r) == (label != "Llama_x=1")
+    assert "| Llama x=1 |" in capsys.readouterr().out
+    before = (out / "lstm.json").stat().st_mtime_ns
+    assert bench.main(args + ["--length", "64", "--contexts", "16,64", "--out", str(out)]) == 0
+    assert (out / "lstm.json").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="context 24 is not a bucket edge"):
+        bench.windowed(figures["lstm"]["positions"]["buckets"], 24)

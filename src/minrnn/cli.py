@@ -100,14 +100,17 @@ def train(p: argparse.ArgumentParser) -> Runner:
                    help="override any config key, e.g. --steps 100 --model.hidden_size 128 --data FILE; "
                         "--data DIR: a prepared folder (minrnn prepare), read memory-mapped with its own "
                         "tokenizer; --pack-documents (prepared folders): windows start at documents and the "
-                        "model's state resets at each; --resume continues the run in out_dir from its newest "
+                        "model's state resets at each; --stateful: each batch row reads a contiguous stream and the "
+                        "model's state is carried from step to step; --compile: torch.compile the model (any "
+                        "true/false key stands alone for true); --resume continues the run in out_dir from its newest "
                         "good checkpoint; --overwrite replaces a run already in out_dir")
 
     def run(args: argparse.Namespace) -> int:
-        from .training.config import find_config, parse_overrides
+        from .training.config import field_types, find_config, parse_overrides
         from .training.loop import Trainer
 
-        overrides, flags = parse_overrides(args.overrides, flags=("resume", "overwrite"), switches=("pack_documents",))
+        switches = tuple(k for k, t in field_types().items() if t is bool)
+        overrides, flags = parse_overrides(args.overrides, flags=("resume", "overwrite"), switches=switches)
         config = TrainConfig.from_file(find_config(args.config), overrides)
         trainer = Trainer(config, resume="resume" in flags, overwrite="overwrite" in flags)
         try:

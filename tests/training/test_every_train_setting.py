@@ -113,6 +113,10 @@ CASES = {
     # on a text file, refused (tests/training/test_prepared_data.py packs a prepared folder's documents)
     "pack_documents": (dict(pack_documents="true"),
                        lambda ref, run: run.code == 2 and "pack_documents needs a prepared folder" in run.stderr),
+    "stateful": (dict(stateful="true"), other_batches),  # contiguous streams (tests/training/test_stateful.py)
+    # the same numbers up to the compiler's rounding (run on aot_eager below: the same capture, compiled quickly)
+    "compile": (dict(compile="true"), lambda ref, run: all(
+        abs(a - b) < 1e-5 for a, b in zip(ref.column("train_loss"), run.column("train_loss")))),
     "steps": (dict(steps=4), lambda ref, run: run.column("step") == [1, 2, 3, 4]),
     "batch_size": (dict(batch_size=3), other_batches),
     "seq_len": (dict(seq_len=12), other_batches),
@@ -158,8 +162,12 @@ def test_every_field_of_the_train_config_has_a_case():
 
 
 @pytest.mark.parametrize("field", sorted(CASES))
-def test_a_non_default_value_changes_what_it_should(field, reference, text, tmp_path):
+def test_a_non_default_value_changes_what_it_should(field, reference, text, tmp_path, monkeypatch):
     settings, check = CASES[field]
+    if field == "compile":
+        original = torch.nn.Module.compile
+        monkeypatch.setattr(torch.nn.Module, "compile",
+                            lambda module, **kw: original(module, **{**kw, "backend": "aot_eager"}))
     settings = settings(tmp_path) if callable(settings) else settings
     threads = torch.get_num_threads()
     try:

@@ -183,6 +183,21 @@ def train_offsets(n_tokens: int, seq_len: int, global_batch: int, seed: int, ste
     return torch.randint(0, n_tokens - seq_len, (global_batch,), generator=_generator(seed, step, micro))
 
 
+def stream_offsets(n_tokens: int, seq_len: int, rows: int, index: int) -> tuple[torch.Tensor, bool]:
+    """(offsets (rows,) int64, restart) of window ``index`` (0, 1, 2, ...) of a stateful run's
+    contiguous streams: row r reads the r-th of ``rows`` equal parts of the ``n_tokens`` tokens,
+    one window of ``seq_len`` (+1 target) after the other; after its last whole window every row
+    starts its part again, and ``restart`` is True there (the carried state starts from zeros).
+    A DataError when a part is too short for one window."""
+    part = n_tokens // rows
+    per_pass = (part - 1) // seq_len
+    if per_pass < 1:
+        raise DataError(f"stateful: {n_tokens:,} tokens cut into {rows} streams give {part:,} tokens each, "
+                        f"fewer than one window of seq_len {seq_len} + 1; lower batch_size or seq_len")
+    k = index % per_pass
+    return torch.arange(rows, dtype=torch.long) * part + k * seq_len, k == 0
+
+
 def windows(tokens, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, each (len(offsets), seq_len) int64, of ``tokens`` (a 1-D
     tensor or a token source) at ``offsets`` (N,) int64."""

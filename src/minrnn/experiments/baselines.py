@@ -116,7 +116,9 @@ class Baseline:
     "recurrent" or "minrnn" (this package's model: its options are MinRNNConfig's fields).
     ``packs_documents``: its forward takes ``position_ids`` (B, T) restarting at 0 at each
     document start (transformers' padding-free convention) and keeps the documents apart, so
-    `minrnn compare --pack-documents` may run it.
+    `minrnn compare --pack-documents` may run it. ``carries_state``: its forward takes ``state=``
+    and ``return_state=True`` (a fixed-size state handed from call to call), so `minrnn compare
+    --stateful` may run it.
     """
 
     name: str
@@ -129,6 +131,7 @@ class Baseline:
     options: tuple[str, ...] = ()
     doc: str = ""
     packs_documents: bool = False
+    carries_state: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -182,7 +185,8 @@ def _cell_families() -> dict[str, Baseline]:
     out = {}
     for cell, spec in CELLS.items():
         name = cell.replace("_", "-")
-        out[name] = Baseline(name, _make_minrnn(cell), "minrnn", config=config, doc=spec.doc, packs_documents=True)
+        out[name] = Baseline(name, _make_minrnn(cell), "minrnn", config=config, doc=spec.doc, packs_documents=True,
+                             carries_state=True)
     for cell, spec in CELLS.items():
         if not spec.signed:
             name = cell.replace("_", "-") + "-hybrid"
@@ -351,9 +355,9 @@ register_baseline(Baseline("gpt2", _make_gpt2, "transformer", width_step=lambda 
 register_baseline(Baseline("mamba", _make_mamba, "state-space", num_hidden_layers=8, config="transformers:MambaConfig",
                            options=("mamba_scan",), doc="transformers' MambaForCausalLM"))
 register_baseline(Baseline("lstm", _make_torch_rnn("lstm"), "recurrent", num_hidden_layers=2,
-                           doc="torch.nn.LSTM between an embedding and a linear head"))
+                           doc="torch.nn.LSTM between an embedding and a linear head", carries_state=True))
 register_baseline(Baseline("gru", _make_torch_rnn("gru"), "recurrent", num_hidden_layers=2,
-                           doc="torch.nn.GRU between an embedding and a linear head"))
+                           doc="torch.nn.GRU between an embedding and a linear head", carries_state=True))
 
 # the names the configs give to the width, the MLP width and the depth (an override of any fixes it)
 _WIDTH_KEYS = {"n_embd"}

@@ -59,10 +59,10 @@ class LogitsOnly(nn.Module):
 def state_refusal(model: nn.Module) -> str | None:
     """Why ``model`` (a transformers model) cannot carry a state between calls, one line, or None:
     only a MinRNNForCausalLM of recurrent blocks has a state of fixed size."""
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != "minrnn":
+    carries = getattr(model, "carries_state", None)
+    if carries is None:
         return f"{type(model).__name__} carries no recurrent state between calls"
-    if getattr(config, "attention_layer_indices", ()):
+    if not carries:
         return ("a model with attention blocks carries no fixed-size state between calls (its cache of keys "
                 "grows with the context)")
     return None

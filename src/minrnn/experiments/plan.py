@@ -42,7 +42,10 @@ class CompareConfig:
     ``isolate``: each run in its own process (its own peak memory; a crash loses one run);
     without it every run trains in this process, so the models, corpora and cells this process
     registered are known to them. ``threads``: CPU threads per run (needs ``isolate``).
-    ``keep_weights``: each run also writes its final weights to ``weights.pt``."""
+    ``keep_weights``: each run also writes its final weights to ``weights.pt``. ``stateful``: text
+    runs read contiguous streams and carry the model's state from step to step (models whose
+    state is of fixed size: see baselines.Baseline.carries_state). ``compile``: each model runs
+    under torch.compile."""
 
     experiment: str
     preset: str = "cpu"
@@ -67,6 +70,8 @@ class CompareConfig:
     progress: bool = True
     keep_weights: bool = False
     pack_documents: bool = False
+    stateful: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class RunSpec:
     data: str | None = None                     # text experiment: the corpus (a file or a folder)
     tokenizer: str | None = None                # text experiment: the tokenizer instead of the preset's
     pack_documents: bool = False                # windows of whole documents (a prepared folder as data)
+    stateful: bool = False                      # contiguous streams, the state carried between steps
+    compile: bool = False                       # the model under torch.compile
 
     @property
     def name(self) -> str:
@@ -185,10 +192,20 @@ def plan_runs(c: CompareConfig) -> list[RunSpec]:
         if unable:
             raise CompareError(f"--pack-documents: {unable[0]} cannot reset its state at a document start "
                                "(leave it out with --models)")
+    if c.stateful:
+        if "corpus" not in preset.data and not preset.user_data:
+            raise CompareError(f"--stateful is for text experiments; {experiment} draws independent task examples")
+        if c.pack_documents:
+            raise CompareError("--stateful and --pack-documents exclude each other: a stateful row reads its "
+                               "stream without moving to document starts")
+        unable = [m for m in models if not get_baseline(m).carries_state]
+        if unable:
+            raise CompareError(f"--stateful: {unable[0]} carries no fixed-size state from one window to the next "
+                               "(leave it out with --models)")
     digest = digest_of(preset)
     return [RunSpec(experiment, c.preset, m, steps, t, s, c.seed, c.device, c.dtype, c.data_dir, c.eval_every,
                     c.budget_s, digest, c.lr, dict(options.get(m, {})), dict(optim), c.data, c.tokenizer,
-                    c.pack_documents)
+                    c.pack_documents, c.stateful, c.compile)
             for t in run_tasks for s in sweeps for m in models]
 
 

@@ -69,11 +69,11 @@ def make_workload(preset: Preset, spec: RunSpec):
         if is_prepared(source):
             prepared = PreparedData.open(source, verify=True)
             return prepared_workload(prepared, prepared_tokenizer(prepared), pack_documents=spec.pack_documents,
-                                     **settings)
+                                     stateful=spec.stateful, **settings)
         splits = load_splits(source, spec.data_dir, splits=tuple(dict.fromkeys((train_split, eval_split))))
         tokenizer = text_tokenizer(splits, spec.tokenizer or data["tokenizer"], data.get("bpe_vocab_size", 8192),
                                    train_split)
-        return text_workload(splits, tokenizer, **settings)
+        return text_workload(splits, tokenizer, stateful=spec.stateful, **settings)
     options = {"num_tokens": data["num_tokens"]} if "num_tokens" in data else {}
     if "length" in data:  # selective copying: one length
         lengths, eval_lengths = (data["length"], data["length"]), [data["length"]]
@@ -114,7 +114,8 @@ def run_config(spec: RunSpec, preset: Preset, run_dir: Path, progress: bool, dat
     values = {k: train[k] for k in LOOP_KEYS if k in train}
     values.update(steps=spec.steps, seed=spec.seed, device=spec.device, dtype=spec.dtype, out_dir=str(run_dir),
                   data=data, budget_s=spec.budget_s or 0.0, keep_last=1, plot=False, sample_tokens=0,
-                  progress="always" if progress else "never", pack_documents=spec.pack_documents)
+                  progress="always" if progress else "never", pack_documents=spec.pack_documents,
+                  stateful=spec.stateful, compile=spec.compile)
     if spec.eval_every is not None:
         values["eval_every"] = spec.eval_every
     values["checkpoint_every"] = values.get("eval_every", TrainConfig.eval_every)
@@ -171,7 +172,9 @@ def train_run(spec: RunSpec, run_dir: Path, log: Callable[[str], None] = print, 
                 + (f", MLP {info.mlp_width}" if info.mlp_width else "") + ")")
 
     model_spec = ModelSpec(build, {"model": spec.model, "sweep": spec.sweep, "options": spec.options},
-                           logits=lambda model, x, **extras: model(x, **extras), describe=describe)
+                           logits=lambda model, x, **extras: model(x, **extras), describe=describe,
+                           stateful=lambda model, x, state, **extras: model(x, state=state, return_state=True,
+                                                                            **extras))
     resume = bool(list_checkpoints(run_dir))
     trainer = Trainer(config, work, model_spec, resume=resume, overwrite=not resume, log=log, name=spec.name)
     try:

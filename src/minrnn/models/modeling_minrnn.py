@@ -403,6 +403,12 @@ class MinRNNForCausalLM(MinRNNPreTrainedModel, MinRNNGenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @property
+    def carries_state(self) -> bool:
+        """Whether the cache is a state of fixed size that `MinRNNCache.to_tensors` can carry from
+        one call to the next (every block recurrent; an attention block's keys grow instead)."""
+        return not self.config.attention_layer_indices
+
     @_accept_cache_aliases
     @can_return_tuple
     def forward(

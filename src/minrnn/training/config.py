@@ -93,6 +93,12 @@ class TrainConfig:
     each document start, so that its state resets there.
     A batch is ``batch_size`` windows of ``seq_len`` + 1 tokens; one optimiser step sees
     ``batch_size * grad_accum`` windows in all (over every process under torchrun).
+    ``stateful``: instead of windows at random offsets, row r of every batch reads the r-th of
+    ``batch_size`` equal, contiguous parts of the train split, one window after the other, and
+    the model starts each window from the state its previous window ended in (detached:
+    truncated backpropagation through time); the state is saved with each checkpoint.
+    ``compile``: the model runs under ``torch.compile`` (``nn.Module.compile``, in place: its
+    weights keep their names in checkpoints).
     """
 
     # data
@@ -101,6 +107,9 @@ class TrainConfig:
     tokenizer: str = "char"  # not used with a prepared folder: its own tokenizer is
     bpe_vocab_size: int = 8192
     pack_documents: bool = False  # prepared folders: windows start at documents, the state resets at each
+    # each batch row reads a contiguous stream and the model's final state is carried into the
+    # next step (truncated backpropagation through time); minRNN models of recurrent blocks
+    stateful: bool = False
     # optimisation
     steps: int = 1000
     batch_size: int = 32
@@ -121,6 +130,7 @@ class TrainConfig:
     seed: int = 1337
     device: str = "cpu"
     threads: int = 0  # torch.set_num_threads; 0 leaves torch's default
+    compile: bool = False  # torch.compile the model for the training step
     # evaluation, logging, checkpoints
     eval_every: int = 100
     eval_windows: int = 64  # validation windows of seq_len + 1 tokens, evenly spaced over the split
@@ -162,6 +172,9 @@ class TrainConfig:
         need(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         need(self.progress in PROGRESS, f"progress must be one of {PROGRESS}, got {self.progress!r}")
         need(bool(self.data), "data must name a corpus, a text file, a folder or a prepared folder")
+        need(not (self.stateful and self.pack_documents),
+             "stateful and pack_documents exclude each other: a stateful row reads its stream without moving "
+             "to document starts")
         keys = model_keys() if self.model else {}
         for key, value in self.model.items():
             if key not in keys:

@@ -19,8 +19,8 @@ checkpoint folders that transformers' ``from_pretrained`` loads, see hf_export.p
 
 Why a resumed run equals an uninterrupted one: the batch of step s is a function of
 (seed, s) alone (see workloads.py), the learning rate is a function of s, and the checkpoint
-holds everything else that changes: weights, AdamW moments, the scheduler's step and the RNG
-states that dropout draws from.
+holds everything else that changes: weights, AdamW moments, the scheduler's step, the RNG
+states that dropout draws from and, in a stateful run, the state carried into the next step.
 """
 
 from __future__ import annotations
@@ -53,16 +53,31 @@ def lm_logits(model, input_ids: torch.Tensor, **extras) -> torch.Tensor:
     return model(input_ids=input_ids, use_cache=False, **extras).logits
 
 
+def lm_stateful_logits(model, input_ids: torch.Tensor, state: dict | None, **extras):
+    """(logits (B, T, V), state after the last position) of a MinRNNForCausalLM (or a wrapper
+    of one: DDP) starting from ``state`` (`MinRNNCache.to_tensors`' dict; None: zeros)."""
+    from ..models import MinRNNCache
+
+    config = getattr(model, "module", model).config
+    cache = MinRNNCache.from_tensors(config, state) if state else MinRNNCache(config)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, **extras)
+    return out.logits, out.cache.to_tensors()
+
+
 @dataclass
 class ModelSpec:
     """How a run gets its model: ``build()`` makes it (called after seeding, on the CPU),
     ``logits(model, ids, **extras)`` reads its logits (``extras``: a batch's keyword inputs,
-    see workloads.py), ``signature`` is what a checkpoint must match."""
+    see workloads.py), ``signature`` is what a checkpoint must match. ``stateful(model, ids,
+    state, **extras) -> (logits, state)``: the logits and the state after the last position,
+    starting from ``state`` (a dict of batch-first tensors; None: zeros), for stateful runs of
+    models whose ``carries_state`` is true; None when the model has no such call."""
 
     build: Callable[[], torch.nn.Module]
     signature: dict = field(default_factory=dict)
     logits: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lm_logits
     describe: Callable[[torch.nn.Module], str] | None = None
+    stateful: Callable | None = None
 
 
 def build_model(config: TrainConfig, vocab_size: int):
@@ -75,7 +90,8 @@ def build_model(config: TrainConfig, vocab_size: int):
 
 def lm_spec(config: TrainConfig, tokenizer) -> ModelSpec:
     return ModelSpec(lambda: build_model(config, tokenizer.vocab_size),
-                     {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, **config.model})
+                     {"vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.kind, **config.model},
+                     stateful=lm_stateful_logits)
 
 
 def text_setup(config: TrainConfig, dist: Dist, resumed_tokenizer=None):
@@ -134,7 +150,7 @@ def config_workload(config: TrainConfig, tokenizer, data) -> TextWorkload:
     """The text workload of ``config`` (train on train, evaluate on valid) on ``data``: the
     {split: text} or the `PreparedData` of `text_setup`."""
     settings = dict(seq_len=config.seq_len, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                    eval_windows=config.eval_windows, seed=config.seed, name=config.data)
+                    eval_windows=config.eval_windows, seed=config.seed, name=config.data, stateful=config.stateful)
     if isinstance(data, dict):
         return text_workload(data, tokenizer, **settings)
     return prepared_workload(data, tokenizer, pack_documents=config.pack_documents, **settings)
@@ -210,6 +226,11 @@ class Trainer:
             splits, self.tokenizer = text_setup(config, self.dist, resumed)
             if self.tokenizer is not None:
                 workload = config_workload(config, self.tokenizer, splits)
+        if config.stateful and model is None:  # the project's LM: refused before the folder is written
+            from ..models import MinRNNConfig
+
+            if MinRNNConfig(**config.model).attention_layer_indices:
+                self._refuse_stateful("MinRNNForCausalLM", "its attention blocks keep keys that grow with the context")
         self._on_main(lambda: self._prepare_run_dir(resume, overwrite))
         if workload is None:  # the other processes read rank 0's tokenizer back
             from ..data.tokenizers import load_tokenizer
@@ -223,6 +244,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = self.spec.build().to(self.device)
         self.model.train()
+        self.carry = None  # stateful runs: this process's rows' state after the last window
+        if config.stateful:
+            self._check_stateful()
         # a checkpoint of the project's language model is also a transformers model folder
         self._hf_files = (pretrained_files(self.model, self.tokenizer)
                           if model is None and self.tokenizer is not None and self.dist.is_main else None)
@@ -235,6 +259,8 @@ class Trainer:
             self._restore(*loaded)
         # after _restore: a config the checkpoint rejects never replaces the run's
         self._on_main(lambda: write_run_file(self.run_dir / "config.toml", config.to_toml().encode()))
+        if config.compile:  # in place: the state dict keeps its keys
+            self.model.compile()
         self.ddp = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -279,6 +305,19 @@ class Trainer:
         if saved.is_file():
             check_resume_settings(TrainConfig.from_file(saved), self.config)
 
+    def _check_stateful(self) -> None:
+        if not getattr(self.workload, "stateful", False):
+            raise ConfigError("stateful needs a text workload read as contiguous streams (built with stateful=True)")
+        if self.spec.stateful is None or not getattr(self.model, "carries_state", False):
+            self._refuse_stateful(type(self.model).__name__,
+                                  "its attention blocks keep keys that grow with the context"
+                                  if hasattr(self.model, "carries_state") else "it has no recurrent state")
+
+    @staticmethod
+    def _refuse_stateful(what: str, why: str):
+        raise ConfigError(f"stateful: {what} cannot carry its state from one window to the next ({why}); stateful "
+                          "runs take minGRU/minLSTM models of recurrent blocks, or LSTM/GRU")
+
     # --- checkpoints ------------------------------------------------------------------------
 
     def _restore(self, path: Path, model_state: dict, state: dict, manifest: dict) -> None:
@@ -302,6 +341,10 @@ class Trainer:
         else:
             self._log(f"resuming with {self.dist.world_size} processes from a run of {len(rngs)}: "
                       "dropout draws differ from an uninterrupted run")
+        carry = state.get("carry")
+        if carry is not None:  # every row's state: this process continues its own rows
+            rows = slice(self.dist.rank * self.per_rank, (self.dist.rank + 1) * self.per_rank)
+            self.carry = {k: v[rows].to(self.device) for k, v in carry.items()}
         self.step, self.wall_s = state["step"], state.get("wall_s", 0.0)
         self.best = state.get("best")
         # the rows after the checkpoint are about to be written again
@@ -315,12 +358,18 @@ class Trainer:
 
     def save(self, val_loss: float | None) -> None:
         rngs = self.dist.gather(self._rng_state())
-        self._on_main(lambda: self._save_on_main(rngs, val_loss))
+        carry = None
+        if self.carry is not None:  # the rows of every process, in rank order
+            parts = self.dist.gather({k: v.cpu() for k, v in self.carry.items()})
+            carry = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self._on_main(lambda: self._save_on_main(rngs, val_loss, carry))
 
-    def _save_on_main(self, rngs: list, val_loss: float | None) -> None:
+    def _save_on_main(self, rngs: list, val_loss: float | None, carry: dict | None = None) -> None:
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "rng": rngs, "wall_s": self.wall_s, "best": self.best,
                  "model_signature": self.spec.signature, "data_signature": self.workload.signature()}
+        if carry is not None:
+            state["carry"] = carry
         ckpt.save_checkpoint(self.run_dir, self.step, self.model.state_dict(), state, val_loss,
                              extra_files=self._hf_files)
         ckpt.prune(self.run_dir, self.config.keep_last)
@@ -375,7 +424,14 @@ class Trainer:
                 else self.ddp.no_sync()
             with sync:
                 with autocast_context(c, self.device):
-                    logits = self.spec.logits(self.ddp, x, **extras)
+                    if c.stateful:
+                        if self.workload.stream_restart(self.step, micro):
+                            self.carry = None
+                        logits, carry = self.spec.stateful(self.ddp, x, self.carry, **extras)
+                        # truncated backpropagation: the next window starts from the values only
+                        self.carry = {k: v.detach() for k, v in carry.items()}
+                    else:
+                        logits = self.spec.logits(self.ddp, x, **extras)
                 loss = self.workload.loss(logits, y)
                 (loss / c.grad_accum).backward()
             loss_sum += loss.detach().double()

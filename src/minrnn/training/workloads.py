@@ -35,6 +35,7 @@ from ..data.text import (
     document_positions,
     eval_offsets,
     packed_windows,
+    stream_offsets,
     token_source,
     train_offsets,
     windows,
@@ -78,6 +79,11 @@ class TextWorkload:
     moved to a document start (minrnn.data.text.packed_starts) and every batch, evaluation
     included, carries ``position_ids`` that restart at 0 at each document start, so that a
     model that resets there never carries one document into the next.
+
+    ``stateful``: row r of every batch reads the r-th of ``batch_size`` equal parts of the train
+    split, window after window (micro-step m of step s is window s * grad_accum + m), for a
+    trainer that carries the model's state from each window to the next; `stream_restart`
+    says where the parts start over (the state is then dropped).
     """
 
     kind = "text"
@@ -86,7 +92,7 @@ class TextWorkload:
 
     def __init__(self, tokens: dict[str, torch.Tensor], vocab_size: int, seq_len: int, batch_size: int,
                  grad_accum: int = 1, eval_windows: int = 64, seed: int = 0, eval_split: str = "valid",
-                 name: str = "text", pack_documents: bool = False):
+                 name: str = "text", pack_documents: bool = False, stateful: bool = False):
         self.tokens = {"train": token_source(tokens["train"]), "eval": token_source(tokens[eval_split])}
         self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
         self.eval_windows, self.seed, self.name = eval_windows, seed, name
@@ -95,10 +101,17 @@ class TextWorkload:
             if pack_documents and not hasattr(toks, "document_starts"):
                 raise DataError(f"pack_documents: the {split} split of {name} has no document index; packing "
                                 "needs a prepared folder (minrnn prepare) as data")
+        if stateful and pack_documents:
+            raise DataError("stateful and pack_documents exclude each other: a stateful row reads its stream "
+                            "without moving to document starts")
         self.pack_documents, self.digest = pack_documents, None
+        self.stateful, self.grad_accum = stateful, grad_accum
+        if stateful:  # every part must hold a window: say so before training starts
+            stream_offsets(len(self.tokens["train"]), seq_len, batch_size, 0)
         self.tokens_per_step = seq_len * batch_size * grad_accum
         self.description = (f"{name}: {len(self.tokens['train']):,} train tokens, evaluated on {eval_split}"
-                            + (", documents packed" if pack_documents else ""))
+                            + (", documents packed" if pack_documents else "")
+                            + (", stateful streams" if stateful else ""))
 
     @classmethod
     def from_splits(cls, splits: dict[str, str], tokenizer, **kwargs) -> TextWorkload:
@@ -115,11 +128,20 @@ class TextWorkload:
         """(inputs, targets), each (batch_size, seq_len) int64 on the CPU; packed documents add
         {"position_ids": (batch_size, seq_len) int64}."""
         tokens = self.tokens["train"]
+        if self.stateful:
+            offsets, _ = stream_offsets(len(tokens), self.seq_len, self.batch_size, step * self.grad_accum + micro)
+            return windows(tokens, offsets, self.seq_len)
         offsets = train_offsets(len(tokens), self.seq_len, self.batch_size, self.seed, step, micro)
         if self.pack_documents:
             x, y, positions = packed_windows(tokens, offsets, self.seq_len)
             return x, y, {"position_ids": positions}
         return windows(tokens, offsets, self.seq_len)
+
+    def stream_restart(self, step: int, micro: int) -> bool:
+        """Stateful workloads: whether the batch of (step, micro) starts every stream over, so that
+        the state carried into it is dropped."""
+        return stream_offsets(len(self.tokens["train"]), self.seq_len, self.batch_size,
+                              step * self.grad_accum + micro)[1]
 
     def loss(self, logits, targets, reduction: str = "mean"):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
@@ -153,6 +175,8 @@ class TextWorkload:
         out = {"data": self.name, "train_tokens": len(self.tokens["train"])}
         if self.digest:  # a prepared folder: its shards' checksums
             out["shards"] = self.digest
+        if self.stateful:  # another order of the same tokens
+            out["stateful"] = True
         return {**out, "pack_documents": True} if self.pack_documents else out
 
 
@@ -167,36 +191,39 @@ def text_tokenizer(splits: dict[str, str], kind: str, bpe_vocab_size: int = 8192
 
 def text_workload(splits: dict[str, str], tokenizer, *, seq_len: int, batch_size: int, grad_accum: int = 1,
                   eval_windows: int = 64, seed: int = 0, train_split: str = "train", eval_split: str = "valid",
-                  name: str = "text") -> TextWorkload:
+                  name: str = "text", stateful: bool = False) -> TextWorkload:
     """The workload of a text run (`minrnn train` and `minrnn compare` alike): ``splits[train_split]``
-    trains, ``eval_windows`` windows of ``splits[eval_split]`` evaluate, ``tokenizer`` encodes both."""
+    trains, ``eval_windows`` windows of ``splits[eval_split]`` evaluate, ``tokenizer`` encodes both;
+    ``stateful``: see `TextWorkload`."""
     work = TextWorkload.from_splits({"train": splits[train_split], eval_split: splits[eval_split]}, tokenizer,
                                     seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
-                                    eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name)
+                                    eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name,
+                                    stateful=stateful)
     work.tokenizer = tokenizer
     work.description = (f"{name} ({tokenizer.kind} tokens): {len(work.tokens['train']):,} train tokens from "
-                        f"{train_split}, evaluated on {eval_split}")
+                        f"{train_split}, evaluated on {eval_split}" + (", stateful streams" if stateful else ""))
     return work
 
 
 def prepared_workload(data, tokenizer, *, seq_len: int, batch_size: int, grad_accum: int = 1,
                       eval_windows: int = 64, seed: int = 0, train_split: str = "train", eval_split: str = "valid",
-                      name: str = "text", pack_documents: bool = False) -> TextWorkload:
+                      name: str = "text", pack_documents: bool = False, stateful: bool = False) -> TextWorkload:
     """The workload of a prepared folder (``data``: a minrnn.data.shards.PreparedData, made by
     `minrnn prepare`): ``train_split`` trains and ``eval_split`` evaluates, both read through
     their memory maps (resident memory does not grow with the corpus), at the offsets an
     in-memory run of the same tokens reads. ``tokenizer``: the folder's; the vocabulary is the
-    manifest's. ``pack_documents``: see `TextWorkload`."""
+    manifest's. ``pack_documents``, ``stateful``: see `TextWorkload`."""
     tokens = {"train": data.split(train_split), eval_split: data.split(eval_split)}
     work = TextWorkload(tokens, data.vocab_size, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
                         eval_windows=eval_windows, seed=seed, eval_split=eval_split, name=name,
-                        pack_documents=pack_documents)
+                        pack_documents=pack_documents, stateful=stateful)
     work.tokenizer = tokenizer
     work.digest = shards_digest(data, train_split)
     train = tokens["train"]
     work.description = (f"{name} (prepared, {tokenizer.kind} tokens): {len(train):,} train tokens in "
                         f"{train.documents:,} documents from {train_split}, evaluated on {eval_split}"
-                        + (", documents packed" if pack_documents else ""))
+                        + (", documents packed" if pack_documents else "")
+                        + (", stateful streams" if stateful else ""))
     return work
 
 

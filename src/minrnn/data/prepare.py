@@ -602,17 +602,16 @@ def prepare(sources: list[str], tokenizer: str, out: str | os.PathLike, *, text_
     if existing is not None:
         log(f"{out} already holds this preparation (its manifest); nothing to do (--overwrite prepares it again)")
         return existing
-    # the run folders' lock: one flock, dropped by the kernel however its holder dies
-    from ..training.run_folder import RunFolderError, RunInUseError, RunLock, lock_holder
+    # one writer per folder: a flock, dropped by the kernel however its holder dies
+    from .._files import FolderInUseError, FolderLock
 
     try:
-        lock = RunLock(out)
-    except RunInUseError:
-        holder = lock_holder(out)
-        raise DataError(f"--out {out} is in use by another minrnn prepare ({f'pid {holder}' if holder else 'another process'}); "
+        lock = FolderLock(out)
+    except FolderInUseError as e:
+        raise DataError(f"--out {out} is in use by another minrnn prepare ({f'pid {e.holder}' if e.holder else 'another process'}); "
                         "wait for it to end or give another --out") from None
-    except RunFolderError as e:
-        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"cannot lock {out}: {e.strerror or e}") from None
     with lock:
         existing = _check_out(out, settings, overwrite)  # again, now that no one else writes
         if existing is not None:

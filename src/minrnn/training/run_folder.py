@@ -13,20 +13,17 @@ about to write again.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
-from .._files import fsync_dir, write_atomic
+from .._files import LOCK_FILE, FolderInUseError, FolderLock, fsync_dir, lock_holder, write_atomic
 from .checkpoint import CheckpointError, checkpoint_root, list_checkpoints
 
-__all__ = ["LOCK_FILE", "RUN_FILES", "RunFolderError", "RunInUseError", "RunLock", "check_fresh_start",
+__all__ = ["LOCK_FILE", "RUN_FILES", "RunFolderError", "RunInUseError", "RunLock", "check_fresh_start", "lock_holder",
            "truncate_metrics", "write_run_file"]
 
-LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 # what a training run writes into its folder; anything else there is left alone
 RUN_FILES = ("checkpoints", METRICS_FILE, "config.toml", "tokenizer.json", "tokenizer_config.json", "bpe.json",
@@ -41,96 +38,26 @@ class RunInUseError(RunFolderError):
     """Another process is training in this run folder."""
 
 
-class RunLock:
-    """An exclusive lock on a run folder, held until `release` (or the process ends).
+class RunLock(FolderLock):
+    """An exclusive lock on a run folder (`minrnn._files.FolderLock`), held until `release` (or
+    the process ends); a second trainer there gets a RunInUseError naming the holder's pid.
 
         with RunLock(run_dir):
             ...  # train
 
-    Only one process of a distributed job should take it (rank 0). On a file system without
-    working ``flock`` (some network mounts) the lock may not exclude other machines.
+    Only one process of a distributed job should take it (rank 0).
     """
 
     def __init__(self, run_dir: str | Path):
-        import fcntl
-
-        self._fd: int | None = None  # set first: __del__ runs even when __init__ raises
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            super().__init__(run_dir)
+        except FolderInUseError as e:
+            who = f"pid {e.holder}" if e.holder else "another process"
+            raise RunInUseError(f"{self.run_dir} is in use by another trainer ({who}); wait for it to end "
+                                "or choose another out_dir") from None
         except OSError as e:
             raise RunFolderError(f"cannot lock {self.run_dir}: {e.strerror or e}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            contended = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-            holder = _read_pid(fd)
-            # the holder writes its pid just after taking the lock: give it a moment to be named
-            for _ in range(20 if contended else 0):
-                if holder:
-                    break
-                time.sleep(0.05)
-                holder = _read_pid(fd)
-            os.close(fd)
-            if contended:
-                who = f"pid {holder}" if holder else "another process"
-                raise RunInUseError(f"{self.run_dir} is in use by another trainer ({who}); wait for it to end "
-                                    "or choose another out_dir") from None
-            raise RunFolderError(f"cannot lock {self.run_dir}: {e.strerror or e}") from None
-        # the pid is for the message of a second trainer only; the flock is the lock.
-        # The file is never deleted: a deleted lock file lets two processes hold two different locks
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:  # a full disk: the lock holds without the pid
-            pass
-        self._fd = fd
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Give the lock up (idempotent)."""
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
-        try:
-            os.ftruncate(fd, 0)
-        except OSError:
-            pass
-        os.close(fd)  # closing the descriptor drops the flock
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        self.release()  # an abandoned lock is released, not leaked until the process ends
-
-
-def lock_holder(run_dir: str | Path) -> int | None:
-    """The pid written in a run folder's lock file (for messages; the lock may be stale)."""
-    try:
-        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return _read_pid(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        text = os.pread(fd, 32, 0).decode().strip()
-        return int(text) if text else None
-    except (OSError, ValueError):
-        return None
 
 
 def existing_run_files(run_dir: str | Path) -> list[str]:

@@ -102,11 +102,22 @@ def test_lm_training_step_compiles_fullgraph_with_inductor(monkeypatch):
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("overrides,fullgraph", [
-    (dict(cell="minlstm"), False), (dict(num_hidden_layers=2, attention_layers=[1]), True)], ids=["minlstm", "hybrid"])
-def test_lm_compiles_with_and_without_fullgraph(overrides, fullgraph):
+# position_ids that restart at 0 mark packed documents: the conv, the cells and the attention
+# block reset there (the hybrid case, which so covers both claims in one compilation)
+PACKED_POSITIONS = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("overrides,fullgraph,position_ids", [
+    (dict(cell="minlstm"), False, None), (dict(num_hidden_layers=2, attention_layers=[1]), True, PACKED_POSITIONS)],
+    ids=["minlstm", "hybrid-packed-documents"])
+def test_lm_compiles_with_and_without_fullgraph(overrides, fullgraph, position_ids):
     ids = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
-    _compare(_lm(**overrides), _lm_call, (ids,), fullgraph=fullgraph)
+
+    def call(model, ids):
+        out = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False)
+        return out.loss, (out.logits,)
+
+    _compare(_lm(**overrides), call, (ids,), fullgraph=fullgraph)
 
 
 def test_lm_decoding_step_compiles_fullgraph():
@@ -175,23 +186,30 @@ def _packed_resets(B, T, seed):
     return reset
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if BACKENDS[b].implements("conv")])
-def test_conv_with_document_resets_compiles_fullgraph(backend):
+def test_conv_with_document_resets_compiles_fullgraph():
+    """The conv of every backend that has one, with resets, in one module compiled whole."""
     from minrnn.ops.conv import causal_conv
 
-    class Conv(torch.nn.Module):
+    backends = [b for b in CPU_BACKENDS if BACKENDS[b].implements("conv")]
+    assert len(backends) >= 2
+
+    class Convs(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.weight = torch.nn.Parameter(torch.randn(6, 1, 4))
-            self.bias = torch.nn.Parameter(torch.randn(6))
+            self.weight = torch.nn.Parameter(torch.randn(len(backends), 6, 1, 4))
+            self.bias = torch.nn.Parameter(torch.randn(len(backends), 6))
 
         def forward(self, x, reset):
-            return causal_conv(x, self.weight, self.bias, reset=reset, backend=backend)
+            return [causal_conv(x, w, b, reset=reset, backend=name)
+                    for name, w, b in zip(backends, self.weight, self.bias, strict=True)]
+
+    def call(m, x, reset):
+        ys = m(x, reset)
+        return sum((y * (i + 1)).sin().sum() for i, y in enumerate(ys)), ys
 
     torch.manual_seed(0)
     x = torch.randn(2, 13, 6, requires_grad=True)
-    _compare(Conv(), lambda m, x, reset: ((y := m(x, reset)).sin().sum(), (y,)), (x, _packed_resets(2, 13, 0)),
-             fullgraph=True)
+    _compare(Convs(), call, (x, _packed_resets(2, 13, 0)), fullgraph=True)
 
 
 def test_layer_with_document_resets_compiles_fullgraph():
@@ -202,14 +220,3 @@ def test_layer_with_document_resets_compiles_fullgraph():
     _compare(layer, lambda m, x, h0: _layer_call(lambda x, h0: m(x, h0, reset=reset), x, h0), (x, None),
              fullgraph=True)
 
-
-def test_lm_on_packed_documents_compiles_fullgraph():
-    """position_ids that restart at 0 mark the documents: the conv and the cells reset there."""
-    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(4))
-    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0, 1, 2]])
-
-    def call(model, ids):
-        out = model(input_ids=ids, labels=ids, position_ids=position_ids, use_cache=False)
-        return out.loss, (out.logits,)
-
-    _compare(_lm(num_hidden_layers=2), call, (ids,), fullgraph=True)

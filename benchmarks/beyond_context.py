@@ -81,6 +81,19 @@ def table(results: dict[str, dict], contexts: list[int]) -> str:
     return "\n".join(lines)
 
 
+def bucket_table(results: dict[str, dict]) -> str:
+    """Markdown: the mean loss (nats) in each position bucket from half the training length on,
+    on the same tokens for every run (the buckets of `position_losses`)."""
+    first = next(iter(results.values()))
+    buckets = [b for b in first["positions"]["buckets"] if b["to"] > first["train_length"] // 2]
+    head = ["model"] + [f"{b['from']}-{b['to'] - 1}" for b in buckets]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in results.items():
+        loss = {(b["from"], b["to"]): b["loss"] for b in r["positions"]["buckets"]}
+        lines.append("| " + " | ".join([label] + [f"{loss[b['from'], b['to']]:.3f}" for b in buckets]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", metavar="[LABEL=]RUN", help="compare run folders (kept weights)")
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} thread(s)"
     md = (f"{table(results, args.contexts)}\n\nPerplexity on the {next(iter(results.values()))['split']} split; "
           f"windows of {args.length} tokens; {args.device}, {machine}; "
-          f"{datetime.date.today().isoformat()}.\n")
+          f"{datetime.date.today().isoformat()}.\n\nLoss (nats) by position:\n\n{bucket_table(results)}\n")
     (args.out / "results.md").write_text(md)
     print(md)
     if args.plot:

@@ -49,11 +49,10 @@ class LogitsOnly(nn.Module):
         reason = state_refusal(self.model)
         if reason:
             raise ValueError(reason)
-        from ..models import MinRNNCache
+        from ..training.loop import lm_stateful_logits
 
-        cache = MinRNNCache.from_tensors(self.model.config, state) if state else MinRNNCache(self.model.config)
-        out = self.model(input_ids=input_ids, cache=cache, use_cache=True, **extra)
-        return (out.logits, out.cache.to_tensors()) if return_state else out.logits
+        logits, last = lm_stateful_logits(self.model, input_ids, state, **extra)
+        return (logits, last) if return_state else logits
 
 
 def state_refusal(model: nn.Module) -> str | None:

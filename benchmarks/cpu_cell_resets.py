@@ -47,8 +47,29 @@ def _import_baseline(checkout: Path):
     spec = importlib.util.spec_from_file_location("minrnn_baseline", init, submodule_search_locations=[str(init.parent)])
     module = importlib.util.module_from_spec(spec)
     sys.modules["minrnn_baseline"] = module
-    spec.loader.exec_module(module)
+    with _ops_renamed("minrnn::", "minrnn_baseline::"):
+        spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def _ops_renamed(prefix: str, replacement: str):
+    """torch.library.custom_op with ``prefix`` names registered under ``replacement``: a second
+    copy of the package defining minrnn:: ops would replace this one's registrations (torch
+    destroys an op's old library when it is defined again), leaving this package's op handles
+    dangling. The baseline's eager paths, the ones timed, do not call its ops."""
+    real = torch.library.custom_op
+
+    def custom_op(name, *args, **kwargs):
+        if isinstance(name, str) and name.startswith(prefix):
+            name = replacement + name[len(prefix):]
+        return real(name, *args, **kwargs)
+
+    torch.library.custom_op = custom_op
+    try:
+        yield
+    finally:
+        torch.library.custom_op = real
 
 
 @contextlib.contextmanager

@@ -188,6 +188,14 @@ def test_the_benchmark_times_every_variant_and_puts_the_backend_back(capsys, mon
     load_script("benchmarks", "cpu_cell_resets").main(["--shape", "2", "16", "8", "--repeats", "1",
                                                        "--baseline", str(ROOT)])
     assert BACKENDS["cpu"] is before
+    # the second copy of the package left this one's custom ops registered as they were
+    from torch._library.custom_ops import OPDEFS
+
+    from minrnn.ops import triton as triton_ops
+    from minrnn.ops.cpu import library as cpu_ops
+
+    for op in (*cpu_ops.OPS, *triton_ops.OPS):
+        assert OPDEFS.get(op._qualname) is op, op._qualname
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[:2] for r in rows] == [["cell", "mingru"], ["cell", "minlstm"], ["layer", "mingru"], ["layer", "minlstm"]]
     assert all(len(r) == 2 + 4 + 3 and all(float(v) > 0 for v in r[2:]) for r in rows)

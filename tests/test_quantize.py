@@ -8,6 +8,8 @@ pytest.importorskip("transformers")
 from minrnn.models import MinRNNCache, MinRNNConfig, MinRNNForCausalLM  # noqa: E402
 from minrnn.quantize import DTYPES, for_decoding  # noqa: E402
 
+DynamicLinear = torch.ao.nn.quantized.dynamic.Linear
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -40,7 +42,10 @@ def test_low_precision_decoding_stays_near_float32(model, dtype, tol):
     for layer in cache.layers:
         assert layer.recurrent_states[0].dtype == torch.float32  # the state is never rounded
     if dtype == "int8":
-        assert not any(type(m) is torch.nn.Linear for m in converted.modules())
+        # every projection is quantized, the blocks' own Linear subclasses too
+        linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+        assert not any(isinstance(m, torch.nn.Linear) for m in converted.modules())
+        assert sum(type(m) is DynamicLinear for m in converted.modules()) == linears
     else:
         assert all(p.dtype == torch.bfloat16 for p in converted.parameters())
 
@@ -53,3 +58,15 @@ def test_float32_is_the_model_itself(model):
 def test_unknown_dtype_is_refused(model):
     with pytest.raises(ValueError, match="dtype must be one of"):
         for_decoding(model, "int4")
+
+
+def test_int8_keeps_an_expanded_model_near_float32():
+    torch.manual_seed(0)
+    model = MinRNNForCausalLM(MinRNNConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, state_expansion=2,
+                                           state_head_dim=16)).eval()
+    ids = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(1))
+    converted = for_decoding(model, "int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in converted.modules())
+    want, _ = _decode(model, ids)
+    got, _ = _decode(converted, ids)
+    assert 0 < (got - want).abs().max() / want.std() < 0.1

@@ -1,6 +1,6 @@
 import os
 
-# Under pytest-xdist (make test runs a worker per core) each worker gets its share of the cores,
+# Under pytest-xdist (`pytest -n auto`: a worker per core) each worker gets its share of the cores,
 # so that the workers' thread pools do not fight over them; set before torch and numba start theirs.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _share = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))

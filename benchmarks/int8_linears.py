@@ -17,8 +17,9 @@ the median over repeats of the mean over ``--passes`` passes:
                          through ``torchao.quantization.quantize_``, when torchao is installed
 
 Also printed: the weights' bytes in float32 and int8, and what reading them once from memory
-takes at the bandwidth measured here (a large float32 copy), the floor of a step that does
-nothing else. Writes the figures to --out (default runs/int8_linears.json).
+takes at the copy bandwidth measured here (``minrnn.bench.measure.copy_bandwidth``, as the scan
+suite measures it), the floor of a step that does nothing else. Writes the figures to --out
+(default runs/int8_linears.json).
 """
 
 from __future__ import annotations
@@ -79,19 +80,8 @@ def variants(stack: nn.ModuleList) -> dict[str, nn.Module]:
     return out
 
 
-def bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
-    """GB/s of a large float32 copy (bytes read plus written), the best of ``repeats``."""
-    src = torch.ones(mb * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best / 1e9
-
-
 def main(argv=None) -> dict:
+    from minrnn.bench.measure import copy_bandwidth
     from minrnn.bench.settings import Settings
 
     s = Settings()  # the decode suite's model by default
@@ -127,7 +117,7 @@ def main(argv=None) -> dict:
                     one_pass(model)
                 times[name].append((time.perf_counter() - start) / args.passes * 1e3)
     n_weights = sum(i * o for i, o in shapes)
-    gbs = bandwidth_gbs()
+    gbs = copy_bandwidth(s.copy_bytes, s.copy_repeats)["gbps"]
     result = {
         "command": " ".join(["python", "benchmarks/int8_linears.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,

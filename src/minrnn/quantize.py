@@ -8,9 +8,10 @@ bytes of the weights; the recurrent state is small and stays float32 whatever th
                state in float32 (``minrnn.functional`` upcasts half inputs), the logits are
                bfloat16
     "int8"     every nn.Linear (the blocks' projections, the MLP, the LM head; the model's own
-               Linear subclasses included) quantized by torch's dynamic quantization: int8 weights (1 byte, one scale per tensor) and int8
-               matmuls on activations quantized per call (fbgemm kernels); the embedding, the
-               norms, the conv and the state stay float32
+               Linear subclasses included) quantized by torch's dynamic quantization: int8
+               weights (1 byte, one scale per tensor) and int8 matmuls on activations quantized
+               per call (fbgemm kernels); the embedding, the norms, the conv and the state stay
+               float32
 
 Which is faster depends on the CPU: bfloat16 matmuls need hardware support (AVX512-BF16 or
 AMX) to beat float32, int8 runs on any x86 CPU with AVX2. docs/benchmarks/index.md has the

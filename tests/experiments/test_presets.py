@@ -104,6 +104,27 @@ def test_budget_follows_the_reference_and_the_sweep():
         sc.model_settings("rwkv", 16)
 
 
+def test_reference_with_options_is_held_to_the_reference_budget():
+    # --set on the reference model (selective copying's minGRU) must not grow it past the budget
+    # every other model is built to; options that keep its size keep its width.
+    sc = load_preset("selective_copying", "cpu")
+    with torch.device("meta"):
+        target, overrides = sc.model_settings("mingru", 16)
+        plain = build_model("mingru", 16, target, **overrides).baseline
+        target, overrides = sc.model_settings("mingru", 16, {"state_expansion": 4})
+        expanded = build_model("mingru", 16, target, **overrides).baseline
+        as_given = build_model("mingru", 16, None, **{**overrides, "hidden_size": plain.width}).baseline
+        signed_target, signed_overrides = sc.model_settings("mingru", 16, {"cell": "mingru_signed"})
+        signed = build_model("mingru", 16, signed_target, **signed_overrides).baseline
+        wide = sc.model_settings("mingru", 16, {"state_expansion": 4, "width": 96})
+    assert target == plain.params and "hidden_size" not in overrides and overrides["state_expansion"] == 4
+    assert as_given.params > 1.2 * plain.params  # what the reference's own width would have cost
+    assert abs(expanded.params - plain.params) < 0.05 * plain.params and expanded.width != plain.width
+    assert (signed.params, signed.width) == (plain.params, plain.width)
+    assert wide == (None, {**sc.common, **{k: v for k, v in sc.reference.items() if k != "name"},
+                           "state_expansion": 4, "hidden_size": 96})
+
+
 GOOD = """
 [p]
 description = "d"

@@ -119,26 +119,33 @@ class Preset:
         lo, hi = self.data["eval_lengths"]
         return list(range(lo, hi + 1, self.data.get("eval_length_step", 1)))
 
-    def model_settings(self, model: str, vocab_size: int, **sweep) -> tuple[int | None, dict[str, Any]]:
+    def model_settings(self, model: str, vocab_size: int, options: dict[str, Any] | None = None,
+                       **sweep) -> tuple[int | None, dict[str, Any]]:
         """(target_params, overrides) such that ``build_model(model, vocab_size, target_params,
         **overrides)`` builds ``model`` as this preset says (a registered baseline the preset does
         not name: with the common overrides, to the budget); ``sweep`` values (e.g.
-        num_hidden_layers=2) apply to every model, the reference included, so the budget follows them."""
+        num_hidden_layers=2) apply to every model, the reference included, so the budget follows them.
+        ``options`` (a run's ``--set`` values) are merged last; on the reference model they would
+        change its size, so unless they fix its width the reference is then built to the plain
+        reference's parameter count, its width searched like any other model's."""
+        options = canonical_options(options or {}, "options")
         if model not in self.available_models and model not in BASELINES:
             raise KeyError(f"{self.experiment}/{self.name} runs {list(self.available_models)} (or another registered "
                            f"baseline), not {model!r}")
         sweep = canonical_options(sweep, "sweep")
         overrides = {**self.common, **self.per_model.get(model, {}), **sweep}
         if self.reference is None:
-            return self.target_params, overrides
+            return self.target_params, {**overrides, **options}
         ref = dict(self.reference)
         ref_name = ref.pop("name")
         ref_overrides = {**self.common, **ref, **sweep}
-        if model == ref_name:
-            return None, ref_overrides  # the reference itself: its widths as given
+        if model == ref_name and (not options or "hidden_size" in options):
+            return None, {**ref_overrides, **options}  # the reference itself: its widths as given
         with torch.device("meta"):  # only its size is needed
             target = build_model(ref_name, vocab_size, None, **ref_overrides).baseline.params
-        return target, overrides
+        if model == ref_name:
+            overrides = {k: v for k, v in ref_overrides.items() if k != "hidden_size"}
+        return target, {**overrides, **options}
 
 
 def _fail(where: str, msg: str):

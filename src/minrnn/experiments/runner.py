@@ -90,8 +90,8 @@ def build_run_model(spec: RunSpec, preset: Preset, work) -> torch.nn.Module:
     ``forward(input_ids) -> logits``."""
     from .baselines import build_model
 
-    target, overrides = preset.model_settings(spec.model, work.vocab_size, **spec.sweep)
-    return build_model(spec.model, work.vocab_size, target, **{**overrides, **spec.options})
+    target, overrides = preset.model_settings(spec.model, work.vocab_size, spec.options, **spec.sweep)
+    return build_model(spec.model, work.vocab_size, target, **overrides)
 
 
 def run_train_settings(preset: Preset, spec: RunSpec) -> dict:

@@ -121,3 +121,40 @@ def test_run_folder_loads_in_a_process_that_never_imported_minrnn(run, tmp_path)
     assert same_ids and eos == "<|endoftext|>"
     with torch.no_grad():
         assert float(total) == pytest.approx(model(torch.tensor([ids])).logits.double().sum().item(), rel=1e-6)
+
+
+def test_in_memory_run_scores_documents_after_its_newline(tmp_path, monkeypatch):
+    """A run trained on text in memory has no boundary token; the harness's ``prefix_token_id``
+    argument gives it the newline, the token the run saw before each line it learnt from, and the
+    harness then scores every token of a document given that one (the model's own log-probs)."""
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    from minrnn.models import MinRNNForCausalLM
+
+    from ..corpus import shakespeare
+
+    (tmp_path / "text.txt").write_text(shakespeare(12_000))
+    r = minrnn("train", TINY, "--data", tmp_path / "text.txt", "--tokenizer", "char", "--out_dir", tmp_path / "run",
+               "--steps", 4, "--eval_every", 2, "--checkpoint_every", 2, "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    best = tmp_path / "run" / "best"
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    assert tokenizer.bos_token_id is None and tokenizer.eos_token_id is None  # the vocabulary as trained
+    (newline,) = tokenizer("\n", add_special_tokens=False).input_ids
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    tasks = write_tasks(tmp_path / "tasks")[1:]
+    out = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={best},trust_remote_code=True,dtype=float32,prefix_token_id={newline}",
+        tasks=tasks, task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        log_samples=True, batch_size=2, device="cpu", bootstrap_iters=0)
+
+    model = MinRNNForCausalLM.from_pretrained(best).eval()
+    rolling = {s["doc"]["context"]: s["resps"][0][0] for s in out["samples"]["minrnn_test_rolling"]}
+    assert len(rolling) == len(DOCS)
+    for context, continuation in DOCS:
+        ids = [newline] + tokenizer(context + continuation, add_special_tokens=False).input_ids
+        assert rolling[context] == pytest.approx(own_logprob(model, ids, len(ids) - 1), abs=1e-4)

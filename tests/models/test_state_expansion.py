@@ -19,6 +19,8 @@ EXPANDED = {
     "mingru-n4": dict(cell="mingru", state_expansion=4),
     "minlstm-n2-d3": dict(cell="minlstm", state_expansion=2, state_head_dim=3),
     "minlstm-raw-n4": dict(cell="minlstm", state_expansion=4, cell_options={"normalize": False}),
+    "mingru_signed-n4": dict(cell="mingru_signed", state_expansion=4, decay_bias=1.0),
+    "minlstm_signed-n2-d3": dict(cell="minlstm_signed", state_expansion=2, state_head_dim=3),
 }
 
 
@@ -143,8 +145,18 @@ def test_bad_settings_are_one_line_errors():
         tiny_config(state_expansion=0)
     with pytest.raises(ValueError, match="state_head_dim must be None or a positive integer"):
         tiny_config(state_expansion=2, state_head_dim=0)
-    with pytest.raises(ValueError, match="signed transitions"):
-        tiny_config(cell="mingru_signed", state_expansion=4)
+
+def test_signed_expanded_model_runs_the_states_method_and_refuses_the_chunked_one():
+    model = expanded_lm("mingru_signed-n4")
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        a = model.model.layers[0].mixer._qkva(model.model.layers[0].mixer.in_proj(torch.randn(2, 9, 16)))[3]
+    assert torch.isfinite(logits).all() and bool((a < 0).any()) and bool((a > 0).any())  # both signs in use
+    for layer in model.model.layers:
+        layer.mixer.method = "chunked"
+    with pytest.raises(ValueError, match="signed decays \\(a=\\) need method='states'"):
+        model(input_ids=ids)
 
 
 def test_save_and_load_keep_the_expanded_model(tmp_path):

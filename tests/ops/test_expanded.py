@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minrnn.functional import run_cell
-from minrnn.ops import cpu
+from minrnn.ops import BACKENDS, cpu
 from minrnn.ops.cells import get_cell
 from minrnn.ops.expanded import (
     expanded_gates,
@@ -155,6 +155,66 @@ def test_one_slot_read_with_q_one_is_the_cell(cell, n_gates):
     torch.testing.assert_close(h.view(2, 6), last)
 
 
+def signed_inputs(B=2, T=13, H=3, n=4, d=5, dtype=torch.float64, seed=0):
+    """As ``inputs`` with the decays given as a in (-1, 1), both signs present."""
+    tensors, h0 = inputs(B, T, H, n, d, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 11)
+    a = torch.tanh(2 * torch.randn(B, T, H, n, generator=gen, dtype=torch.float64)).to(dtype).requires_grad_()
+    return tensors[:3] + [a], h0
+
+
+SIGNED_BACKENDS = ["auto"] + [b for b in ("sequential", "chunked", "triton") if b in BACKENDS and BACKENDS[b].signed
+                              and (b != "triton" or torch.cuda.is_available())]
+
+
+@pytest.mark.parametrize("backend", SIGNED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [1, 7, 13])
+@pytest.mark.parametrize("bounds", ["none", "mask", "reset", "both"])
+def test_signed_decays_in_the_states_method_equal_the_loop(backend, dtype, T, bounds):
+    """a in (-1, 1) given with a=: the states method ("auto": the CPU kernel; the others the
+    scan backends that take negative transitions) against the loop, every gradient included."""
+    tensors, h0 = signed_inputs(T=T, dtype=dtype)
+    mask, reset = boundaries(2, T)
+    kw = {"none": {}, "mask": dict(mask=mask), "reset": dict(reset=reset), "both": dict(mask=mask, reset=reset)}[bounds]
+
+    def as_a(fn, **more):
+        return lambda q, k, v, a, h0, **kw: fn(q, k, v, None, h0, a=a, **more, **kw)
+
+    o_ref, h_ref, g_ref = outputs_and_grads(as_a(expanded_scan_reference), tensors, h0, **kw)
+    o, h, grads = outputs_and_grads(as_a(expanded_scan, backend=backend), tensors, h0, **kw)
+    assert o.dtype == dtype and h.dtype == dtype
+    torch.testing.assert_close(o, o_ref, **TOL[dtype])
+    torch.testing.assert_close(h, h_ref, **TOL[dtype])
+    for name, g, g0 in zip(("q", "k", "v", "a", "h0"), grads, g_ref):
+        torch.testing.assert_close(g, g0, **TOL[dtype], msg=f"gradient of {name}")
+
+
+def test_signed_decays_are_refused_by_the_chunked_form_and_the_log_backend():
+    (q, k, v, a), h0 = signed_inputs(T=5)
+    with pytest.raises(ValueError, match="need method='states'"):
+        expanded_scan(q, k, v, None, h0, a=a, method="chunked")
+    with pytest.raises(ValueError):
+        expanded_scan(q, k, v, None, h0, a=a, backend="log")
+
+
+@pytest.mark.parametrize("cell,n_gates", [("mingru_signed", 1), ("minlstm_signed", 2)])
+def test_one_slot_read_with_q_one_is_the_signed_cell(cell, n_gates):
+    """The signed cells' gates as (a, k, v): n = 1, d = 1 and q = 1 give the cell's own h,
+    negative transitions included."""
+    gen = torch.Generator().manual_seed(3)
+    pre = tuple(torch.randn(2, 9, 6, generator=gen, dtype=torch.float64) for _ in range(1 + n_gates))
+    spec = get_cell(cell)
+    a, k, v = expanded_gates(spec, pre, spec.options())
+    assert bool((a < 0).any()) and bool((a > 0).any()) and bool(((a > -1) & (a < 1)).all())
+    shape = (2, 9, 6, 1)
+    o, h = expanded_scan_states(torch.ones(shape, dtype=torch.float64), k.view(shape), v.view(shape), None,
+                                a=a.view(shape))
+    h_cell, last = run_cell(cell, pre, backend="sequential")
+    torch.testing.assert_close(o.view(2, 9, 6), h_cell)
+    torch.testing.assert_close(h.view(2, 6), last)
+
+
 def torch_step(spec, pre, h, options, mask, H, n):
     """The mixer's torch step from its projection [hidden | gates | query]: the fused step's reference."""
     B, E = pre.shape[0], pre.shape[1] - spec.n_pre * H * n
@@ -218,5 +278,11 @@ def test_bad_arguments_are_named():
         expanded_scan(q, k, v, log_a, method="fast")
     with pytest.raises(TypeError, match="reset must be a bool tensor"):
         expanded_scan(q, k, v, log_a, reset=torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="signed transitions"):
-        expanded_gates("mingru_signed", (q, q), ())
+    with pytest.raises(TypeError, match="exactly one of log_a .* and a="):
+        expanded_scan_states(q, k, v, log_a, a=log_a.exp())
+    with pytest.raises(TypeError, match="exactly one of log_a .* and a="):
+        expanded_scan_reference(q, k, v, None)
+    with pytest.raises(ValueError, match="the chunked form takes log_a"):
+        expanded_scan_chunked(q, k, v, None)
+    with pytest.raises(ValueError, match="a must have the shape of q"):
+        expanded_scan_states(q, k, v, None, a=log_a[..., :2].exp())

@@ -154,8 +154,9 @@ class MinRNNConfig(PreTrainedConfig):
             H_t = diag(a_t) H_{t-1} + k_t v_t^T read by a query, o_t = H_t^T q_t; the cell's
             decay a (n per head), its input gate the key k, its candidate g(hidden) the value v,
             and a query projection q added to the input projection. The recurrent width is then
-            rounded to a whole number of heads; the cell must have decays in (0, 1) (not the
-            signed cells) and the scan runs ``minrnn.ops.expanded`` (scan_backend is not used).
+            rounded to a whole number of heads, and the recurrence runs ``minrnn.ops.expanded``
+            (its "states" method on scan_backend). The signed cells give decays in (-1, 1) to
+            every slot (the "states" method and the step; the chunked form takes log decays).
             See the design page.
         state_head_dim: the value channels per head when state_expansion > 1 (default None:
             state_expansion, as HGRN2, so the key gates are as wide as the recurrent width).
@@ -325,7 +326,7 @@ class MinRNNConfig(PreTrainedConfig):
                                  f"got {value!r}")
 
     def validate_state_expansion(self):
-        """Part of the strict validation: an expanded state needs a cell of decays in (0, 1)."""
+        """Part of the strict validation: an expanded state needs a cell with a log form or a signed one."""
         if self.state_expansion > 1:
             check_expandable(self.cell_spec)
 

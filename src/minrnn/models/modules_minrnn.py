@@ -256,8 +256,8 @@ class MinRNNExpandedMixer(nn.Module):
         return batch, self.heads, self.n, self.head_dim
 
     def _qkva(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Pre-activations (..., E + (gates + 1) H n) -> q, k, log a (..., H, n) and v (..., H, d),
-        computed in the accumulation dtype (float32 for half)."""
+        """Pre-activations (..., E + (gates + 1) H n) -> q, k, log a (a signed cell: a) (..., H, n)
+        and v (..., H, d), computed in the accumulation dtype (float32 for half)."""
         dt = torch.float32 if pre.dtype in (torch.float16, torch.bfloat16) else pre.dtype
         parts = pre.to(dt).split([self.rnn_hidden_size] + [self.gate_width] * (self.n_gates + 1), dim=-1)
         hidden, gates, query = parts[0], parts[1:-1], parts[-1]
@@ -276,8 +276,10 @@ class MinRNNExpandedMixer(nn.Module):
                 h0 = torch.where(reset[:, 0, None, None, None], torch.zeros((), dtype=h0.dtype, device=h0.device), h0)
             y, h_last = self.step(x[:, 0], h0, None if mask is None else mask[:, 0])
             return y.unsqueeze(1), h_last
-        q, k, v, log_a = self._qkva(self.in_proj(x))
-        o, h_last = expanded_scan(q, k, v, log_a, h0, mask=mask, reset=reset, method=self.method, backend=self.backend)
+        q, k, v, dec = self._qkva(self.in_proj(x))
+        log_a, a = (None, dec) if self.spec.signed else (dec, None)
+        o, h_last = expanded_scan(q, k, v, log_a, h0, a=a, mask=mask, reset=reset, method=self.method,
+                                  backend=self.backend)
         return self.out_proj(o.reshape(B, T, self.rnn_hidden_size).to(x.dtype)), h_last
 
     def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None,
@@ -288,16 +290,16 @@ class MinRNNExpandedMixer(nn.Module):
         fused = expanded_step_fused(self.spec, pre, h, self.option_values, mask, self.heads, self.n)
         if fused is not None:  # one compiled kernel where it applies (CPU, no autograd)
             return linear_step(self.out_proj, fused[0], MinRNNResidualOut, residual), fused[1]
-        q, k, v, log_a = self._qkva(pre)
+        q, k, v, dec = self._qkva(pre)
         if h is None:
             h = q.new_zeros(self.state_shape(x.shape[0]))
         else:
             h = h.to(torch.promote_types(q.dtype, h.dtype))
-        if mask is not None:
+        if mask is not None:  # the identity step: a = 1 (log a = 0), k = 0
             m = mask[:, None, None]
             k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
-            log_a = torch.where(m, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
-        o, h = expanded_step(q, k, v, log_a, h)
+            dec = torch.where(m, dec, torch.full((), float(self.spec.signed), dtype=dec.dtype, device=dec.device))
+        o, h = expanded_step(q, k, v, None, h, a=dec if self.spec.signed else torch.exp(dec))
         return linear_step(self.out_proj, o.reshape(x.shape[0], -1).to(x.dtype), MinRNNResidualOut, residual), h
 
 

@@ -13,8 +13,11 @@ the cell's own h_t = a_t h_{t-1} + z_t g(hidden_t).
 
 Layout: q, k and log a are (B, T, H, n), v is (B, T, H, d), the state (B, H, n, d) (the value
 axis contiguous: a step scales the rows and adds an outer product, the read sums over rows).
-Decays are given as log a (<= 0). A padded position (``mask`` False) is the identity
-(a = 1, k = 0); a document start (``reset`` True) forgets the state first (a = 0).
+Decays are given as log a (<= 0), or, for the signed cells (a in (-1, 1): ``mingru_signed``,
+``minlstm_signed``), as a itself with ``a=`` (the reference, the states method and the step;
+the chunked form's relative decays are exponentials of log sums, so it takes log a only).
+A padded position (``mask`` False) is the identity (a = 1, k = 0); a document start
+(``reset`` True) forgets the state first (a = 0).
 
 Three implementations of one function:
 
@@ -61,33 +64,47 @@ _NAMES = ("q", "k", "v", "log_a")
 
 def expanded_gates(cell: str | CellSpec, pre: tuple[Tensor, ...], options: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:
     """(log a, k, v) of a cell's pre-activations: its decay and input gate from its gates
-    pre-activations, its candidate g(hidden) as the value.
+    pre-activations, its candidate g(hidden) as the value. For a signed cell (``spec.signed``)
+    the first is the decay a itself, in (-1, 1) (it has no log), for ``a=`` of the scans.
 
     ``pre`` is the cell's pre-activations in ``pre_names`` order, the first being "hidden"; the
     others (the gates) may be a different width than hidden's. The gates are read from the cell's
-    ``log_gates`` at g(hidden) = 1 (hidden = 0.5), where log b is log of the input gate: this holds
-    for every cell whose b is its input gate times g(hidden), the built-in ones included.
+    ``log_gates`` (signed: ``gates``) at g(hidden) = 1 (hidden = 0.5), where b is the input gate:
+    this holds for every cell whose b is its input gate times g(hidden), the built-in ones included.
     """
     spec = get_cell(cell)
     check_expandable(spec)
     hidden, gates = pre[0], pre[1:]
-    log_a, log_k = spec.log_gates(torch.full_like(gates[0], 0.5), *gates, *options)
+    one = torch.full_like(gates[0], 0.5)
+    if spec.signed:
+        a, k = spec.gates(one, *gates, *options)
+        return a, k, g(hidden)
+    log_a, log_k = spec.log_gates(one, *gates, *options)
     return log_a, torch.exp(log_k), g(hidden)
 
 
 def check_expandable(spec: CellSpec) -> None:
-    """A cell the expanded state can run: one with a log form (decays in (0, 1)) whose first
-    pre-activation is the candidate "hidden"; else a one-line ValueError."""
-    if spec.log_gates is None or spec.signed:
-        raise ValueError(f"state_expansion > 1 needs a cell with decays in (0, 1) and a log form; "
-                         f"cell {spec.name!r} has signed transitions")
+    """A cell the expanded state can run: one with a log form (decays in (0, 1)) or a signed one
+    (decays in (-1, 1)), whose first pre-activation is the candidate "hidden"; else a one-line
+    ValueError."""
+    if spec.log_gates is None and not spec.signed:
+        raise ValueError(f"state_expansion > 1 needs a cell with decays in (0, 1) and a log form, or a signed cell; "
+                         f"cell {spec.name!r} has neither")
     if spec.pre_names[0] != "hidden":
         raise ValueError(f"state_expansion > 1 needs a cell whose first pre-activation is 'hidden' (the value); "
                          f"cell {spec.name!r} has {spec.pre_names}")
 
 
-def _check(q, k, v, log_a, h0, mask, reset) -> tuple[int, int, int, int, int]:
-    for name, x in zip(_NAMES, (q, k, v, log_a)):
+def _decays(log_a: Tensor | None, a: Tensor | None) -> tuple[Tensor, bool]:
+    """(the decays given, whether they are a itself): exactly one of log_a and a."""
+    if (log_a is None) == (a is None):
+        raise TypeError("give the decays as exactly one of log_a (in (-inf, 0]) and a= (signed, in (-1, 1))")
+    return (log_a, False) if a is None else (a, True)
+
+
+def _check(q, k, v, log_a, h0, mask, reset, signed=False) -> tuple[int, int, int, int, int]:
+    names = _NAMES[:3] + (("a",) if signed else ("log_a",))
+    for name, x in zip(names, (q, k, v, log_a)):
         check_float_tensor(name, x)
         if x.dim() != 4:
             raise ValueError(f"{name} must be (batch, time, heads, {'d' if name == 'v' else 'n'}), "
@@ -97,7 +114,7 @@ def _check(q, k, v, log_a, h0, mask, reset) -> tuple[int, int, int, int, int]:
         if x.device != q.device:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
     B, T, H, n = q.shape
-    for name, x in (("k", k), ("log_a", log_a)):
+    for name, x in (("k", k), (names[3], log_a)):
         if x.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(x.shape)}")
     if v.shape[:3] != (B, T, H):
@@ -115,33 +132,38 @@ def _check(q, k, v, log_a, h0, mask, reset) -> tuple[int, int, int, int, int]:
     return B, T, H, n, d
 
 
-def _boundaries(k: Tensor, log_a: Tensor, mask: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(k, log a) with padding as identity steps (a = 1, k = 0) and document starts as a = 0."""
+def _boundaries(k: Tensor, log_a: Tensor, mask: Tensor | None, reset: Tensor | None,
+                signed: bool = False) -> tuple[Tensor, Tensor]:
+    """(k, log a) with padding as identity steps (a = 1, k = 0) and document starts as a = 0
+    (``signed``: the decays are a itself)."""
+    one, zero = (1.0, 0.0) if signed else (0.0, -torch.inf)
     if mask is not None:
         m = mask[:, :, None, None]
         k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
-        log_a = torch.where(m, log_a, torch.zeros((), dtype=log_a.dtype, device=log_a.device))
+        log_a = torch.where(m, log_a, torch.full((), one, dtype=log_a.dtype, device=log_a.device))
     if reset is not None:
-        log_a = torch.where(reset[:, :, None, None], torch.full((), -torch.inf, dtype=log_a.dtype,
+        log_a = torch.where(reset[:, :, None, None], torch.full((), zero, dtype=log_a.dtype,
                                                                 device=log_a.device), log_a)
     return k, log_a
 
 
-def _prepare(q, k, v, log_a, h0, mask, reset):
-    B, T, H, n, d = _check(q, k, v, log_a, h0, mask, reset)
+def _prepare(q, k, v, log_a, h0, mask, reset, signed=False):
+    B, T, H, n, d = _check(q, k, v, log_a, h0, mask, reset, signed)
     cdt = accumulation_dtype(q.dtype)
     if h0 is not None:
         cdt = torch.promote_types(cdt, h0.dtype)
     q, k, v, log_a = (x.to(cdt) for x in (q, k, v, log_a))
-    k, log_a = _boundaries(k, log_a, mask, reset)
+    k, log_a = _boundaries(k, log_a, mask, reset, signed)
     h = torch.zeros(B, H, n, d, dtype=cdt, device=q.device) if h0 is None else h0.to(cdt)
     return q, k, v, log_a, h, (B, T, H, n, d)
 
 
-def expanded_step(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    """One step without checks: q, k, log_a (B, H, n), v (B, H, d), h (B, H, n, d) ->
-    (o (B, H, d), the new h (B, H, n, d)). Padding and resets already applied to k and log a."""
-    h = torch.exp(log_a).unsqueeze(-1) * h + k.unsqueeze(-1) * v.unsqueeze(-2)
+def expanded_step(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor | None, h: Tensor, *,
+                  a: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One step without checks: q, k, log_a or a (B, H, n), v (B, H, d), h (B, H, n, d) ->
+    (o (B, H, d), the new h (B, H, n, d)). Padding and resets already applied to k and the decays."""
+    a = torch.exp(log_a) if a is None else a
+    h = a.unsqueeze(-1) * h + k.unsqueeze(-1) * v.unsqueeze(-2)
     return (q.unsqueeze(-1) * h).sum(-2), h
 
 
@@ -176,12 +198,14 @@ def expanded_step_fused(spec: CellSpec, pre: Tensor, h: Tensor | None, options: 
     return o, h_out
 
 
-def expanded_scan_reference(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
-                            mask: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def expanded_scan_reference(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor | None, h0: Tensor | None = None, *,
+                            a: Tensor | None = None, mask: Tensor | None = None,
+                            reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The expanded recurrence as a loop over time (the definition).
 
     Args:
-        q, k: (B, T, H, n) the query and key; log_a: (B, T, H, n) the log decays (<= 0).
+        q, k: (B, T, H, n) the query and key; log_a: (B, T, H, n) the log decays (<= 0), or None
+            with a: (B, T, H, n) the decays themselves (a signed cell's, in (-1, 1)).
         v: (B, T, H, d) the value.
         h0: (B, H, n, d) the start state, zeros when None.
         mask: (B, T) bool, False at padding (identity steps: a = 1, k = 0), or None.
@@ -191,12 +215,14 @@ def expanded_scan_reference(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: 
         accumulation dtype (float32 for half inputs).
     """
     in_dtype = q.dtype
-    q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
+    dec, signed = _decays(log_a, a)
+    q, k, v, dec, h, (B, T, H, n, d) = _prepare(q, k, v, dec, h0, mask, reset, signed)
+    a = dec if signed else torch.exp(dec)
     out = []
     for t in range(T):
-        o, h = expanded_step(q[:, t], k[:, t], v[:, t], log_a[:, t], h)
+        o, h = expanded_step(q[:, t], k[:, t], v[:, t], None, h, a=a[:, t])
         out.append(o)
-    o = torch.stack(out, 1) if out else v.new_zeros(B, 0, H, d) + (q.sum() + k.sum() + log_a.sum()) * 0
+    o = torch.stack(out, 1) if out else v.new_zeros(B, 0, H, d) + (q.sum() + k.sum() + dec.sum()) * 0
     return o.to(in_dtype), h
 
 
@@ -212,7 +238,7 @@ def _segment_sums(log_a: Tensor) -> Tensor:
                        torch.full((), -torch.inf, dtype=x.dtype, device=x.device))
 
 
-def expanded_scan_chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
+def expanded_scan_chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor | None, h0: Tensor | None = None, *,
                           mask: Tensor | None = None, reset: Tensor | None = None,
                           chunk_size: int = 16) -> tuple[Tensor, Tensor]:
     """``expanded_scan_reference``'s numbers, chunkwise parallel (differentiable by autograd).
@@ -223,9 +249,13 @@ def expanded_scan_chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Te
     one before, decayed over the chunk, plus the chunk's own sum of decayed k_j v_j^T: a loop of
     one elementwise update per chunk. Work O(T C n (d + 1)) per head, memory O(T C n).
 
-    Args: as ``expanded_scan_reference``, plus ``chunk_size`` (C, a positive integer).
+    Args: as ``expanded_scan_reference`` (log_a only: signed decays have no log), plus
+        ``chunk_size`` (C, a positive integer).
     Returns: (o (B, T, H, d), h_last (B, H, n, d)).
     """
+    if log_a is None:
+        raise ValueError("the chunked form takes log_a (decays in (0, 1)); signed decays (a=) run the "
+                         "reference or the states method")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     in_dtype = q.dtype
@@ -297,8 +327,8 @@ def _states_kernel_applies(x: Tensor, backend: str) -> bool:
             and not torch.compiler.is_compiling() and resolve_backend(backend, x.device).name == "cpu")
 
 
-def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
-                         mask: Tensor | None = None, reset: Tensor | None = None,
+def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor | None, h0: Tensor | None = None, *,
+                         a: Tensor | None = None, mask: Tensor | None = None, reset: Tensor | None = None,
                          backend: str = "auto") -> tuple[Tensor, Tensor]:
     """``expanded_scan_reference``'s numbers from one scan over the state's entries.
 
@@ -309,17 +339,20 @@ def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Ten
     numba) and the dtype float32/float64, the scan and the read run as one compiled kernel each
     way (``_StatesKernel``), without forming the (B, T, H n d) decays and inputs.
 
-    Args: as ``expanded_scan_reference``, plus ``backend`` (a scan backend, as ``minrnn.scan``).
+    Args: as ``expanded_scan_reference``, plus ``backend`` (a scan backend, as ``minrnn.scan``;
+        signed decays need one that takes them: not "log").
     Returns: (o (B, T, H, d), h_last (B, H, n, d)).
     """
     in_dtype = q.dtype
-    q, k, v, log_a, h, (B, T, H, n, d) = _prepare(q, k, v, log_a, h0, mask, reset)
+    dec, signed = _decays(log_a, a)
+    q, k, v, dec, h, (B, T, H, n, d) = _prepare(q, k, v, dec, h0, mask, reset, signed)
     if B == 0 or T == 0:
-        return (v * 0 + (q.sum() + k.sum() + log_a.sum()) * 0).to(in_dtype), h
-    if _states_kernel_applies(q, backend):
-        o, h_last = _StatesKernel.apply(q, k, v, torch.exp(log_a), h)
+        return (v * 0 + (q.sum() + k.sum() + dec.sum()) * 0).to(in_dtype), h
+    a = dec if signed else torch.exp(dec)
+    if _states_kernel_applies(q, backend):  # the kernel takes a of any sign
+        o, h_last = _StatesKernel.apply(q, k, v, a, h)
         return o.to(in_dtype), h_last
-    a = torch.exp(log_a).unsqueeze(-1).expand(B, T, H, n, d).reshape(B, T, H * n * d)
+    a = a.unsqueeze(-1).expand(B, T, H, n, d).reshape(B, T, H * n * d)
     b = (k.unsqueeze(-1) * v.unsqueeze(-2)).reshape(B, T, H * n * d)
     states = scan(a, b, h.reshape(B, H * n * d), backend=backend).view(B, T, H, n, d)
     o = (q.unsqueeze(-1) * states).sum(-2)
@@ -329,15 +362,17 @@ def expanded_scan_states(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Ten
 METHODS = ("states", "chunked")
 
 
-def expanded_scan(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, h0: Tensor | None = None, *,
-                  mask: Tensor | None = None, reset: Tensor | None = None, method: str = "states",
-                  backend: str = "auto", chunk_size: int = 16) -> tuple[Tensor, Tensor]:
+def expanded_scan(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor | None, h0: Tensor | None = None, *,
+                  a: Tensor | None = None, mask: Tensor | None = None, reset: Tensor | None = None,
+                  method: str = "states", backend: str = "auto", chunk_size: int = 16) -> tuple[Tensor, Tensor]:
     """The expanded recurrence over a sequence by ``method``: "states" (``expanded_scan_states``
-    with the scan ``backend``) or "chunked" (``expanded_scan_chunked`` with ``chunk_size``).
-    Arguments and returns as ``expanded_scan_reference``."""
+    with the scan ``backend``) or "chunked" (``expanded_scan_chunked`` with ``chunk_size``; log_a
+    only). Arguments and returns as ``expanded_scan_reference``."""
     if method == "states":
-        return expanded_scan_states(q, k, v, log_a, h0, mask=mask, reset=reset, backend=backend)
+        return expanded_scan_states(q, k, v, log_a, h0, a=a, mask=mask, reset=reset, backend=backend)
     if method == "chunked":
+        if a is not None:
+            raise ValueError("method='chunked' takes log_a (decays in (0, 1)); signed decays (a=) need method='states'")
         return expanded_scan_chunked(q, k, v, log_a, h0, mask=mask, reset=reset, chunk_size=chunk_size)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 

@@ -112,6 +112,14 @@ def dropout_in_training(ref, var):
     return not torch.equal(var(IDS).logits, var(IDS).logits) and torch.equal(logits(var.eval()), logits(ref))
 
 
+def gated_read(ref, var):
+    """The ungated model's weights plus a gate projection per block: the logits move."""
+    missing, unexpected = var.load_state_dict(ref.state_dict(), strict=False)
+    return (not unexpected and sorted(missing) == sorted(f"model.layers.{i}.mixer.gate_proj.weight"
+                                                         for i in range(len(var.model.layers)))
+            and not torch.allclose(logits(ref), logits(var), atol=1e-6))
+
+
 # field: (reference overrides, variant overrides, check(reference, variant))
 CASES = {
     "vocab_size": ({}, dict(vocab_size=61), lambda r, v: logits(v).shape[-1] == 61),
@@ -125,6 +133,8 @@ CASES = {
     "state_expansion": ({}, dict(state_expansion=4), lambda r, v: expanded_state_shape(v) == (2, 6, 4, 4)),
     "state_head_dim": (dict(state_expansion=2), dict(state_expansion=2, state_head_dim=3),
                        lambda r, v: expanded_state_shape(v) == (2, 8, 2, 3)),
+    "state_output_gate": (dict(state_expansion=4), dict(state_expansion=4, state_output_gate=True),
+                          lambda r, v: layer(r).mixer.gate_proj is None and gated_read(r, v)),
     "use_conv": ({}, dict(use_conv=False), lambda r, v: layer(v).conv is None and layer(r).conv is not None),
     "conv_kernel": ({}, dict(conv_kernel=5), lambda r, v: layer(v).conv.weight.shape[-1] == 5),
     "use_mlp": ({}, dict(use_mlp=False), lambda r, v: layer(v).mlp is None and layer(r).mlp is not None),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from minrnn.models import MinRNNCache, MinRNNConfig, MinRNNForCausalLM  # noqa: E402
+from minrnn.ops.expanded import expanded_scan_reference  # noqa: E402
 
 from .conftest import random_ids, tiny_config, tiny_lm  # noqa: E402
 
@@ -21,6 +22,7 @@ EXPANDED = {
     "minlstm-raw-n4": dict(cell="minlstm", state_expansion=4, cell_options={"normalize": False}),
     "mingru_signed-n4": dict(cell="mingru_signed", state_expansion=4, decay_bias=1.0),
     "minlstm_signed-n2-d3": dict(cell="minlstm_signed", state_expansion=2, state_head_dim=3),
+    "mingru-n4-gated": dict(cell="mingru", state_expansion=4, state_output_gate=True),
 }
 
 
@@ -157,6 +159,23 @@ def test_signed_expanded_model_runs_the_states_method_and_refuses_the_chunked_on
         layer.mixer.method = "chunked"
     with pytest.raises(ValueError, match="signed decays \\(a=\\) need method='states'"):
         model(input_ids=ids)
+
+
+def test_output_gate_multiplies_the_read_by_silu_of_its_projection():
+    model = expanded_lm("mingru-n4-gated")
+    mixer = model.model.layers[0].mixer
+    assert mixer.gate_proj.weight.shape == (mixer.rnn_hidden_size, 16) and mixer.gate_proj.bias is None
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y, h = mixer(x)
+        gate, mixer.gate_proj = mixer.gate_proj, None  # the same mixer, ungated
+        q, k, v, log_a = mixer._qkva(mixer.in_proj(x))
+        o, h_plain = expanded_scan_reference(q, k, v, log_a)
+        want = mixer.out_proj(o.reshape(2, 5, -1) * F.silu(gate(x)))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h, h_plain, rtol=1e-5, atol=1e-6)  # the gate does not touch the state
+    with pytest.raises(ValueError, match="state_output_gate needs state_expansion > 1"):
+        tiny_config(state_output_gate=True)
 
 
 def test_save_and_load_keep_the_expanded_model(tmp_path):

@@ -160,6 +160,9 @@ class MinRNNConfig(PreTrainedConfig):
             See the design page.
         state_head_dim: the value channels per head when state_expansion > 1 (default None:
             state_expansion, as HGRN2, so the key gates are as wide as the recurrent width).
+        state_output_gate: with state_expansion > 1, multiply the read o_t by silu(W_g x_t) (a
+            D -> E projection of the mixer's input) before the output projection, as HGRN2, GLA
+            and Mamba gate their outputs (default False: not in the paper's cells).
         Older names, still accepted when a config is built or loaded (config.json) and mapped:
             forget_bias (minLSTM's decay_bias), mingru_forget_bias (minGRU's decay_bias),
             minlstm_normalize (minLSTM's cell_options["normalize"]); the one for the config's
@@ -208,6 +211,7 @@ class MinRNNConfig(PreTrainedConfig):
     state_expansion: int = validated_field(_positive_int("state_expansion"), default=1)
     state_head_dim: int | None = validated_field(
         _optional_positive_int("state_head_dim", "None: state_expansion"), default=None)
+    state_output_gate: bool = False
     use_conv: bool = True
     conv_kernel: int = validated_field(_conv_kernel, default=4)
     use_mlp: bool = True
@@ -329,6 +333,8 @@ class MinRNNConfig(PreTrainedConfig):
         """Part of the strict validation: an expanded state needs a cell with a log form or a signed one."""
         if self.state_expansion > 1:
             check_expandable(self.cell_spec)
+        elif self.state_output_gate:
+            raise ValueError("state_output_gate needs state_expansion > 1 (it gates the expanded state's read)")
 
     def validate_backend(self):
         """Part of the strict validation: the scan backend can run the cell (the log-space scan

@@ -249,7 +249,16 @@ class MinRNNExpandedMixer(nn.Module):
         self.n_gates = self.spec.n_pre - 1
         self.in_proj = MinRNNExpandedProj(config.hidden_size, E, self.gate_width, self.n_gates + 1,
                                           config.resolved_decay_bias, self.spec.decay_slot, self.spec.decay_bias_sign)
+        # the read's output gate (config.state_output_gate): o * silu(W_g x), E wide
+        self.gate_proj = nn.Linear(config.hidden_size, E, bias=False) if config.state_output_gate else None
         self.out_proj = MinRNNResidualOut(E, config.hidden_size, bias=config.use_bias)
+
+    def _gated(self, o: Tensor, x: Tensor, step: bool = False) -> Tensor:
+        """o (..., E) times silu(W_g x) where the mixer has an output gate, else o."""
+        if self.gate_proj is None:
+            return o
+        gate = linear_step(self.gate_proj, x) if step else self.gate_proj(x)
+        return o * F.silu(gate.to(o.dtype))
 
     def state_shape(self, batch: int) -> tuple[int, int, int, int]:
         """(B, H, n, d): the recurrent state of ``batch`` rows."""
@@ -280,7 +289,8 @@ class MinRNNExpandedMixer(nn.Module):
         log_a, a = (None, dec) if self.spec.signed else (dec, None)
         o, h_last = expanded_scan(q, k, v, log_a, h0, a=a, mask=mask, reset=reset, method=self.method,
                                   backend=self.backend)
-        return self.out_proj(o.reshape(B, T, self.rnn_hidden_size).to(x.dtype)), h_last
+        o = self._gated(o.reshape(B, T, self.rnn_hidden_size), x)
+        return self.out_proj(o.to(x.dtype)), h_last
 
     def step(self, x: Tensor, h: Tensor | None, mask: Tensor | None = None,
              residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -289,7 +299,8 @@ class MinRNNExpandedMixer(nn.Module):
         pre = linear_step(self.in_proj, x, MinRNNExpandedProj)
         fused = expanded_step_fused(self.spec, pre, h, self.option_values, mask, self.heads, self.n)
         if fused is not None:  # one compiled kernel where it applies (CPU, no autograd)
-            return linear_step(self.out_proj, fused[0], MinRNNResidualOut, residual), fused[1]
+            o = self._gated(fused[0], x, step=True)
+            return linear_step(self.out_proj, o, MinRNNResidualOut, residual), fused[1]
         q, k, v, dec = self._qkva(pre)
         if h is None:
             h = q.new_zeros(self.state_shape(x.shape[0]))
@@ -300,7 +311,8 @@ class MinRNNExpandedMixer(nn.Module):
             k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
             dec = torch.where(m, dec, torch.full((), float(self.spec.signed), dtype=dec.dtype, device=dec.device))
         o, h = expanded_step(q, k, v, None, h, a=dec if self.spec.signed else torch.exp(dec))
-        return linear_step(self.out_proj, o.reshape(x.shape[0], -1).to(x.dtype), MinRNNResidualOut, residual), h
+        o = self._gated(o.reshape(x.shape[0], -1), x, step=True)
+        return linear_step(self.out_proj, o.to(x.dtype), MinRNNResidualOut, residual), h
 
 
 class MinRNNMLP(nn.Module):

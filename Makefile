@@ -18,11 +18,11 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 
 # CI's entry: lint, the docs site (warnings are errors), the whole suite (the wheel test included)
 test: venv lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # the suite without the wheel test (it builds and installs the package: minutes)
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not wheel"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not wheel"
 
 lint: venv
 	$(BIN)/ruff check .

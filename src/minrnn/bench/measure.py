@@ -10,8 +10,10 @@ Memory, two measures (both in bytes, both deterministic for a given step):
   input gradients. On CPU it is read from the PyTorch profiler's allocation events
   (``profile_memory=True``): every allocation the step makes through PyTorch's
   allocator and every free of such an allocation, summed in order, and the running
-  maximum taken. Frees of memory allocated before the step are not events (so the
-  caller drops old gradients before, not during, the step). Memory a library
+  maximum taken. A free of memory allocated before the step is usually not an event, but
+  it is when the allocator recorded a block at that address under an earlier profile, so
+  whether it lowers the count is not dependable: the caller drops old gradients before,
+  not during, the step (``Case.reset``). Memory a library
   allocates behind PyTorch's back (a oneDNN scratchpad, say) is not seen. On CUDA it is
   ``torch.cuda.max_memory_allocated`` minus the allocation at the start (there a
   free of older memory does lower the count).

@@ -264,6 +264,10 @@ class MinRNNExpandedMixer(nn.Module):
         """(B, H, n, d): the recurrent state of ``batch`` rows."""
         return batch, self.heads, self.n, self.head_dim
 
+    def _decay_args(self, dec: Tensor) -> dict[str, Tensor | None]:
+        """``_qkva``'s decays as the expanded functions take them: log_a, or a for a signed cell."""
+        return {"log_a": None, "a": dec} if self.spec.signed else {"log_a": dec, "a": None}
+
     def _qkva(self, pre: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Pre-activations (..., E + (gates + 1) H n) -> q, k, log a (a signed cell: a) (..., H, n)
         and v (..., H, d), computed in the accumulation dtype (float32 for half)."""
@@ -286,9 +290,8 @@ class MinRNNExpandedMixer(nn.Module):
             y, h_last = self.step(x[:, 0], h0, None if mask is None else mask[:, 0])
             return y.unsqueeze(1), h_last
         q, k, v, dec = self._qkva(self.in_proj(x))
-        log_a, a = (None, dec) if self.spec.signed else (dec, None)
-        o, h_last = expanded_scan(q, k, v, log_a, h0, a=a, mask=mask, reset=reset, method=self.method,
-                                  backend=self.backend)
+        o, h_last = expanded_scan(q, k, v, h0=h0, **self._decay_args(dec), mask=mask, reset=reset,
+                                  method=self.method, backend=self.backend)
         o = self._gated(o.reshape(B, T, self.rnn_hidden_size), x)
         return self.out_proj(o.to(x.dtype)), h_last
 
@@ -310,7 +313,7 @@ class MinRNNExpandedMixer(nn.Module):
             m = mask[:, None, None]
             k = torch.where(m, k, torch.zeros((), dtype=k.dtype, device=k.device))
             dec = torch.where(m, dec, torch.full((), float(self.spec.signed), dtype=dec.dtype, device=dec.device))
-        o, h = expanded_step(q, k, v, None, h, a=dec if self.spec.signed else torch.exp(dec))
+        o, h = expanded_step(q, k, v, h=h, **self._decay_args(dec))
         o = self._gated(o.reshape(x.shape[0], -1), x, step=True)
         return linear_step(self.out_proj, o.to(x.dtype), MinRNNResidualOut, residual), h
 

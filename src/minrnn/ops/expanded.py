@@ -59,8 +59,6 @@ if cpu.HAVE_NUMBA:
 else:  # pragma: no cover - exercised only where numba is absent
     _STEP_CELLS = {}
 
-_NAMES = ("q", "k", "v", "log_a")
-
 
 def expanded_gates(cell: str | CellSpec, pre: tuple[Tensor, ...], options: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:
     """(log a, k, v) of a cell's pre-activations: its decay and input gate from its gates
@@ -103,7 +101,7 @@ def _decays(log_a: Tensor | None, a: Tensor | None) -> tuple[Tensor, bool]:
 
 
 def _check(q, k, v, log_a, h0, mask, reset, signed=False) -> tuple[int, int, int, int, int]:
-    names = _NAMES[:3] + (("a",) if signed else ("log_a",))
+    names = ("q", "k", "v", "a" if signed else "log_a")
     for name, x in zip(names, (q, k, v, log_a)):
         check_float_tensor(name, x)
         if x.dim() != 4:

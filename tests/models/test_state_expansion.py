@@ -148,6 +148,7 @@ def test_bad_settings_are_one_line_errors():
     with pytest.raises(ValueError, match="state_head_dim must be None or a positive integer"):
         tiny_config(state_expansion=2, state_head_dim=0)
 
+
 def test_signed_expanded_model_runs_the_states_method_and_refuses_the_chunked_one():
     model = expanded_lm("mingru_signed-n4")
     ids = random_ids(2, 9)

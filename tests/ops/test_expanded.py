@@ -194,7 +194,7 @@ def test_signed_decays_are_refused_by_the_chunked_form_and_the_log_backend():
     (q, k, v, a), h0 = signed_inputs(T=5)
     with pytest.raises(ValueError, match="need method='states'"):
         expanded_scan(q, k, v, None, h0, a=a, method="chunked")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="backend='log' works in log space and needs a > 0"):
         expanded_scan(q, k, v, None, h0, a=a, backend="log")
 
 

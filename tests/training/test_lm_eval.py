@@ -54,6 +54,20 @@ def write_tasks(folder) -> list[str]:
     return ["minrnn_test_ll", "minrnn_test_rolling"]
 
 
+def harness(pretrained, tasks: list[str], tmp_path, monkeypatch, more_args: str = "") -> dict:
+    """lm_eval.simple_evaluate with the stock ``hf`` model on ``pretrained`` (offline, the tasks
+    from tmp_path/tasks, every sample logged), ``more_args`` appended to its model_args."""
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    return lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={pretrained},trust_remote_code=True,dtype=float32{more_args}",
+        tasks=tasks, task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        log_samples=True, batch_size=2, device="cpu", bootstrap_iters=0)
+
+
 def own_logprob(model, ids: list[int], scored: int) -> float:
     """Sum of log p(token) the model gives the last ``scored`` of ``ids`` (1-D, float64 sum)."""
     with torch.no_grad():
@@ -62,20 +76,22 @@ def own_logprob(model, ids: list[int], scored: int) -> float:
     return logp[torch.arange(len(targets)), targets][-scored:].sum().item()
 
 
+def check_rolling(out: dict, model, tokenizer, prefix: int) -> None:
+    """The harness scores every token of each document, the first given only ``prefix`` (the
+    boundary token it puts first): its rolling log-likelihoods are the model's own (1e-4)."""
+    rolling = {s["doc"]["context"]: s["resps"][0][0] for s in out["samples"]["minrnn_test_rolling"]}
+    assert len(rolling) == len(DOCS)
+    for context, continuation in DOCS:
+        ids = [prefix] + tokenizer(context + continuation, add_special_tokens=False).input_ids
+        assert rolling[context] == pytest.approx(own_logprob(model, ids, len(ids) - 1), abs=1e-4)
+
+
 def test_harness_loglikelihoods_equal_the_models_own(run, tmp_path, monkeypatch):
-    from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     from minrnn.models import MinRNNForCausalLM
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    tasks = write_tasks(tmp_path / "tasks")
-    out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={run / 'best'},trust_remote_code=True,dtype=float32", tasks=tasks,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
-        log_samples=True, batch_size=2, device="cpu", bootstrap_iters=0)
+    out = harness(run / "best", write_tasks(tmp_path / "tasks"), tmp_path, monkeypatch)
 
     tokenizer = AutoTokenizer.from_pretrained(run / "best")
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.bos_token is None
@@ -89,12 +105,7 @@ def test_harness_loglikelihoods_equal_the_models_own(run, tmp_path, monkeypatch)
         want = own_logprob(model, enc(context) + enc(continuation), len(enc(continuation)))
         assert ll == pytest.approx(want, abs=1e-4)
 
-    rolling = {s["doc"]["context"]: s["resps"][0][0] for s in out["samples"]["minrnn_test_rolling"]}
-    assert len(rolling) == len(DOCS)
-    for context, continuation in DOCS:
-        # the harness scores every token of the document, the first given only the boundary token
-        ids = [tokenizer.eos_token_id] + enc(context + continuation)
-        assert rolling[context] == pytest.approx(own_logprob(model, ids, len(ids) - 1), abs=1e-4)
+    check_rolling(out, model, tokenizer, tokenizer.eos_token_id)
 
 
 def test_run_folder_loads_in_a_process_that_never_imported_minrnn(run, tmp_path):
@@ -127,7 +138,6 @@ def test_in_memory_run_scores_documents_after_its_newline(tmp_path, monkeypatch)
     """A run trained on text in memory has no boundary token; the harness's ``prefix_token_id``
     argument gives it the newline, the token the run saw before each line it learnt from, and the
     harness then scores every token of a document given that one (the model's own log-probs)."""
-    from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     from minrnn.models import MinRNNForCausalLM
@@ -143,18 +153,6 @@ def test_in_memory_run_scores_documents_after_its_newline(tmp_path, monkeypatch)
     assert tokenizer.bos_token_id is None and tokenizer.eos_token_id is None  # the vocabulary as trained
     (newline,) = tokenizer("\n", add_special_tokens=False).input_ids
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
-    tasks = write_tasks(tmp_path / "tasks")[1:]
-    out = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={best},trust_remote_code=True,dtype=float32,prefix_token_id={newline}",
-        tasks=tasks, task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
-        log_samples=True, batch_size=2, device="cpu", bootstrap_iters=0)
+    out = harness(best, write_tasks(tmp_path / "tasks")[1:], tmp_path, monkeypatch, f",prefix_token_id={newline}")
 
-    model = MinRNNForCausalLM.from_pretrained(best).eval()
-    rolling = {s["doc"]["context"]: s["resps"][0][0] for s in out["samples"]["minrnn_test_rolling"]}
-    assert len(rolling) == len(DOCS)
-    for context, continuation in DOCS:
-        ids = [newline] + tokenizer(context + continuation, add_special_tokens=False).input_ids
-        assert rolling[context] == pytest.approx(own_logprob(model, ids, len(ids) - 1), abs=1e-4)
+    check_rolling(out, MinRNNForCausalLM.from_pretrained(best).eval(), tokenizer, newline)

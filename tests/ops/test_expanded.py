@@ -49,10 +49,12 @@ def boundaries(B, T, seed=1):
     return mask, reset
 
 
-def outputs_and_grads(fn, tensors, h0, **kw):
+def outputs_and_grads(fn, tensors, h0, weights_dtype=None, **kw):
+    """fn's outputs and the gradients of a fixed random weighting of them; ``weights_dtype``
+    rounds the output's weights through that dtype (a reference then weighs as a bf16 run does)."""
     o, h = fn(*tensors, h0, **kw)
     gen = torch.Generator().manual_seed(7)
-    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)
+    wo = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(weights_dtype or o.dtype).to(o.dtype)
     wh = torch.randn(h.shape, generator=gen, dtype=torch.float64).to(h.dtype)
     wanted = tensors + ([h0] if h0 is not None else [])
     grads = torch.autograd.grad((o * wo).float().sum() + (h * wh).float().sum(), wanted)
@@ -89,7 +91,8 @@ def test_states_on_the_cpu_backend_run_one_kernel_and_others_the_scan():
 def test_bfloat16_inputs_keep_a_float32_state(method):
     tensors, h0 = inputs(T=11, dtype=torch.bfloat16)
     exact = [t.detach().double().requires_grad_() for t in tensors]
-    o_ref, h_ref, g_ref = outputs_and_grads(expanded_scan_reference, exact, h0.detach().double().requires_grad_())
+    o_ref, h_ref, g_ref = outputs_and_grads(expanded_scan_reference, exact, h0.detach().double().requires_grad_(),
+                                            weights_dtype=torch.bfloat16)
     o, h, grads = outputs_and_grads(FAST[method], tensors, h0)
     assert o.dtype == torch.bfloat16 and h.dtype == torch.float32
     torch.testing.assert_close(o.double(), o_ref, **TOL[torch.bfloat16])
@@ -188,6 +191,27 @@ def test_signed_decays_in_the_states_method_equal_the_loop(backend, dtype, T, bo
     torch.testing.assert_close(h, h_ref, **TOL[dtype])
     for name, g, g0 in zip(("q", "k", "v", "a", "h0"), grads, g_ref):
         torch.testing.assert_close(g, g0, **TOL[dtype], msg=f"gradient of {name}")
+
+
+def test_signed_decays_in_bfloat16_keep_a_float32_state():
+    tensors, h0 = signed_inputs(T=11, dtype=torch.bfloat16)
+    h0 = h0.detach().float().requires_grad_()
+    exact = [t.detach().double().requires_grad_() for t in tensors]
+
+    def states(q, k, v, a, h0, **kw):
+        return expanded_scan_states(q, k, v, None, h0, a=a, **kw)
+
+    def loop(q, k, v, a, h0, **kw):
+        return expanded_scan_reference(q, k, v, None, h0, a=a, **kw)
+
+    o_ref, h_ref, g_ref = outputs_and_grads(loop, exact, h0.detach().double().requires_grad_(),
+                                            weights_dtype=torch.bfloat16)
+    o, h, grads = outputs_and_grads(states, tensors, h0)
+    assert o.dtype == torch.bfloat16 and h.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref, **TOL[torch.bfloat16])
+    torch.testing.assert_close(h.double(), h_ref, **TOL[torch.bfloat16])
+    for g, g0 in zip(grads, g_ref):
+        torch.testing.assert_close(g.double(), g0, **TOL[torch.bfloat16])
 
 
 def test_signed_decays_are_refused_by_the_chunked_form_and_the_log_backend():
